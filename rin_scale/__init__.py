@@ -1,0 +1,1 @@
+"""rin_scale: Recurrent Interface Networks trained at scale with DeepSpeed."""

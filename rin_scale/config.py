@@ -1,0 +1,428 @@
+"""Typed configs, loaded from a preset, YAML files and dotted command-line overrides.
+
+    cfg = load_config("cifar10", ["run.yaml", "train.lr=1e-4"])
+
+Everything is validated before anything expensive starts; errors are one line naming the key
+and the fix (ConfigError). `dump_yaml(cfg)` writes the resolved config into the run directory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config value; the message names the key and the fix."""
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 32  # height = width, pixels
+    channels: int = 3
+    frames: int = 0  # video: total frames in a clip (conditioning + predicted); 0 = images
+    cond_frames: int = 0  # video: leading clean frames the model is conditioned on
+    patch_size: int = 2
+    patch_frames: int = 1  # video: temporal extent of a 3-D patch
+    interface_dim: int = 256
+    interface_mlp_ratio: float = 2.0  # 0 = no MLP after *write*
+    latent_dim: int = 512
+    num_latents: int = 128  # latent slots in all, including the time and class tokens
+    latent_mlp_ratio: float = 4.0
+    num_blocks: int = 3
+    latent_layers: int = 2  # compute layers per block
+    latent_heads: int = 16
+    read_write_heads: int = 8
+    dropout: float = 0.1  # in the compute layers only
+    drop_path: float = 0.1  # in the compute layers only
+    num_classes: int = 0  # 0 = unconditional
+    class_dropout: float = 0.1  # label dropout for classifier-free guidance (0 = off)
+
+    @property
+    def is_video(self) -> bool:
+        return self.frames > 0
+
+    @property
+    def pred_frames(self) -> int:
+        return self.frames - self.cond_frames
+
+
+@dataclass
+class DiffusionConfig:
+    schedule: str = "sigmoid"  # training schedule: sigmoid | cosine | linear
+    sigmoid_start: float = -3.0
+    sigmoid_end: float = 3.0
+    sigmoid_tau: float = 0.9
+    target: str = "eps"  # eps | x0 | v
+    input_scale: float = 1.0  # b: data in [-1, 1] times b
+    self_cond_rate: float = 0.9  # per-example probability of the latent warm start in training
+    sampler: str = "ddpm"  # ddpm | ddim
+    sample_schedule: str = "cosine"
+    sample_steps: int = 100
+    guidance: float = 0.0  # classifier-free guidance weight w: (1 + w) cond - w uncond
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # fsspec URL of a shard folder, a manifest, or a brace pattern
+    kind: str = "image"  # image | video (must agree with the model)
+    workers: int = 2  # DataLoader workers per rank
+    shuffle_buffer: int = 1000
+    random_crop: bool = False
+    hflip: bool = True
+    max_error_rate: float = 0.05  # stop the run when more than this fraction of samples fail
+    seed: int = 0
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"  # local path or fsspec URL (gs://bucket/runs/NAME)
+    state_dir: str = ""  # POSIX path shared by all ranks for DeepSpeed states; "" = run_dir/states
+    global_batch: int = 256
+    micro_batch: int = 0  # per rank; 0 = global_batch / world_size (no accumulation)
+    total_steps: int = 150_000
+    zero_stage: int = 2  # 0 | 1 | 2 | 3
+    precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 on GPUs and on CPUs where it is fast)
+    optimizer: str = "lamb"  # lamb | adamw
+    lr: float = 3e-3
+    betas: tuple = (0.9, 0.999)
+    weight_decay: float = 0.01
+    no_decay_embeddings: bool = True  # also exempt positional and token embeddings from decay
+    warmup_steps: int = 10_000
+    lr_floor: float = 0.1  # cosine decays to lr * lr_floor
+    grad_clip: float = 0.0  # 0 = off
+    max_nonfinite: int = 20  # consecutive skipped steps before the run stops
+    ema_decay: float = 0.9999
+    activation_checkpointing: int = 0  # 0 = off, k = every k-th block (1 = every block)
+    checkpoint_cpu_offload: bool = False
+    state_every: int = 1000  # steps between full training states
+    snapshot_every: int = 1000  # steps between EMA snapshots
+    keep_last: int = 3  # newest states and snapshots kept
+    milestone_every: int = 0  # steps; every such state/snapshot is kept too (0 = none)
+    log_every: int = 50
+    sample_every: int = 1000  # steps between sample grids in TensorBoard (0 = never)
+    sample_count: int = 16
+    peak_tflops: float = 0.0  # per device, for MFU; 0 = measured at start-up (CPU) or from a table
+    seed: int = 0
+
+
+@dataclass
+class EvalConfig:
+    metric: str = "auto"  # auto (fid for images, fvd for video) | fid | fvd
+    num_samples: int = 1000
+    batch: int = 50
+    sampler: str = ""  # "" = diffusion.sampler
+    steps: int = 0  # 0 = diffusion.sample_steps
+    order: str = "all"  # all | newest | milestones
+    poll_seconds: float = 60.0
+    inception_weights: str = ""  # local file with the torch-fidelity InceptionV3 weights
+    i3d_weights: str = ""  # local TorchScript I3D file (StyleGAN-V's)
+    reference: str = ""  # URL of cached reference statistics; "" = computed from data.shards
+    cache_dir: str = "~/.cache/rin_scale"
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and overriding
+
+
+def _coerce(value, current, key: str):
+    """Turn a YAML/CLI value into the type of the field it replaces."""
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif isinstance(current, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else None
+            except ValueError:
+                pass
+    elif isinstance(current, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif isinstance(current, str):
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif isinstance(current, tuple):
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, c, key) for v, c in zip(value, current)) if len(value) == len(current) else None
+    if value is None:
+        return None
+    raise ConfigError(f"{key}: expected {type(current).__name__}, got {value!r}")
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    parts = key.split(".")
+    obj = cfg
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(obj)]
+        if part not in names:
+            where = ".".join(parts[:i]) or "the top level"
+            raise ConfigError(
+                f"unknown config key '{key}': {where} has no '{part}' (valid: {', '.join(names)})"
+            )
+        if i == len(parts) - 1:
+            current = getattr(obj, part)
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{key}: is a section; set its keys, e.g. {key}.<name>=...")
+                for k, v in value.items():
+                    _set(cfg, f"{key}.{k}", v)
+                return
+            new = _coerce(value, current, key)
+            if new is None:
+                raise ConfigError(f"{key}: cannot use {value!r} for a {type(current).__name__} value")
+            setattr(obj, part, new)
+        else:
+            obj = getattr(obj, part)
+            if not dataclasses.is_dataclass(obj):
+                raise ConfigError(f"unknown config key '{key}': '{'.'.join(parts[:i + 1])}' is not a section")
+
+
+def apply_dict(cfg: Config, d: dict, prefix: str = "") -> None:
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            apply_dict(cfg, v, key + ".")
+        else:
+            _set(cfg, key, v)
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> None:
+    """Apply `section.key=value` strings and YAML file paths, in order."""
+    for item in overrides:
+        if "=" not in item:
+            if item.endswith((".yaml", ".yml")) or os.path.exists(item):
+                load_yaml_into(cfg, item)
+                continue
+            raise ConfigError(f"override '{item}' has no '=': write it as section.key=value, e.g. train.lr=1e-4")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        if value is None:
+            value = raw
+        _set(cfg, key.strip(), value)
+
+
+def load_yaml_into(cfg: Config, path: str) -> None:
+    import fsspec
+
+    try:
+        with fsspec.open(path, "r") as f:
+            d = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file '{path}' does not exist") from None
+    if not isinstance(d, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, train:, ...)")
+    name = d.pop("preset", None)
+    if name:  # a YAML may start from a preset and override it
+        from .presets import get_preset
+
+        base = get_preset(name)
+        for f in dataclasses.fields(cfg):
+            setattr(cfg, f.name, getattr(base, f.name))
+    apply_dict(cfg, d)
+
+
+def load_config(preset: Optional[str] = None, overrides: list[str] = ()) -> Config:
+    """Preset (default: tiny) -> YAML files and key=value overrides in order -> validated Config."""
+    from .presets import get_preset
+
+    overrides = list(overrides)
+    if preset is None and overrides and "=" not in overrides[0] and not overrides[0].endswith((".yaml", ".yml")):
+        preset, overrides = overrides[0], overrides[1:]
+    cfg = get_preset(preset or "tiny")
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg) -> dict:
+    d = dataclasses.asdict(cfg)
+
+    def fix(x):
+        if isinstance(x, dict):
+            return {k: fix(v) for k, v in x.items()}
+        if isinstance(x, tuple):
+            return list(x)
+        return x
+
+    return fix(d)
+
+
+def from_dict(d: dict) -> Config:
+    cfg = Config()
+    d = dict(d)
+    cfg.name = d.pop("name", cfg.name)
+    apply_dict(cfg, d)
+    return cfg
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    m = ModelConfig()
+    for k, v in d.items():
+        _set_field(m, k, v, f"model.{k}")
+    return m
+
+
+def diffusion_config_from_dict(d: dict) -> DiffusionConfig:
+    m = DiffusionConfig()
+    for k, v in d.items():
+        _set_field(m, k, v, f"diffusion.{k}")
+    return m
+
+
+def _set_field(obj, k, v, key):
+    if k not in {f.name for f in dataclasses.fields(obj)}:
+        raise ConfigError(f"unknown config key '{key}'")
+    setattr(obj, k, _coerce(v, getattr(obj, k), key))
+
+
+SECRET_WORDS = ("token", "secret", "password", "credential", "key_id", "access_key")
+
+
+def dump_yaml(cfg: Config) -> str:
+    """Resolved config as YAML; values of secret-looking keys are masked."""
+
+    def mask(x):
+        if isinstance(x, dict):
+            return {k: ("***" if any(w in k.lower() for w in SECRET_WORDS) and v else mask(v)) for k, v in x.items()}
+        return x
+
+    return yaml.safe_dump(mask(to_dict(cfg)), sort_keys=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: everything a run would otherwise trip over minutes or hours in
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+def _one_of(key: str, value, options) -> None:
+    _check(value in options, f"{key}={value!r} is not one of {', '.join(map(str, options))}")
+
+
+def validate(cfg: Config) -> Config:
+    m, d, data, t, e = cfg.model, cfg.diffusion, cfg.data, cfg.train, cfg.eval
+    for key in ("image_size", "channels", "patch_size", "patch_frames", "interface_dim", "latent_dim",
+                "num_blocks", "latent_layers", "latent_heads", "read_write_heads"):
+        _check(getattr(m, key) >= 1, f"model.{key}={getattr(m, key)} must be at least 1")
+    _check(m.image_size % m.patch_size == 0,
+           f"model.patch_size={m.patch_size} does not divide model.image_size={m.image_size}: "
+           f"choose a patch size that divides it (e.g. {_divisor_near(m.image_size, m.patch_size)})")
+    _check(m.latent_dim % m.latent_heads == 0,
+           f"model.latent_dim={m.latent_dim} is not divisible by model.latent_heads={m.latent_heads}: "
+           f"change either so that the width splits evenly into heads")
+    cross = min(m.interface_dim, m.latent_dim)
+    _check(cross % m.read_write_heads == 0,
+           f"model.read_write_heads={m.read_write_heads} does not divide the cross-attention width "
+           f"min(interface_dim, latent_dim)={cross}: change read_write_heads or the widths")
+    reserved = 1 + (1 if m.num_classes > 0 else 0)
+    _check(m.num_latents > reserved,
+           f"model.num_latents={m.num_latents} must exceed the {reserved} slot(s) taken by the time"
+           f"{' and class' if reserved == 2 else ''} token(s)")
+    _check(0 <= m.dropout < 1 and 0 <= m.drop_path < 1, "model.dropout and model.drop_path must lie in [0, 1)")
+    _check(m.num_classes >= 0, "model.num_classes must be 0 (unconditional) or the number of classes")
+    if m.frames:
+        _check(0 <= m.cond_frames < m.frames,
+               f"model.cond_frames={m.cond_frames} must be less than model.frames={m.frames}")
+        _check(m.frames % m.patch_frames == 0,
+               f"model.patch_frames={m.patch_frames} does not divide model.frames={m.frames}: the whole clip "
+               f"(conditioning and predicted frames) is tokenized at once; choose a divisor")
+    else:
+        _check(m.cond_frames == 0 and m.patch_frames == 1,
+               "model.cond_frames and model.patch_frames apply to video only: set model.frames > 0 or leave them 0 and 1")
+
+    _one_of("diffusion.schedule", d.schedule, ("sigmoid", "cosine", "linear"))
+    _one_of("diffusion.sample_schedule", d.sample_schedule, ("sigmoid", "cosine", "linear"))
+    _one_of("diffusion.target", d.target, ("eps", "x0", "v"))
+    _one_of("diffusion.sampler", d.sampler, ("ddpm", "ddim"))
+    _check(d.sigmoid_end > d.sigmoid_start and d.sigmoid_tau > 0,
+           "diffusion.sigmoid_end must exceed diffusion.sigmoid_start and diffusion.sigmoid_tau must be positive")
+    _check(0 < d.input_scale <= 1, f"diffusion.input_scale={d.input_scale} must lie in (0, 1]")
+    _check(0 <= d.self_cond_rate <= 1, f"diffusion.self_cond_rate={d.self_cond_rate} must lie in [0, 1]")
+    _check(d.sample_steps >= 1, "diffusion.sample_steps must be at least 1")
+    _check(d.guidance == 0 or (m.num_classes > 0 and m.class_dropout > 0),
+           "diffusion.guidance > 0 needs a class-conditional model trained with label dropout "
+           "(model.num_classes > 0 and model.class_dropout > 0)")
+
+    _one_of("data.kind", data.kind, ("image", "video"))
+    _check((data.kind == "video") == m.is_video,
+           f"data.kind={data.kind!r} does not match the model (model.frames={m.frames}): "
+           f"use data.kind={'video' if m.is_video else 'image'}")
+    _check(data.workers >= 0, "data.workers must be 0 or more")
+    _check(0 <= data.max_error_rate <= 1, "data.max_error_rate must lie in [0, 1]")
+
+    _one_of("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
+    _one_of("train.precision", t.precision, ("auto", "bf16", "fp32"))
+    _one_of("train.optimizer", t.optimizer, ("lamb", "adamw"))
+    _check(t.global_batch >= 1, "train.global_batch must be at least 1")
+    _check(t.micro_batch >= 0, "train.micro_batch must be 0 (derived) or positive")
+    _check(t.lr > 0 and t.total_steps >= 1, "train.lr must be positive and train.total_steps at least 1")
+    _check(0 <= t.lr_floor <= 1, "train.lr_floor is a fraction of train.lr in [0, 1]")
+    _check(0 <= t.ema_decay < 1, "train.ema_decay must lie in [0, 1)")
+    _check(t.activation_checkpointing >= 0, "train.activation_checkpointing: 0 = off, k = every k-th block")
+    _check(t.state_every >= 1 and t.snapshot_every >= 1 and t.log_every >= 1,
+           "train.state_every, train.snapshot_every and train.log_every must be at least 1")
+    _check(t.keep_last >= 1, "train.keep_last must be at least 1 (the newest state is what resume needs)")
+
+    _one_of("eval.metric", e.metric, ("auto", "fid", "fvd"))
+    _one_of("eval.order", e.order, ("all", "newest", "milestones"))
+    _check(e.sampler in ("", "ddpm", "ddim"), f"eval.sampler={e.sampler!r} is not one of '', ddpm, ddim")
+    _check(e.num_samples >= 2 and e.batch >= 1, "eval.num_samples must be at least 2 and eval.batch at least 1")
+    if e.metric == "fvd":
+        _check(m.is_video, "eval.metric=fvd needs a video model (model.frames > 0)")
+    if e.metric == "fid":
+        _check(not m.is_video, "eval.metric=fid is for images: use eval.metric=fvd for video")
+    return cfg
+
+
+def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
+    """(micro_batch, accumulation) for this world size, or a ConfigError naming the fix."""
+    t = cfg.train
+    _check(t.global_batch % world_size == 0,
+           f"train.global_batch={t.global_batch} is not divisible by the world size {world_size}: "
+           f"use a multiple of {world_size}")
+    per_rank = t.global_batch // world_size
+    micro = t.micro_batch or per_rank
+    _check(per_rank % micro == 0,
+           f"train.micro_batch={micro} does not divide the per-rank batch {per_rank} "
+           f"(train.global_batch={t.global_batch} / {world_size} ranks): choose a divisor of {per_rank}")
+    return micro, per_rank // micro
+
+
+def _divisor_near(n: int, p: int) -> int:
+    divs = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divs, key=lambda d: (abs(d - p), d))

@@ -1,0 +1,162 @@
+"""Named presets. Each is a function returning a fresh Config; `PRESETS` is the registry.
+
+The authors published configs for CIFAR-10 and ImageNet-64 (RIN_SPEC.md); the others are chosen
+from the paper's reported parameters and GFLOPs, as each docstring says.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+from .config import Config, ConfigError, DataConfig, DiffusionConfig, EvalConfig, ModelConfig, TrainConfig
+
+PRESETS: dict[str, Callable[[], Config]] = {}
+
+
+def preset(fn: Callable[[], Config]) -> Callable[[], Config]:
+    PRESETS[fn.__name__] = fn
+    return fn
+
+
+def get_preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset '{name}': choose one of {', '.join(PRESETS)}")
+    cfg = PRESETS[name]()
+    cfg.name = name
+    return cfg
+
+
+@preset
+def tiny() -> Config:
+    """About 2M parameters at 16x16, class-conditional: trains in minutes on a 2-core CPU.
+
+    Pairs with the embedded digits dataset (data_tools.embedded), the demo's default.
+    """
+    return Config(
+        model=ModelConfig(image_size=16, channels=3, patch_size=2, interface_dim=96, interface_mlp_ratio=2,
+                          latent_dim=192, num_latents=32, latent_mlp_ratio=4, num_blocks=2, latent_layers=2,
+                          latent_heads=6, read_write_heads=4, dropout=0.0, drop_path=0.0, num_classes=10,
+                          class_dropout=0.1),
+        diffusion=DiffusionConfig(schedule="sigmoid", sample_steps=50, sampler="ddim"),
+        data=DataConfig(workers=1, shuffle_buffer=500, hflip=False),
+        train=TrainConfig(run_dir="runs/tiny", global_batch=64, total_steps=2000, zero_stage=2,
+                          optimizer="adamw", lr=2e-3, weight_decay=0.01, warmup_steps=100, lr_floor=0.1,
+                          ema_decay=0.999, state_every=250, snapshot_every=250, log_every=25,
+                          sample_every=250, sample_count=20),
+        eval=EvalConfig(num_samples=500, batch=100),
+    )
+
+
+@preset
+def tiny_video() -> Config:
+    """A small frame-conditioned video RIN: 8 frames of 16x16 (2 given, 6 predicted), 2x4x4 patches."""
+    cfg = tiny()
+    cfg.model.frames, cfg.model.cond_frames, cfg.model.patch_frames = 8, 2, 2
+    cfg.model.patch_size = 4
+    cfg.model.num_classes = 0
+    cfg.data.kind = "video"
+    cfg.train.run_dir = "runs/tiny_video"
+    cfg.train.global_batch = 16
+    cfg.eval.num_samples = 64
+    cfg.eval.batch = 16
+    cfg.eval.metric = "fvd"
+    return cfg
+
+
+@preset
+def cifar10() -> Config:
+    """The authors' CIFAR-10 config: 3 blocks x 2 layers, 128 x 512 latents, 256-wide interface,
+    patch 2 (256 tokens), about 31.0M parameters; sigmoid(-3, 3, 0.9); LAMB 3e-3, batch 256."""
+    return Config(
+        model=ModelConfig(image_size=32, channels=3, patch_size=2, interface_dim=256, interface_mlp_ratio=2,
+                          latent_dim=512, num_latents=128, latent_mlp_ratio=4, num_blocks=3, latent_layers=2,
+                          latent_heads=16, read_write_heads=8, dropout=0.1, drop_path=0.1, num_classes=0,
+                          class_dropout=0.0),
+        diffusion=DiffusionConfig(schedule="sigmoid", sigmoid_start=-3, sigmoid_end=3, sigmoid_tau=0.9,
+                                  sampler="ddpm", sample_schedule="cosine", sample_steps=1000),
+        train=TrainConfig(run_dir="runs/cifar10", global_batch=256, total_steps=150_000, optimizer="lamb",
+                          lr=3e-3, weight_decay=0.01, warmup_steps=10_000, lr_floor=0.1, ema_decay=0.9999),
+        eval=EvalConfig(num_samples=50_000),
+    )
+
+
+@preset
+def imagenet64() -> Config:
+    """The authors' released ImageNet-64 config: 4 blocks x 4 layers, 128 x 768 latents, 512-wide
+    interface (MLP ratio 4), patch 8, about 158M parameters; linear schedule; LAMB 2e-3, batch 1024."""
+    return Config(
+        model=ModelConfig(image_size=64, channels=3, patch_size=8, interface_dim=512, interface_mlp_ratio=4,
+                          latent_dim=768, num_latents=128, latent_mlp_ratio=4, num_blocks=4, latent_layers=4,
+                          latent_heads=16, read_write_heads=16, dropout=0.0, drop_path=0.0, num_classes=1000,
+                          class_dropout=0.1),
+        diffusion=DiffusionConfig(schedule="linear", sampler="ddpm", sample_schedule="cosine", sample_steps=1000),
+        train=TrainConfig(run_dir="runs/imagenet64", global_batch=1024, total_steps=150_000, optimizer="lamb",
+                          lr=2e-3, weight_decay=0.01, warmup_steps=10_000, lr_floor=0.2, ema_decay=0.9999),
+        eval=EvalConfig(num_samples=50_000),
+    )
+
+
+@preset
+def imagenet64_p4() -> Config:
+    """ImageNet-64 at the paper's patch 4 (256 interface tokens); otherwise the released config."""
+    cfg = imagenet64()
+    cfg.model.patch_size = 4
+    cfg.train.run_dir = "runs/imagenet64_p4"
+    return cfg
+
+
+def _imagenet_large(size: int, patch: int, latents: int, input_scale: float) -> Config:
+    """No released config: chosen from the paper's figures (about 410M parameters at 256 and
+    194 / 334 / 425 GFLOPs at 128 / 256 / 512): 6 blocks x 4 layers on 256 x 1024 latents, a
+    512-wide interface, 16 heads; input scaling (Chen 2023) from 256 on."""
+    cfg = imagenet64()
+    m = cfg.model
+    m.image_size, m.patch_size = size, patch
+    m.num_blocks, m.latent_layers, m.num_latents, m.latent_dim = 6, 4, latents, 1024
+    m.interface_dim, m.interface_mlp_ratio, m.latent_heads, m.read_write_heads = 512, 4, 16, 16
+    cfg.diffusion.schedule = "sigmoid"
+    cfg.diffusion.input_scale = input_scale
+    cfg.train.run_dir = f"runs/imagenet{size}"
+    cfg.train.activation_checkpointing = 1
+    cfg.train.lr = 1e-3
+    return cfg
+
+
+@preset
+def imagenet128() -> Config:
+    return _imagenet_large(128, 4, 256, 1.0)
+
+
+@preset
+def imagenet256() -> Config:
+    return _imagenet_large(256, 8, 256, 0.5)
+
+
+@preset
+def imagenet512() -> Config:
+    return _imagenet_large(512, 8, 256, 0.5)
+
+
+@preset
+def imagenet1024() -> Config:
+    """16,384 interface tokens at patch 8; chosen as for imagenet256 (no published config)."""
+    return _imagenet_large(1024, 8, 256, 0.5)
+
+
+@preset
+def kinetics600() -> Config:
+    """Kinetics-600 frame prediction, 16x64x64 clips (5 given, 11 predicted), 2x4x4 patches over the
+    whole clip (2,048 tokens). No released config: chosen for the paper's 387 GFLOPs."""
+    cfg = imagenet64()
+    m = cfg.model
+    m.frames, m.cond_frames, m.patch_frames, m.patch_size = 16, 5, 2, 4
+    m.num_classes, m.class_dropout = 0, 0.0
+    m.num_blocks, m.latent_layers, m.num_latents, m.latent_dim = 6, 4, 256, 1024
+    m.interface_dim, m.interface_mlp_ratio = 512, 4
+    cfg.diffusion.schedule = "sigmoid"
+    cfg.data.kind = "video"
+    cfg.train.run_dir = "runs/kinetics600"
+    cfg.train.global_batch = 256
+    cfg.train.activation_checkpointing = 1
+    cfg.eval.metric = "fvd"
+    cfg.eval.num_samples = 2048
+    return cfg
