@@ -122,6 +122,7 @@ class EvalConfig:
     i3d_weights: str = ""  # local TorchScript I3D file (StyleGAN-V's)
     reference: str = ""  # URL of cached reference statistics; "" = computed from data.shards
     cache_dir: str = "~/.cache/rin_scale"
+    classifier_data: str = ""  # held-out labelled shards: also report the class accuracy of samples
 
 
 @dataclass

@@ -1,0 +1,212 @@
+"""The run directory (DESIGN.md): states, snapshots, COMPLETE markers, retention, ledgers.
+
+A run is one fsspec URL (a local path, file://, gs://, s3://, memory://). A directory without
+its COMPLETE marker does not exist for readers; the marker is written last.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Optional
+
+import fsspec
+
+COMPLETE = "COMPLETE"
+STEP_RE = re.compile(r"step-(\d{9})$")
+
+
+def fs_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and path for a URL; a plain path is local."""
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs, path
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def local_path(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def list_complete(run: str, kind: str) -> list[tuple[int, str]]:
+    """[(step, url)] of complete `kind` directories ("states" or "snapshots"), oldest first."""
+    fs, root = fs_path(join(run, kind))
+    try:
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return []
+    out = []
+    for entry in entries:
+        m = STEP_RE.search(entry.rstrip("/"))
+        if not m:
+            continue
+        try:
+            if fs.exists(join(entry, COMPLETE)):
+                out.append((int(m.group(1)), join(run, kind, step_name(int(m.group(1))))))
+        except FileNotFoundError:  # deleted by retention while we looked
+            continue
+    fs.invalidate_cache()
+    return sorted(out)
+
+
+def newest_complete(run: str, kind: str) -> Optional[tuple[int, str]]:
+    found = list_complete(run, kind)
+    return found[-1] if found else None
+
+
+def mark_complete(url: str, info: Optional[dict] = None) -> None:
+    fs, path = fs_path(url)
+    with fs.open(join(path, COMPLETE), "w") as f:
+        f.write(json.dumps({"time": time.time(), **(info or {})}))
+
+
+def write_json(url: str, obj) -> None:
+    fs, path = fs_path(url)
+    fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with fs.open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def read_json(url: str):
+    fs, path = fs_path(url)
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
+def append_jsonl(url: str, row: dict) -> None:
+    """Append one JSON line. Object stores cannot append, so those rewrite the whole (small) file."""
+    fs, path = fs_path(url)
+    line = json.dumps(row) + "\n"
+    if is_local(url):
+        os.makedirs(os.path.dirname(local_path(path)) or ".", exist_ok=True)
+        with open(local_path(path), "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    old = fs.cat_file(path).decode() if fs.exists(path) else ""
+    with fs.open(path, "w") as f:
+        f.write(old + line)
+
+
+def read_jsonl(url: str) -> list[dict]:
+    fs, path = fs_path(url)
+    try:
+        text = fs.cat_file(path).decode()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line from a killed writer
+                continue
+    return rows
+
+
+def prune(run: str, kind: str, keep_last: int, milestone_every: int = 0) -> list[int]:
+    """Delete all but the newest `keep_last` complete dirs and the milestones; returns deleted steps.
+
+    The COMPLETE marker goes first so that a concurrent reader never sees a half-deleted directory
+    as complete. Incomplete directories older than the newest complete one are leftovers of killed
+    writers and go too.
+    """
+    found = list_complete(run, kind)
+    keep = {s for s, _ in found[-keep_last:]}
+    if milestone_every:
+        keep |= {s for s, _ in found if s % milestone_every == 0}
+    deleted = []
+    fs, root = fs_path(join(run, kind))
+    newest = found[-1][0] if found else -1
+    try:
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return deleted
+    for entry in entries:
+        m = STEP_RE.search(entry.rstrip("/"))
+        if not m:
+            continue
+        step = int(m.group(1))
+        complete = any(s == step for s, _ in found)
+        if step in keep or (not complete and step >= newest):
+            continue
+        try:
+            if complete:
+                fs.rm(join(entry, COMPLETE))
+            fs.rm(entry, recursive=True)
+            deleted.append(step)
+        except FileNotFoundError:
+            pass
+    fs.invalidate_cache()
+    return sorted(deleted)
+
+
+# --------------------------------------------------------------------------------------------
+# Snapshots: EMA weights (safetensors), model + diffusion config (JSON), meta (JSON), COMPLETE
+
+
+def write_snapshot(run: str, step: int, ema_state: dict, cfg, meta: dict) -> str:
+    """Write RUN/snapshots/step-N; `cfg` is the full Config; returns the snapshot URL."""
+    from safetensors.torch import save as st_save
+
+    from .config import to_dict
+
+    url = join(run, "snapshots", step_name(step))
+    fs, path = fs_path(url)
+    if fs.exists(join(path, COMPLETE)):
+        return url
+    fs.makedirs(path, exist_ok=True)
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in ema_state.items()}
+    with fs.open(join(path, "ema.safetensors"), "wb") as f:
+        f.write(st_save(tensors, metadata={"step": str(step)}))
+    d = to_dict(cfg)
+    write_json(join(url, "model.json"), {"model": d["model"], "diffusion": d["diffusion"], "name": cfg.name})
+    write_json(join(url, "meta.json"), {"step": step, **meta})
+    mark_complete(url)
+    return url
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot that cannot be read: missing marker, deleted, or corrupt weights."""
+
+
+def load_snapshot(url: str, device="cpu"):
+    """(model, diffusion_cfg, meta) from a complete snapshot, without DeepSpeed."""
+    from safetensors.torch import load as st_load
+
+    from .config import diffusion_config_from_dict, model_config_from_dict
+    from .model import RIN
+
+    fs, path = fs_path(url)
+    try:
+        if not fs.exists(join(path, COMPLETE)):
+            raise SnapshotError(f"{url} has no COMPLETE marker: it is being written or was abandoned")
+        cfgs = read_json(join(url, "model.json"))
+        meta = read_json(join(url, "meta.json"))
+        raw = fs.cat_file(join(path, "ema.safetensors"))
+    except FileNotFoundError as e:
+        raise SnapshotError(f"{url} disappeared while reading it (deleted by retention?): {e}") from None
+    try:
+        state = st_load(raw)
+    except Exception as e:  # safetensors raises its own error types for corrupt headers
+        raise SnapshotError(f"{url}/ema.safetensors is corrupt: {e}") from None
+    model = RIN(model_config_from_dict(cfgs["model"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise SnapshotError(f"{url}: weights do not match the model config "
+                            f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device).eval()
+    return model, diffusion_config_from_dict(cfgs["diffusion"]), meta
