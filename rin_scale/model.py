@@ -1,0 +1,292 @@
+"""The Recurrent Interface Network (Jabri, Fleet, Chen 2023), built to shared/RIN_SPEC.md.
+
+Plain torch.nn: no DeepSpeed, no storage. All attention goes through
+`F.scaled_dot_product_attention`, so GPUs get the fused (flash / memory-efficient) kernels and the
+CPU its own fused path.
+
+    model = RIN(cfg.model)
+    out, latents = model(x_t, gamma, labels=None, prev_latents=None, cond=None)
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .config import ConfigError, ModelConfig
+
+LN_EPS = 1e-6  # as in the authors' code
+
+
+def layer_norm(dim: int) -> nn.LayerNorm:
+    return nn.LayerNorm(dim, eps=LN_EPS)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth on a residual branch, per example."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        keep = torch.rand(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype) >= self.p
+        return x * keep / (1 - self.p)
+
+
+class MLP(nn.Module):
+    """Residual pre-LN GELU MLP: x + drop_path(dropout(MLP(LN(x))))."""
+
+    def __init__(self, dim: int, ratio: float, dropout: float = 0.0, drop_path: float = 0.0):
+        super().__init__()
+        hidden = int(dim * ratio)
+        self.norm = layer_norm(dim)
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.dropout = nn.Dropout(dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x):
+        h = self.fc2(self.dropout(F.gelu(self.fc1(self.norm(x)))))
+        return x + self.drop_path(self.dropout(h))
+
+
+class Attention(nn.Module):
+    """Multi-head attention of queries (width q_dim) over a context (width kv_dim) via SDPA.
+
+    Only the queries are LayerNormed (by the caller's `norm`): for cross-attention the keys and
+    values are the other stream as it is, as in the paper (ports that normalized them diverge).
+    """
+
+    def __init__(self, q_dim: int, kv_dim: int, inner: int, heads: int, dropout: float = 0.0):
+        super().__init__()
+        self.heads, self.dropout = heads, dropout
+        self.q = nn.Linear(q_dim, inner)
+        self.kv = nn.Linear(kv_dim, 2 * inner)
+        self.out = nn.Linear(inner, q_dim)
+
+    def forward(self, x, context):
+        q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        return self.out(rearrange(o, "b h n d -> b n (h d)"))
+
+
+class CrossAttend(nn.Module):
+    """x + Attn(LN(x), context): queries normalized, keys/values (context) not."""
+
+    def __init__(self, q_dim: int, kv_dim: int, heads: int):
+        super().__init__()
+        self.norm = layer_norm(q_dim)
+        self.attn = Attention(q_dim, kv_dim, min(q_dim, kv_dim), heads)
+
+    def forward(self, x, context):
+        return x + self.attn(self.norm(x), context)
+
+
+class SelfAttend(nn.Module):
+    """A pre-LN transformer layer on the latents; dropout and drop-path live here only."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, drop_path: float):
+        super().__init__()
+        self.norm = layer_norm(dim)
+        self.attn = Attention(dim, dim, dim, heads, dropout)
+        self.drop_path = DropPath(drop_path)
+        self.mlp = MLP(dim, mlp_ratio, dropout, drop_path)
+
+    def forward(self, z):
+        h = self.norm(z)
+        z = z + self.drop_path(self.attn(h, h))
+        return self.mlp(z)
+
+
+class Block(nn.Module):
+    """read (latents attend to the interface, then an MLP on the latents) -> compute (k layers on
+    the latents) -> write (interface attends to the latents, then an MLP on the interface)."""
+
+    def __init__(self, m: ModelConfig, drop_paths: list[float]):
+        super().__init__()
+        d, dl = m.interface_dim, m.latent_dim
+        self.read = CrossAttend(dl, d, m.read_write_heads)
+        self.read_mlp = MLP(dl, m.latent_mlp_ratio)
+        self.compute = nn.ModuleList(
+            SelfAttend(dl, m.latent_heads, m.latent_mlp_ratio, m.dropout, p) for p in drop_paths)
+        self.write = CrossAttend(d, dl, m.read_write_heads)
+        self.write_mlp = MLP(d, m.interface_mlp_ratio) if m.interface_mlp_ratio > 0 else nn.Identity()
+
+    def forward(self, x, z):
+        z = self.read_mlp(self.read(z, x))
+        for layer in self.compute:
+            z = layer(z)
+        x = self.write_mlp(self.write(x, z))
+        return x, z
+
+
+def sinusoidal(values: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of scalars (B,) -> (B, dim), normalized to zero mean and unit std per
+    example as in the authors' ScalarEmbedding(normalize=True)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=values.device, dtype=torch.float32) / half)
+    ang = values.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
+    return (emb - emb.mean(-1, keepdim=True)) / (emb.std(-1, keepdim=True) + 1e-6)
+
+
+class RIN(nn.Module):
+    """Recurrent Interface Network over images (B,C,H,W) or frame-conditioned video (B,C,T,H,W).
+
+    Latent slots: `num_latents` in all = learned latents + 1 time token (+ 1 class token when
+    num_classes > 0). The time token embeds gamma = alpha_bar(t), never t.
+
+    Video: the clean conditioning frames and the noisy frames are concatenated along time into the
+    whole clip and tokenized by one 3-D stem, so patch_frames need only divide the clip length
+    (kinetics600: 5 + 11 = 16 frames, 2x4x4 patches -> 2,048 tokens, although 5 and 11 are odd).
+    A 3-D patch may therefore straddle the last clean and the first noisy frame; the learned
+    positional embedding of each token already tells the network which frames it covers (clean
+    frames always come first), so no separate clean/noisy embedding is added. The readout
+    decodes the whole clip and the output for the predicted frames is returned; the loss is
+    taken on those only, so the conditioning frames are read and written but never a target.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = m = cfg
+        if m.is_video and m.frames % m.patch_frames:
+            raise ConfigError(f"model.patch_frames={m.patch_frames} does not divide model.frames={m.frames}")
+        if m.image_size % m.patch_size:
+            raise ConfigError(f"model.patch_size={m.patch_size} does not divide model.image_size={m.image_size}")
+        d, dl = m.interface_dim, m.latent_dim
+        p, pt = m.patch_size, m.patch_frames
+        grid = (m.image_size // p) ** 2
+        if m.is_video:
+            self.stem = nn.Conv3d(m.channels, d, (pt, p, p), stride=(pt, p, p))
+            self.num_tokens = grid * (m.frames // pt)
+            self.patch_dim = m.channels * pt * p * p
+        else:
+            self.stem = nn.Conv2d(m.channels, d, p, stride=p)
+            self.num_tokens = grid
+            self.patch_dim = m.channels * p * p
+        self.stem_norm = layer_norm(d)
+        self.pos_emb = nn.Parameter(torch.empty(1, self.num_tokens, d))
+
+        self.num_reserved = 1 + (1 if m.num_classes > 0 else 0)
+        self.latent_init = nn.Parameter(torch.empty(1, m.num_latents - self.num_reserved, dl))
+        self.time_features = max(dl // 4, 2)  # as the authors: sinusoid of d'/4, Dense(d') SiLU Dense(d')
+        self.time_mlp = nn.Sequential(nn.Linear(self.time_features, dl), nn.SiLU(), nn.Linear(dl, dl))
+        # Row num_classes is "no label" (classifier-free guidance); an embedding = one-hot -> Dense.
+        self.class_emb = nn.Embedding(m.num_classes + 1, dl) if m.num_classes > 0 else None
+
+        # Warm start: Z = Z_init + LN(Z' + MLP(Z')), LN scale and bias zero, so Z = Z_init at init.
+        self.prev_mlp = MLP(dl, m.latent_mlp_ratio)
+        self.prev_norm = layer_norm(dl)
+
+        rates = torch.linspace(0, m.drop_path, m.num_blocks * m.latent_layers).tolist()
+        self.blocks = nn.ModuleList(
+            Block(m, rates[i * m.latent_layers:(i + 1) * m.latent_layers]) for i in range(m.num_blocks))
+        self.out_norm = layer_norm(d)
+        self.readout = nn.Linear(d, self.patch_dim)
+
+        # Activation checkpointing hook, set by the trainer (keeps DeepSpeed out of the model).
+        self.checkpoint_fn: Optional[Callable] = None
+        self.checkpoint_every = 1
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Conv2d, nn.Conv3d)):
+                nn.init.xavier_uniform_(mod.weight.view(mod.weight.shape[0], -1))
+                nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.LayerNorm):
+                nn.init.ones_(mod.weight)
+                nn.init.zeros_(mod.bias)
+            elif isinstance(mod, nn.Embedding):
+                nn.init.trunc_normal_(mod.weight, std=0.02)
+        nn.init.trunc_normal_(self.pos_emb, std=0.02)
+        nn.init.trunc_normal_(self.latent_init, std=0.02)
+        nn.init.zeros_(self.prev_norm.weight)
+        nn.init.zeros_(self.prev_norm.bias)
+
+    def no_decay_param_names(self) -> set[str]:
+        """Biases, LayerNorm weights and embeddings (positional, latent, class): no weight decay."""
+        names = set()
+        for mname, mod in self.named_modules():
+            for pname, _ in mod.named_parameters(recurse=False):
+                full = f"{mname}.{pname}" if mname else pname
+                if pname == "bias" or isinstance(mod, (nn.LayerNorm, nn.Embedding)) or mod is self:
+                    names.add(full)
+        return names
+
+    # ---------------------------------------------------------------------------------------
+
+    def tokenize(self, x):
+        tokens = self.stem(x)  # (B, d, [T',] H', W')
+        tokens = rearrange(tokens, "b d ... -> b (...) d")
+        return self.stem_norm(tokens) + self.pos_emb
+
+    def untokenize(self, tokens):
+        m = self.cfg
+        p, g = m.patch_size, m.image_size // m.patch_size
+        patches = self.readout(self.out_norm(tokens))
+        if m.is_video:
+            return rearrange(patches, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
+                             t=m.frames // m.patch_frames, h=g, w=g, pt=m.patch_frames, ph=p, pw=p)
+        return rearrange(patches, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=g, w=g, ph=p, pw=p)
+
+    def initial_latents(self, gamma, labels, prev_latents):
+        """Z = [learned latents, time token, class token] + LN(Z' + MLP(Z')), Z' = 0 when None."""
+        b = gamma.shape[0]
+        dtype = self.latent_init.dtype
+        time = self.time_mlp(sinusoidal(gamma * 1000.0, self.time_features).to(dtype))
+        tokens = [self.latent_init.expand(b, -1, -1), time[:, None]]
+        if self.class_emb is not None:
+            if labels is None:
+                labels = torch.full((b,), self.cfg.num_classes, dtype=torch.long, device=gamma.device)
+            # -1 (unlabelled, from the data pipeline) also means "no label".
+            labels = torch.where(labels < 0, torch.full_like(labels, self.cfg.num_classes), labels)
+            tokens.append(self.class_emb(labels)[:, None])
+        z_init = torch.cat(tokens, dim=1)
+        if prev_latents is None:
+            prev_latents = torch.zeros_like(z_init)
+        return z_init + self.prev_norm(self.prev_mlp(prev_latents.to(z_init.dtype)))
+
+    def forward(self, x_t, gamma, labels=None, prev_latents=None, cond=None):
+        m = self.cfg
+        b = x_t.shape[0]
+        gamma = torch.as_tensor(gamma, device=x_t.device, dtype=torch.float32)
+        if gamma.dim() == 0:
+            gamma = gamma.expand(b)
+        self._check_input(x_t, cond)
+        clip = torch.cat([cond.to(x_t.dtype), x_t], dim=2) if m.is_video and m.cond_frames else x_t
+        x = self.tokenize(clip)
+        z = self.initial_latents(gamma, labels, prev_latents)
+        for i, block in enumerate(self.blocks):
+            if self.checkpoint_fn is not None and i % max(self.checkpoint_every, 1) == 0:
+                x, z = self.checkpoint_fn(block, x, z)
+            else:
+                x, z = block(x, z)
+        out = self.untokenize(x)
+        if m.is_video and m.cond_frames:
+            out = out[:, :, m.cond_frames:]
+        return out, z
+
+    def _check_input(self, x_t, cond):
+        m = self.cfg
+        s = m.image_size
+        if m.is_video:
+            want = (m.channels, m.pred_frames, s, s)
+            if tuple(x_t.shape[1:]) != want:
+                raise ValueError(f"x_t has shape {tuple(x_t.shape)}; this video model takes (B, {m.channels}, "
+                                 f"{m.pred_frames}, {s}, {s}) = the predicted frames only")
+            if m.cond_frames:
+                cwant = (x_t.shape[0], m.channels, m.cond_frames, s, s)
+                if cond is None or tuple(cond.shape) != cwant:
+                    got = None if cond is None else tuple(cond.shape)
+                    raise ValueError(f"cond has shape {got}; pass the clean conditioning frames as {cwant}")
+        elif tuple(x_t.shape[1:]) != (m.channels, s, s):
+            raise ValueError(f"x_t has shape {tuple(x_t.shape)}; this image model takes (B, {m.channels}, {s}, {s})")
