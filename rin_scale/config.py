@@ -123,6 +123,8 @@ class EvalConfig:
     reference: str = ""  # URL of cached reference statistics; "" = computed from data.shards
     cache_dir: str = "~/.cache/rin_scale"
     classifier_data: str = ""  # held-out labelled shards: also report the class accuracy of samples
+    reference_samples: int = 0  # real samples in the reference statistics (0 = all of the shards)
+    claim_timeout: float = 7200.0  # seconds after which another service's unfinished claim is stale
 
 
 @dataclass
@@ -403,6 +405,9 @@ def validate(cfg: Config) -> Config:
     _one_of("eval.order", e.order, ("all", "newest", "milestones"))
     _check(e.sampler in ("", "ddpm", "ddim"), f"eval.sampler={e.sampler!r} is not one of '', ddpm, ddim")
     _check(e.num_samples >= 2 and e.batch >= 1, "eval.num_samples must be at least 2 and eval.batch at least 1")
+    _check(e.reference_samples == 0 or e.reference_samples >= 2,
+           "eval.reference_samples must be 0 (all) or at least 2")
+    _check(e.claim_timeout > 0, "eval.claim_timeout must be positive (seconds)")
     if e.metric == "fvd":
         _check(m.is_video, "eval.metric=fvd needs a video model (model.frames > 0)")
     if e.metric == "fid":
