@@ -1,0 +1,374 @@
+"""Write WebDataset tar shards plus a manifest to any fsspec URL.
+
+    python -m data_tools.shard SOURCE OUT [--prefix data] [--shard-size 1000] [--resize 256] ...
+    python -m data_tools.shard --embedded digits --split train OUT
+
+SOURCE: a folder of images (class subfolders become labels; a flat folder is unlabelled), a folder
+of videos, or a text file listing files or URLs (one a line, optionally "<TAB>class").
+OUT gets PREFIX-000000.tar, ... and PREFIX-manifest.json. Deterministic: the same input gives the
+same bytes and keys. A shard is written as PREFIX-NNNNNN.tar.partial and moved to its final name
+when complete; PREFIX-progress.json records finished shards, so re-running after a crash carries on
+after the last complete shard. Unreadable files are skipped and listed in the manifest.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported
+
+import argparse
+import io
+import json
+import multiprocessing
+import sys
+import tarfile
+
+import numpy as np
+from PIL import Image
+
+from rin_scale.data import IMAGE_EXTS, join, url_fs
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
+
+
+class ShardError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# Sources: lists of (source, label-name or None)
+
+
+def _scheme(url: str) -> str:
+    return url.split("://")[0] + "://" if "://" in url and not url.startswith("file://") else ""
+
+
+def list_folder(url: str, kind: str = "auto"):
+    """(kind, [(url, class name or None)], class names) for a folder, files in sorted order."""
+    fs, root = url_fs(url)
+    if not fs.isdir(root):
+        raise ShardError(f"{url} is not a folder or a list file: give a folder of images/videos or a .txt list")
+    root = root.rstrip("/")
+    files = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_SUFFIXES + VIDEO_SUFFIXES))
+    n_img = sum(p.lower().endswith(IMAGE_SUFFIXES) for p in files)
+    n_vid = len(files) - n_img
+    if kind == "auto":
+        if n_img and n_vid:
+            raise ShardError(f"{url} holds {n_img} images and {n_vid} videos: choose one with --kind image|video")
+        kind = "video" if n_vid else "image"
+    suffixes = VIDEO_SUFFIXES if kind == "video" else IMAGE_SUFFIXES
+    files = [p for p in files if p.lower().endswith(suffixes)]
+    if not files:
+        raise ShardError(f"no {kind} files under {url} (looked for {', '.join(suffixes)})")
+    rel = [p[len(root) + 1:] for p in files]
+    labelled = all("/" in r for r in rel)  # a flat folder (or a mix) is unlabelled
+    names = [r.split("/", 1)[0] if labelled else None for r in rel]
+    scheme = _scheme(url)
+    return kind, [(scheme + p, n) for p, n in zip(files, names)], sorted(set(names)) if labelled else []
+
+
+def list_file(url: str, kind: str = "auto"):
+    fs, path = url_fs(url)
+    with fs.open(path, "r") as f:
+        lines = [ln.strip() for ln in f.read().splitlines()]
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    items = []
+    for ln in lines:
+        if not ln or ln.startswith("#"):
+            continue
+        src, _, label = ln.partition("\t")
+        if "://" not in src and not src.startswith("/"):
+            src = base + "/" + src
+        items.append((src, label.strip() or None))
+    if not items:
+        raise ShardError(f"{url} lists no files")
+    if kind == "auto":
+        kind = "video" if all(s.lower().endswith(VIDEO_SUFFIXES) for s, _ in items) else "image"
+    labelled = all(n is not None for _, n in items)
+    classes = sorted({n for _, n in items}) if labelled else []
+    return kind, [(s, n if labelled else None) for s, n in items], classes
+
+
+# --------------------------------------------------------------------------------------------
+# Encoding one source item into samples (runs in worker processes)
+
+
+def _resize_center(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    s = size / min(w, h)
+    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+    w, h = img.size
+    x, y = (w - size) // 2, (h - size) // 2
+    return img.crop((x, y, x + size, y + size))
+
+
+def _encode_image(img: Image.Image, ext: str) -> bytes:
+    buf = io.BytesIO()
+    if ext == "jpg":
+        img.convert("RGB").save(buf, "JPEG", quality=95)
+    elif ext == "webp":
+        img.save(buf, "WEBP", quality=95)
+    else:
+        img.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _read(src: str) -> bytes:
+    fs, path = url_fs(src)
+    with fs.open(path, "rb") as f:
+        return f.read()
+
+
+def encode_image_item(key, src, data, label, opts):
+    """-> list of samples. `data`: raw bytes, or an HxWx3 uint8 array (embedded sets)."""
+    if isinstance(data, np.ndarray):
+        img, src_ext, raw = Image.fromarray(data), None, None
+    else:
+        raw = data
+        img = Image.open(io.BytesIO(raw))
+        img.load()  # raises on truncated or corrupt files
+        src_ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(img.format)
+    ext = opts.get("format") or src_ext or "png"
+    w, h = img.size
+    if opts.get("resize"):
+        img = _resize_center(img, opts["resize"])
+    if raw is None or opts.get("resize") or ext != src_ext:  # else the source bytes go in unchanged
+        if img.mode not in ("RGB", "L", "RGBA"):
+            img = img.convert("RGB")
+        raw = _encode_image(img, ext)
+    meta = {"source": src, "width": w, "height": h}
+    return [_sample(key, ext, raw, label, meta)]
+
+
+def encode_video_item(key, src, data, label, opts):
+    """One sample per clip of opts['clip_frames'] frames (every frame_stride-th), or the whole video."""
+    from data_tools.embedded import encode_mp4
+
+    stride = max(1, opts.get("frame_stride") or 1)
+    if isinstance(data, np.ndarray):
+        frames, fps = list(data), 8.0
+    else:
+        import av
+
+        with av.open(io.BytesIO(data)) as c:
+            stream = c.streams.video[0]
+            fps = float(stream.average_rate or 8)
+            frames = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
+        if not frames:
+            raise ValueError("no frames")
+    h, w = frames[0].shape[:2]
+    frames = frames[::stride]
+    n = opts.get("clip_frames") or len(frames)
+    out = []
+    for c, s in enumerate(range(0, len(frames) - n + 1, n)):
+        clip = frames[s:s + n]
+        if opts.get("resize"):
+            clip = [np.asarray(_resize_center(Image.fromarray(f), opts["resize"])) for f in clip]
+        clip = np.stack(clip)
+        clip = clip[:, : clip.shape[1] // 2 * 2, : clip.shape[2] // 2 * 2]  # H.264 wants even sizes
+        meta = {"source": src, "width": w, "height": h, "fps": fps / stride, "frames": n, "clip": c,
+                "start_frame": s * stride, "frame_stride": stride}
+        out.append(_sample(f"{key}_{c:04d}" if opts.get("clip_frames") else key, "mp4",
+                           encode_mp4(clip, fps=max(1, round(fps / stride))), label, meta))
+    if not out:
+        raise ValueError(f"video has {len(frames)} frames after stride {stride}, fewer than a clip of {n}")
+    return out
+
+
+def _sample(key, ext, data, label, meta):
+    s = {"__key__": key, ext: data, "json": json.dumps(meta, sort_keys=True).encode()}
+    if label is not None:
+        s["cls"] = str(label).encode()
+    return s
+
+
+def _work(args):
+    """(index, samples or None, error or None); never raises, so one bad file cannot stop the job."""
+    index, src, data, label, opts = args
+    key = f"{index:08d}"
+    try:
+        if data is None:
+            data = _read(src)
+        enc = encode_video_item if opts["kind"] == "video" else encode_image_item
+        return index, enc(key, src, data, label, opts), None
+    except Exception as e:  # noqa: BLE001 - any unreadable input is skipped and reported
+        return index, None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_tar(fs, path: str, samples: list[dict]) -> int:
+    """Write samples as a deterministic tar (mtime 0, sorted member order per sample); returns bytes."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
+        for s in samples:
+            for ext in sorted(k for k in s if k != "__key__"):
+                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
+                info.size, info.mtime, info.mode = len(s[ext]), 0, 0o644
+                tf.addfile(info, io.BytesIO(s[ext]))
+    data = buf.getvalue()
+    with fs.open(path, "wb") as f:
+        f.write(data)
+    return len(data)
+
+
+def _json_write(fs, path, obj):
+    with fs.open(path, "wb") as f:
+        f.write(json.dumps(obj, indent=1, sort_keys=True).encode())
+
+
+def _json_read(fs, path):
+    try:
+        with fs.open(path, "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def make_shards(items, out: str, opts: dict, classes=(), prefix="data", workers=1, progress=True) -> dict:
+    """Encode items [(src, data or None, label)] into shards under `out`; returns the manifest."""
+    from tqdm import tqdm
+
+    fs, root = url_fs(out)
+    fs.makedirs(root, exist_ok=True)
+    man_path, prog_path = f"{root}/{prefix}-manifest.json", f"{root}/{prefix}-progress.json"
+    done = _json_read(fs, man_path)
+    if done is not None:
+        if done.get("options") != opts:
+            raise ShardError(f"{out} already holds {prefix}-* shards written with other options: "
+                             f"use another folder or --prefix")
+        return done
+    prog = _json_read(fs, prog_path) or {}
+    if prog and prog.get("options") != opts:
+        raise ShardError(f"{out} holds an unfinished {prefix}-* job with other options: "
+                         f"delete {prefix}-* there or use another folder/--prefix")
+    shards, errors, next_item = [], [], 0
+    for s in prog.get("shards", []):  # keep the finished shards that are really there
+        if not fs.exists(f"{root}/{s['name']}"):
+            break
+        shards.append(s)
+        next_item = s["end_item"]
+    errors = [e for e in prog.get("errors", []) if e["item"] < next_item]
+
+    size, max_bytes = opts["shard_size"], opts.get("shard_bytes") or 0
+    todo = [(i, src, data, label, opts) for i, (src, data, label) in enumerate(items) if i >= next_item]
+    bar = tqdm(total=len(items), initial=next_item, unit="file", disable=not progress, file=sys.stderr)
+    pending, nbytes = [], 0
+
+    def flush(end_item):
+        nonlocal pending, nbytes
+        name = f"{prefix}-{len(shards):06d}.tar"
+        tmp = f"{root}/{name}.partial"
+        b = write_tar(fs, tmp, pending)
+        fs.mv(tmp, f"{root}/{name}")
+        shards.append({"name": name, "samples": len(pending), "bytes": b,
+                       "first_item": shards[-1]["end_item"] if shards else 0, "end_item": end_item})
+        _json_write(fs, prog_path, {"options": opts, "shards": shards, "errors": errors})
+        pending, nbytes = [], 0
+
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    pool = ctx.Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap(_work, todo, chunksize=4) if pool else map(_work, todo)
+        for index, samples, err in results:
+            bar.update(1)
+            if err:
+                errors.append({"item": index, "source": todo[index - next_item][1], "error": err})
+            else:
+                pending.extend(samples)
+                nbytes += sum(len(v) for s in samples for k, v in s.items() if k != "__key__")
+            if len(pending) >= size or (max_bytes and nbytes >= max_bytes):
+                flush(index + 1)
+        if pending:
+            flush(len(items))
+    finally:
+        bar.close()
+        if pool:
+            pool.terminate()
+    manifest = {
+        "shards": [{"name": s["name"], "samples": s["samples"], "bytes": s["bytes"]} for s in shards],
+        "total": sum(s["samples"] for s in shards), "classes": list(classes), "kind": opts["kind"],
+        "options": opts, "errors": [{"source": e["source"], "error": e["error"]} for e in errors],
+        "skipped": len(errors), "inputs": len(items),
+    }
+    _json_write(fs, man_path, manifest)
+    fs.rm(prog_path)
+    return manifest
+
+
+# --------------------------------------------------------------------------------------------
+# CLI
+
+
+def build_items(args):
+    """(items [(src, data, label)], classes, kind)."""
+    if args.embedded:
+        from data_tools import embedded
+
+        if args.embedded == "digits":
+            gen, kind = embedded.digits(args.split, size=args.resize or 16), "image"
+        else:
+            gen = embedded.moving_digits(args.split, frames=args.clip_frames or 16, size=args.resize or 16)
+            kind = "video"
+        return [(f"embedded:{args.embedded}/{name}", arr, label) for name, arr, label in gen], \
+            embedded.CLASSES, kind
+    if not args.source:
+        raise ShardError("give a SOURCE folder or list file, or --embedded digits|moving_digits")
+    src = args.source
+    if src.lower().endswith((".txt", ".lst", ".list")):
+        kind, pairs, classes = list_file(src, args.kind)
+    else:
+        kind, pairs, classes = list_folder(src, args.kind)
+    index = {c: i for i, c in enumerate(classes)}
+    return [(s, None, index[n] if n is not None else None) for s, n in pairs], classes, kind
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.shard", description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="+", metavar="[SOURCE] OUT", help="source folder or list file, and output URL")
+    p.add_argument("--embedded", choices=("digits", "moving_digits"), help="write an embedded dataset")
+    p.add_argument("--split", default="train", choices=("train", "heldout", "all"), help="embedded split")
+    p.add_argument("--kind", default="auto", choices=("auto", "image", "video"))
+    p.add_argument("--prefix", default="data", help="shard name prefix (PREFIX-000000.tar)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--shard-bytes", type=float, default=0, help="also close a shard past this many bytes")
+    p.add_argument("--resize", type=int, default=0, help="resize the shorter side and centre-crop (pixels)")
+    p.add_argument("--format", choices=("jpg", "png", "webp"), default=None,
+                   help="re-encode images in this format (default: keep the source's; png for embedded)")
+    p.add_argument("--clip-frames", type=int, default=0, help="video: frames per clip (0 = whole video)")
+    p.add_argument("--frame-stride", type=int, default=1, help="video: keep every n-th frame")
+    p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = p.parse_args(argv)
+    if args.embedded:
+        if len(args.paths) != 1:
+            p.error("with --embedded give only OUT")
+        args.source, out = None, args.paths[0]
+    else:
+        if len(args.paths) != 2:
+            p.error("give SOURCE and OUT")
+        args.source, out = args.paths
+    if args.shard_size < 1:
+        p.error("--shard-size must be at least 1")
+    try:
+        items, classes, kind = build_items(args)
+        opts = {"kind": kind, "shard_size": args.shard_size, "shard_bytes": int(args.shard_bytes),
+                "resize": args.resize, "format": args.format, "clip_frames": args.clip_frames,
+                "frame_stride": args.frame_stride,
+                "source": f"embedded:{args.embedded}:{args.split}" if args.embedded else args.source}
+        man = make_shards(items, out, opts, classes, args.prefix, max(1, args.workers), not args.quiet)
+    except (ShardError, FileNotFoundError, PermissionError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    skipped = f"; skipped {man['skipped']} unreadable file(s), listed under 'errors' in the manifest" \
+        if man["skipped"] else ""
+    print(f"wrote {man['total']} {kind} samples from {man['inputs']} inputs in {len(man['shards'])} shards "
+          f"to {out} ({args.prefix}-manifest.json){skipped}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
