@@ -1,0 +1,163 @@
+"""Check shards against their manifest, print statistics, and write a preview.
+
+    python -m data_tools.inspect URL [--json] [--preview grid.png] [--count 64]
+
+URL: a shard folder, a manifest or a brace pattern (as data.shards). Every sample of every shard is
+read and decoded; counts are compared with the manifest. Exit status 1 when anything is wrong.
+Video previews are a GIF (or .mp4) strip: one row of clips, played frame by frame.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported
+
+import argparse
+import collections
+import io
+import json
+import sys
+
+import numpy as np
+from PIL import Image
+
+from rin_scale.data import IMAGE_EXTS, VIDEO_EXTS, DataError, list_shards, read_tar_samples
+
+
+def _decode(sample):
+    """(kind, uint8 array HxWxC or TxHxWxC) of a raw sample; raises if undecodable."""
+    for e in IMAGE_EXTS:
+        if e in sample:
+            img = Image.open(io.BytesIO(sample[e]))
+            return "image", np.asarray(img.convert("RGB"))
+    for e in VIDEO_EXTS:
+        if e in sample:
+            import av
+
+            with av.open(io.BytesIO(sample[e])) as c:
+                frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
+            if not frames:
+                raise ValueError("no frames")
+            return "video", np.stack(frames)
+    raise ValueError(f"no media member in {sorted(k for k in sample if k != '__key__')}")
+
+
+def check(url: str, keep: int = 0) -> dict:
+    """Statistics and errors for the shards at url; keeps the first `keep` decoded samples for a preview."""
+    shards, counts, man = list_shards(url)
+    report = {"url": url, "shards": len(shards), "samples": 0, "expected": sum(counts), "errors": [],
+              "classes": {}, "sizes": {}, "frames": {}, "bytes": 0, "kind": man.get("kind", "")}
+    classes, sizes, frames = collections.Counter(), collections.Counter(), collections.Counter()
+    kept, keys = [], set()
+    names = man.get("classes") or []
+    for shard, expected in zip(shards, counts):
+        n = 0
+        try:
+            for _, s in read_tar_samples(shard):
+                n += 1
+                report["bytes"] += sum(len(v) for k, v in s.items() if k != "__key__")
+                if s["__key__"] in keys:
+                    report["errors"].append(f"{shard}: duplicate key {s['__key__']}")
+                keys.add(s["__key__"])
+                try:
+                    kind, arr = _decode(s)
+                except Exception as e:  # noqa: BLE001
+                    report["errors"].append(f"{shard}: sample {s['__key__']} does not decode ({type(e).__name__})")
+                    continue
+                report["kind"] = report["kind"] or kind
+                sizes[f"{arr.shape[-2]}x{arr.shape[-3]}"] += 1
+                if kind == "video":
+                    frames[str(arr.shape[0])] += 1
+                if "cls" in s:
+                    c = int(s["cls"])
+                    classes[names[c] if c < len(names) else str(c)] += 1
+                if len(kept) < keep:
+                    kept.append(arr)
+                report["samples"] += 1
+        except FileNotFoundError:
+            report["errors"].append(f"{shard}: missing")
+            continue
+        except Exception as e:  # noqa: BLE001 - truncated or corrupt tar
+            report["errors"].append(f"{shard}: unreadable after {n} samples ({type(e).__name__}: {e})")
+        if n != expected:
+            report["errors"].append(f"{shard}: {n} samples, manifest says {expected}")
+    report["classes"], report["sizes"], report["frames"] = dict(classes), dict(sizes), dict(frames)
+    report["skipped_at_write"] = man.get("skipped", 0)
+    return report, kept
+
+
+def _grid(images, cols):
+    h = max(a.shape[0] for a in images)
+    w = max(a.shape[1] for a in images)
+    rows = (len(images) + cols - 1) // cols
+    g = np.zeros((rows * (h + 2) + 2, cols * (w + 2) + 2, 3), np.uint8)
+    for i, a in enumerate(images):
+        r, c = divmod(i, cols)
+        g[2 + r * (h + 2):2 + r * (h + 2) + a.shape[0], 2 + c * (w + 2):2 + c * (w + 2) + a.shape[1]] = a
+    return g
+
+
+def write_preview(samples, path: str) -> None:
+    """A grid PNG for images; for video a strip of clips as GIF (or MP4 when path ends in .mp4)."""
+    from rin_scale.data import url_fs
+
+    fs, p = url_fs(path)
+    buf = io.BytesIO()
+    if samples[0].ndim == 3:
+        scale = max(1, 64 // samples[0].shape[0])
+        grid = Image.fromarray(_grid(samples, int(np.ceil(np.sqrt(len(samples))))))
+        grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(buf, "PNG")
+    else:
+        t = min(a.shape[0] for a in samples)
+        frames = [_grid([a[i] for a in samples], len(samples)) for i in range(t)]
+        if path.endswith(".mp4"):
+            from data_tools.embedded import encode_mp4
+
+            frames = [f[: f.shape[0] // 2 * 2, : f.shape[1] // 2 * 2] for f in frames]
+            buf.write(encode_mp4(np.stack(frames)))
+        else:
+            scale = max(1, 64 // samples[0].shape[1])
+            ims = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
+            ims[0].save(buf, "GIF", save_all=True, append_images=ims[1:], duration=125, loop=0)
+    with fs.open(p, "wb") as f:
+        f.write(buf.getvalue())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__.split("\n\n")[0])
+    p.add_argument("url", help="shard folder, manifest or brace pattern")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--preview", help="write a preview: grid .png for images, .gif or .mp4 strip for video")
+    p.add_argument("--count", type=int, default=0, help="samples in the preview (default 64 images, 8 clips)")
+    args = p.parse_args(argv)
+    try:
+        report, kept = check(args.url, keep=args.count or 64 if args.preview else 0)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.preview and kept:
+        if kept[0].ndim == 4:
+            kept = kept[: args.count or 8]
+        write_preview(kept, args.preview)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    else:
+        print(f"{report['url']}: {report['samples']} of {report['expected']} samples decoded in "
+              f"{report['shards']} shards, {report['bytes'] / 1e6:.1f} MB, kind {report['kind'] or '?'}")
+        print(f"  sizes: {report['sizes']}" + (f"  frames: {report['frames']}" if report["frames"] else ""))
+        if report["classes"]:
+            print(f"  classes ({len(report['classes'])}): {dict(sorted(report['classes'].items()))}")
+        if report["skipped_at_write"]:
+            print(f"  {report['skipped_at_write']} input file(s) were skipped when sharding (see the manifest)")
+        for e in report["errors"][:20]:
+            print(f"  ERROR {e}")
+        if len(report["errors"]) > 20:
+            print(f"  ... {len(report['errors']) - 20} more errors")
+        print("OK" if not report["errors"] else f"{len(report['errors'])} error(s)")
+        if args.preview and kept:
+            print(f"preview: {args.preview}")
+    return 1 if report["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
