@@ -1,0 +1,232 @@
+"""Submit the trainer or the eval service through submitit: SLURM, or local processes.
+
+    python -m launch.submit imagenet256 train.run_dir=/shared/runs/i256 \\
+        --nodes 4 --gpus-per-node 8 --partition gpu --time-min 2880 --setup "module load cuda"
+    python -m launch.submit tiny train.run_dir=runs/t --executor local --tasks-per-node 2
+    python -m launch.submit --service eval train.run_dir=runs/t --executor local
+    ... --dry-run     prints the sbatch script and the resolved config; submits nothing
+
+One task per GPU. The job requeues itself on preemption or timeout (up to --max-requeues) and
+the trainer resumes from the newest complete state; RUN/launch.jsonl logs every submission,
+start, requeue and end.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import typing as tp
+
+import submitit
+from submitit.slurm.slurm import SlurmExecutor, _convert_mem
+
+from rin_scale import rundir
+from rin_scale.config import ConfigError, Config, check_world, dump_yaml, load_config
+
+from .job import LaunchJob, EvalJob, TrainJob, log_event
+from .local import PreemptibleLocalExecutor
+
+
+class LaunchError(ValueError):
+    """Bad launch options; the message names the option and the fix."""
+
+
+class _SlurmScript(SlurmExecutor):
+    """SlurmExecutor that can render its sbatch script where no srun is installed (--dry-run)."""
+
+    @classmethod
+    def affinity(cls) -> int:
+        return 2
+
+
+def parse_args(argv: tp.Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", nargs="*", help="[PRESET] [file.yaml ...] [section.key=value ...]")
+    p.add_argument("--service", choices=("train", "eval"), default="train",
+                   help="what the job runs: the trainer, or the eval service beside it")
+    p.add_argument("--executor", choices=("auto", "slurm", "local"), default="auto",
+                   help="auto: slurm when sbatch is on PATH, else local processes")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--gpus-per-node", type=int, default=0, help="one task per GPU; 0 = CPU only")
+    p.add_argument("--tasks-per-node", type=int, default=0, help="default: --gpus-per-node, or 1")
+    p.add_argument("--cpus-per-task", type=int, default=0)
+    p.add_argument("--mem-gb", type=float, default=0, help="memory per node (0 = the cluster's default)")
+    p.add_argument("--partition", default="")
+    p.add_argument("--account", default="")
+    p.add_argument("--qos", default="")
+    p.add_argument("--constraint", default="")
+    p.add_argument("--exclusive", action="store_true")
+    p.add_argument("--time-min", type=int, default=24 * 60, help="time limit of one job, minutes")
+    p.add_argument("--job-name", default="", help="default: rin-SERVICE-CONFIGNAME")
+    p.add_argument("--sbatch", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra sbatch parameter, e.g. --sbatch mail-type=END (repeatable)")
+    p.add_argument("--setup", action="append", default=[], metavar="LINE",
+                   help="shell line run before the tasks, e.g. 'module load cuda' (repeatable)")
+    p.add_argument("--folder", default="", help="submitit's folder (logs, pickles); shared by all nodes. "
+                   "Default: RUN/submitit for a local RUN, else ./submitit/NAME")
+    p.add_argument("--max-requeues", type=int, default=10, help="requeues allowed (preemptions + timeouts)")
+    p.add_argument("--signal-delay-s", type=int, default=120,
+                   help="seconds before the time limit at which the job is told to requeue")
+    p.add_argument("--master-addr", default="",
+                   help="rendezvous address (default: the first node's hostname)")
+    p.add_argument("--once", action="store_true", help="eval service: evaluate what exists, then exit")
+    p.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its status")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and config; submit nothing")
+    return p.parse_intermixed_args(argv)
+
+
+def resolve(args: argparse.Namespace) -> tuple[Config, str, list[str]]:
+    """(config, run_dir, argv for the service) from the positional config arguments."""
+    items = [os.path.abspath(a) if "=" not in a and os.path.exists(a) else a for a in args.config]
+    if args.service == "train":
+        cfg = load_config(None, items)
+        run = cfg.train.run_dir
+        if rundir.is_local(run):
+            run = os.path.abspath(rundir.local_path(run))
+            cfg.train.run_dir = run
+        return cfg, run, [*items, f"train.run_dir={run}"]
+    # eval: the run's own config when it exists, with the overrides on top
+    overrides = [a for a in items if "=" in a and not a.startswith("train.run_dir=")]
+    runs = [a.split("=", 1)[1] for a in items if a.startswith("train.run_dir=")]
+    if not runs:
+        raise LaunchError("--service eval needs the run: add train.run_dir=RUN")
+    run = os.path.abspath(runs[-1]) if rundir.is_local(runs[-1]) else runs[-1]
+    saved = rundir.join(run, "config.yaml")
+    fs, path = rundir.fs_path(saved)
+    cfg = load_config(None, [saved, *overrides] if fs.exists(path) else [*items, *overrides])
+    cfg.train.run_dir = run
+    return cfg, run, [*(["--once"] if args.once else []), *overrides]
+
+
+def tasks_per_node(args) -> int:
+    return args.gpus_per_node or args.tasks_per_node or 1
+
+
+def slurm_parameters(args, name: str) -> dict:
+    """submitit SlurmExecutor parameters (its own names) from the options."""
+    p: dict[str, tp.Any] = dict(job_name=name, nodes=args.nodes, ntasks_per_node=tasks_per_node(args),
+                                time=args.time_min, signal_delay_s=args.signal_delay_s)
+    if args.gpus_per_node:
+        p["gpus_per_node"] = args.gpus_per_node
+    if args.cpus_per_task:
+        p["cpus_per_task"] = args.cpus_per_task
+    if args.mem_gb:
+        p["mem"] = _convert_mem(args.mem_gb)
+    for key in ("partition", "account", "qos", "constraint"):
+        if getattr(args, key):
+            p[key] = getattr(args, key)
+    if args.exclusive:
+        p["exclusive"] = True
+    if args.setup:
+        p["setup"] = list(args.setup)
+    extra = {}
+    for kv in args.sbatch:
+        if "=" not in kv:
+            raise LaunchError(f"--sbatch {kv!r}: write it as KEY=VALUE, e.g. --sbatch mail-type=END")
+        k, v = kv.split("=", 1)
+        extra[k.strip().lstrip("-")] = v
+    if extra:
+        p["additional_parameters"] = extra
+    return p
+
+
+def check_options(args, cfg: Config, executor: str) -> None:
+    if args.nodes < 1 or args.gpus_per_node < 0 or args.tasks_per_node < 0:
+        raise LaunchError("--nodes must be at least 1; --gpus-per-node and --tasks-per-node 0 or more")
+    if args.gpus_per_node and args.tasks_per_node and args.tasks_per_node != args.gpus_per_node:
+        raise LaunchError(f"--tasks-per-node={args.tasks_per_node} differs from --gpus-per-node="
+                          f"{args.gpus_per_node}: the job runs one task per GPU; drop --tasks-per-node")
+    if executor == "local" and args.nodes != 1:
+        raise LaunchError(f"--executor local runs on this machine only: use --nodes 1 (got {args.nodes})")
+    if args.max_requeues < 0:
+        raise LaunchError("--max-requeues must be 0 or more")
+    if args.service == "train":
+        check_world(cfg, args.nodes * tasks_per_node(args))
+    elif args.nodes * tasks_per_node(args) != 1:
+        raise LaunchError("--service eval runs as one task: use --nodes 1 and one GPU or task per node")
+
+
+def make_executor(args, run: str, name: str, executor: str):
+    folder = args.folder
+    if not folder:
+        folder = rundir.join(run, "submitit") if rundir.is_local(run) else os.path.join("submitit", name)
+    folder = os.path.join(os.path.abspath(folder), args.service)
+    if executor == "slurm":
+        ex = (SlurmExecutor if shutil.which("srun") else _SlurmScript)(folder, max_num_timeout=args.max_requeues)
+        ex.update_parameters(**slurm_parameters(args, name))
+        return ex
+    ex = PreemptibleLocalExecutor(folder, max_num_timeout=args.max_requeues)
+    params = dict(tasks_per_node=tasks_per_node(args), timeout_min=args.time_min,
+                  signal_delay_s=args.signal_delay_s, gpus_per_node=args.gpus_per_node)
+    if args.setup:
+        params["setup"] = list(args.setup)
+    ex.update_parameters(**params)
+    return ex
+
+
+def sbatch_script(ex) -> str:
+    """The sbatch script the executor submits (submitit's own rendering)."""
+    return ex._make_submission_file_text(ex._submitit_command_str, "dry-run")
+
+
+def make_job(args, cfg: Config, run: str, argv: list[str]) -> LaunchJob:
+    kw = dict(max_requeues=args.max_requeues, master_addr=args.master_addr or None, timeout_min=args.time_min)
+    return TrainJob(argv, run, **kw) if args.service == "train" else EvalJob(argv, run, **kw)
+
+
+def submit(argv: tp.Optional[list[str]] = None):
+    """Parse, validate, and submit (or print, with --dry-run). Returns the submitit job or None."""
+    return _submit(parse_args(argv))
+
+
+def _submit(args: argparse.Namespace):
+    executor = args.executor
+    if executor == "auto":
+        executor = "slurm" if shutil.which("sbatch") else "local"
+    cfg, run, service_argv = resolve(args)
+    check_options(args, cfg, executor)
+    name = args.job_name or f"rin-{args.service}-{cfg.name}"
+    ex = make_executor(args, run, name, executor)
+    if args.dry_run:
+        if executor == "slurm":
+            print("# ---- sbatch script ----")
+            print(sbatch_script(ex))
+        else:
+            print(f"# ---- local job: {tasks_per_node(args)} task(s) on this machine, submitit folder {ex.folder}")
+        print("# ---- resolved config ----")
+        print(dump_yaml(cfg), end="")
+        return None
+    job_fn = make_job(args, cfg, run, service_argv)
+    # a job submitted from inside another job must not inherit its SLURM/rank variables
+    with submitit.helpers.clean_env():
+        job = ex.submit(job_fn)
+    log_event(run, "submitted", kind=args.service, job_id=str(job.job_id), executor=executor,
+              nodes=args.nodes, tasks_per_node=tasks_per_node(args), gpus_per_node=args.gpus_per_node,
+              folder=str(ex.folder), name=name)
+    print(f"submitted {args.service} job {job.job_id} ({executor}, {args.nodes} node(s) x "
+          f"{tasks_per_node(args)} task(s)); run: {run}; logs: {ex.folder}")
+    print(f"status: python -m launch.status {run}")
+    return job
+
+
+def main(argv: tp.Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        job = _submit(args)
+    except (ConfigError, LaunchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if job is not None and args.wait:
+        try:
+            job.results()
+        except Exception as e:
+            print(f"job {job.job_id} failed: {str(e).strip().splitlines()[-1] if str(e).strip() else e}",
+                  file=sys.stderr)
+            return 1
+        print(f"job {job.job_id} finished")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
