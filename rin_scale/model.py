@@ -186,7 +186,8 @@ class RIN(nn.Module):
         self.prev_mlp = MLP(dl, m.latent_mlp_ratio)
         self.prev_norm = layer_norm(dl)
 
-        rates = torch.linspace(0, m.drop_path, m.num_blocks * m.latent_layers).tolist()
+        n = m.num_blocks * m.latent_layers  # drop-path rises linearly with depth
+        rates = [m.drop_path * i / max(n - 1, 1) for i in range(n)]
         self.blocks = nn.ModuleList(
             Block(m, rates[i * m.latent_layers:(i + 1) * m.latent_layers]) for i in range(m.num_blocks))
         self.out_norm = layer_norm(d)
