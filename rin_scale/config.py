@@ -22,20 +22,20 @@ class ConfigError(ValueError):
 @dataclass
 class ModelConfig:
     image_size: int = 32  # height = width, pixels
-    channels: int = 3
+    channels: int = 3  # image channels (RGB)
     frames: int = 0  # video: total frames in a clip (conditioning + predicted); 0 = images
     cond_frames: int = 0  # video: leading clean frames the model is conditioned on
-    patch_size: int = 2
+    patch_size: int = 2  # spatial patch of the tokenizer: interface tokens = (size / patch)^2
     patch_frames: int = 1  # video: temporal extent of a 3-D patch
-    interface_dim: int = 256
+    interface_dim: int = 256  # width d of the interface tokens X
     interface_mlp_ratio: float = 2.0  # 0 = no MLP after *write*
-    latent_dim: int = 512
+    latent_dim: int = 512  # width d' of the latents Z
     num_latents: int = 128  # latent slots in all, including the time and class tokens
-    latent_mlp_ratio: float = 4.0
-    num_blocks: int = 3
+    latent_mlp_ratio: float = 4.0  # MLP hidden width / latent_dim
+    num_blocks: int = 3  # read / compute / write blocks, no weight tying
     latent_layers: int = 2  # compute layers per block
-    latent_heads: int = 16
-    read_write_heads: int = 8
+    latent_heads: int = 16  # heads of the latent self-attention
+    read_write_heads: int = 8  # heads of read / write cross-attention (width min(d, d'))
     dropout: float = 0.1  # in the compute layers only
     drop_path: float = 0.1  # in the compute layers only
     num_classes: int = 0  # 0 = unconditional
@@ -129,7 +129,7 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    name: str = "custom"
+    name: str = "custom"  # the preset this config started from
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -432,3 +432,26 @@ def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
 def _divisor_near(n: int, p: int) -> int:
     divs = [d for d in range(1, n + 1) if n % d == 0]
     return min(divs, key=lambda d: (abs(d - p), d))
+
+
+def reference_markdown() -> str:
+    """The config reference for the README: every key, its default and the comment beside it."""
+    import inspect
+    import re
+
+    rows = ["| key | default | meaning |", "|---|---|---|"]
+    for section, cls in (("model", ModelConfig), ("diffusion", DiffusionConfig), ("data", DataConfig),
+                         ("train", TrainConfig), ("eval", EvalConfig)):
+        comments = {}
+        for line in inspect.getsource(cls).splitlines():
+            m = re.match(r"\s+(\w+): [^=]+=\s*(.+?)(?:\s+#\s*(.*))?$", line)
+            if m:
+                comments[m.group(1)] = m.group(3) or ""
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append(f"| `{section}.{f.name}` | `{default!r}` | {comments.get(f.name, '')} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":  # python -m rin_scale.config: print the reference table
+    print(reference_markdown())
