@@ -53,15 +53,15 @@ class ModelConfig:
 @dataclass
 class DiffusionConfig:
     schedule: str = "sigmoid"  # training schedule: sigmoid | cosine | linear
-    sigmoid_start: float = -3.0
-    sigmoid_end: float = 3.0
-    sigmoid_tau: float = 0.9
+    sigmoid_start: float = -3.0  # sigmoid schedule: start of the logistic's input range
+    sigmoid_end: float = 3.0  # sigmoid schedule: end of the range
+    sigmoid_tau: float = 0.9  # sigmoid schedule: temperature (CIFAR-10: -3, 3, 0.9)
     target: str = "eps"  # eps | x0 | v
     input_scale: float = 1.0  # b: data in [-1, 1] times b
     self_cond_rate: float = 0.9  # per-example probability of the latent warm start in training
     sampler: str = "ddpm"  # ddpm | ddim
-    sample_schedule: str = "cosine"
-    sample_steps: int = 100
+    sample_schedule: str = "cosine"  # schedule used by the samplers (the network sees gamma, so it may differ)
+    sample_steps: int = 100  # sampler steps (the paper's FIDs use 1000 DDPM steps)
     guidance: float = 0.0  # classifier-free guidance weight w: (1 + w) cond - w uncond
 
 
@@ -70,58 +70,58 @@ class DataConfig:
     shards: str = ""  # fsspec URL of a shard folder, a manifest, or a brace pattern
     kind: str = "image"  # image | video (must agree with the model)
     workers: int = 2  # DataLoader workers per rank
-    shuffle_buffer: int = 1000
-    random_crop: bool = False
-    hflip: bool = True
+    shuffle_buffer: int = 1000  # samples held in the shuffle buffer per worker
+    random_crop: bool = False  # random crop instead of a center crop to image_size
+    hflip: bool = True  # random horizontal flips
     max_error_rate: float = 0.05  # stop the run when more than this fraction of samples fail
-    seed: int = 0
+    seed: int = 0  # random seed (data: shard order, shuffling, augmentation; train: init, noise)
 
 
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"  # local path or fsspec URL (gs://bucket/runs/NAME)
     state_dir: str = ""  # POSIX path shared by all ranks for DeepSpeed states; "" = run_dir/states
-    global_batch: int = 256
+    global_batch: int = 256  # images per optimizer step over all ranks (fixed whatever the world size)
     micro_batch: int = 0  # per rank; 0 = global_batch / world_size (no accumulation)
-    total_steps: int = 150_000
+    total_steps: int = 150_000  # optimizer steps of the whole run
     zero_stage: int = 2  # 0 | 1 | 2 | 3
     precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 on GPUs and on CPUs where it is fast)
     optimizer: str = "lamb"  # lamb | adamw
-    lr: float = 3e-3
-    betas: tuple = (0.9, 0.999)
-    weight_decay: float = 0.01
+    lr: float = 3e-3  # peak learning rate, after warmup
+    betas: tuple = (0.9, 0.999)  # optimizer betas
+    weight_decay: float = 0.01  # decoupled weight decay (not on biases, LayerNorms, embeddings)
     no_decay_embeddings: bool = True  # also exempt positional and token embeddings from decay
-    warmup_steps: int = 10_000
+    warmup_steps: int = 10_000  # linear warmup from 0 to lr
     lr_floor: float = 0.1  # cosine decays to lr * lr_floor
     grad_clip: float = 0.0  # 0 = off
     max_nonfinite: int = 20  # consecutive skipped steps before the run stops
-    ema_decay: float = 0.9999
+    ema_decay: float = 0.9999  # EMA of the weights, updated every step in fp32
     activation_checkpointing: int = 0  # 0 = off, k = every k-th block (1 = every block)
-    checkpoint_cpu_offload: bool = False
+    checkpoint_cpu_offload: bool = False  # keep activation checkpoints in CPU memory (GPU memory saver)
     state_every: int = 1000  # steps between full training states
     snapshot_every: int = 1000  # steps between EMA snapshots
     keep_last: int = 3  # newest states and snapshots kept
     milestone_every: int = 0  # steps; every such state/snapshot is kept too (0 = none)
-    log_every: int = 50
+    log_every: int = 50  # steps between log lines and TensorBoard scalars
     sample_every: int = 1000  # steps between sample grids in TensorBoard (0 = never)
-    sample_count: int = 16
+    sample_count: int = 16  # images in the TensorBoard sample grid
     peak_tflops: float = 0.0  # per device, for MFU; 0 = measured at start-up (CPU) or from a table
-    seed: int = 0
+    seed: int = 0  # random seed (data: shard order, shuffling, augmentation; train: init, noise)
 
 
 @dataclass
 class EvalConfig:
     metric: str = "auto"  # auto (fid for images, fvd for video) | fid | fvd
-    num_samples: int = 1000
-    batch: int = 50
+    num_samples: int = 1000  # samples per evaluated snapshot (50,000 for published FIDs)
+    batch: int = 50  # samples per sampling batch
     sampler: str = ""  # "" = diffusion.sampler
     steps: int = 0  # 0 = diffusion.sample_steps
     order: str = "all"  # all | newest | milestones
-    poll_seconds: float = 60.0
+    poll_seconds: float = 60.0  # seconds between looks for new snapshots
     inception_weights: str = ""  # local file with the torch-fidelity InceptionV3 weights
     i3d_weights: str = ""  # local TorchScript I3D file (StyleGAN-V's)
     reference: str = ""  # URL of cached reference statistics; "" = computed from data.shards
-    cache_dir: str = "~/.cache/rin_scale"
+    cache_dir: str = "~/.cache/rin_scale"  # where reference statistics are cached (any fsspec URL)
     classifier_data: str = ""  # held-out labelled shards: also report the class accuracy of samples
     reference_samples: int = 0  # real samples in the reference statistics (0 = all of the shards)
     claim_timeout: float = 7200.0  # seconds after which another service's unfinished claim is stale
