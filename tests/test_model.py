@@ -1,0 +1,162 @@
+"""The RIN model: shapes, the warm start, conditioning slots, hooks and sizes of the presets."""
+import json
+
+import pytest
+import torch
+
+from rin_scale import flops, info
+from rin_scale.config import ConfigError, ModelConfig
+from rin_scale.model import RIN, sinusoidal
+from rin_scale.presets import get_preset
+
+torch.set_num_threads(1)
+
+
+def small(**kw) -> ModelConfig:
+    base = dict(image_size=8, channels=3, patch_size=2, interface_dim=32, interface_mlp_ratio=2, latent_dim=64,
+                num_latents=8, latent_mlp_ratio=2, num_blocks=2, latent_layers=1, latent_heads=4,
+                read_write_heads=4, dropout=0.0, drop_path=0.0, num_classes=5, class_dropout=0.1)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def test_image_output_shapes():
+    m = RIN(small())
+    out, z = m(torch.randn(3, 3, 8, 8), torch.rand(3), torch.tensor([0, 4, 5]))
+    assert out.shape == (3, 3, 8, 8)
+    assert z.shape == (3, 8, 64)
+    assert m.num_tokens == 16
+
+
+def test_video_output_shapes_unconditioned_and_frame_conditioned():
+    m = RIN(small(frames=4, patch_frames=2, num_classes=0))
+    out, z = m(torch.randn(2, 3, 4, 8, 8), torch.rand(2))
+    assert out.shape == (2, 3, 4, 8, 8) and z.shape == (2, 8, 64)
+
+    # 3 clean + 3 noisy frames with 2-frame patches: a patch straddles both, the clip still tokenizes.
+    m = RIN(small(frames=6, cond_frames=3, patch_frames=2, num_classes=0))
+    assert m.num_tokens == 3 * 16
+    x_t, cond = torch.randn(2, 3, 3, 8, 8), torch.randn(2, 3, 3, 8, 8)
+    out, z = m(x_t, torch.rand(2), cond=cond)
+    assert out.shape == x_t.shape and z.shape == (2, 8, 64)
+    # The conditioning frames reach the output: they join the interface.
+    gamma = torch.full((2,), 0.5)
+    out1, _ = m(x_t, gamma, cond=cond)
+    out2, _ = m(x_t, gamma, cond=cond + 1)
+    assert not torch.allclose(out1, out2)
+
+
+def test_kinetics_preset_tokenizes_whole_clip_to_2048_tokens():
+    c = flops.count(get_preset("kinetics600").model)
+    assert c["interface_tokens"] == 2048
+    assert flops.count(get_preset("imagenet1024").model)["interface_tokens"] == 16384
+
+
+def test_bad_input_shapes_give_clear_errors():
+    m = RIN(small(frames=6, cond_frames=3, patch_frames=2, num_classes=0))
+    with pytest.raises(ValueError, match="predicted frames only"):
+        m(torch.randn(2, 3, 6, 8, 8), torch.rand(2))
+    with pytest.raises(ValueError, match="conditioning frames"):
+        m(torch.randn(2, 3, 3, 8, 8), torch.rand(2))
+    with pytest.raises(ValueError, match=r"takes \(B, 3, 8, 8\)"):
+        RIN(small())(torch.randn(2, 3, 16, 16), torch.rand(2))
+
+
+def test_warm_start_leaves_latents_equal_to_z_init_at_initialization():
+    torch.manual_seed(0)
+    m = RIN(small())
+    gamma, labels = torch.rand(4), torch.tensor([0, 1, 5, 3])
+    z_init = torch.cat([m.latent_init.expand(4, -1, -1),
+                        m.time_mlp(sinusoidal(gamma * 1000, m.time_features))[:, None],
+                        m.class_emb(labels)[:, None]], dim=1)
+    prev = torch.randn(4, 8, 64) * 5
+    assert torch.equal(m.initial_latents(gamma, labels, prev), z_init)
+    assert torch.equal(m.initial_latents(gamma, labels, None), z_init)
+    # The whole forward does not depend on the previous latents at init ...
+    x = torch.randn(4, 3, 8, 8)
+    assert torch.equal(m(x, gamma, labels, prev)[0], m(x, gamma, labels, None)[0])
+    # ... and does once the zero-initialized LayerNorm has learned something.
+    with torch.no_grad():
+        m.prev_norm.weight.fill_(0.1)
+    assert not torch.allclose(m.initial_latents(gamma, labels, prev), z_init)
+
+
+def test_every_parameter_gets_a_gradient_without_previous_latents():
+    m = RIN(small(dropout=0.1, drop_path=0.1))
+    out, z = m(torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 5]))
+    (out.square().mean() + z.square().mean()).backward()
+    missing = [n for n, p in m.named_parameters() if p.grad is None]
+    assert missing == []
+
+
+def test_time_and_class_occupy_latent_slots():
+    m = RIN(small(num_latents=8, num_classes=5))
+    assert m.latent_init.shape[1] == 6  # 8 slots = 6 learned + time + class
+    assert RIN(small(num_latents=8, num_classes=0)).latent_init.shape[1] == 7
+    x, gamma = torch.randn(2, 3, 8, 8), torch.full((2,), 0.3)
+    a, _ = m(x, gamma, torch.tensor([1, 1]))
+    b, _ = m(x, gamma, torch.tensor([2, 2]))
+    c, _ = m(x, torch.full((2,), 0.6), torch.tensor([1, 1]))
+    assert not torch.allclose(a, b) and not torch.allclose(a, c)
+    # -1 (unlabelled, from the data pipeline) is the "no label" row.
+    assert torch.equal(m(x, gamma, torch.tensor([-1, -1]))[0], m(x, gamma, torch.tensor([5, 5]))[0])
+
+
+def test_checkpoint_hook_wraps_every_kth_block():
+    m = RIN(small(num_blocks=4))
+    x, gamma = torch.randn(2, 3, 8, 8), torch.rand(2)
+    ref, _ = m(x, gamma)
+    seen = []
+
+    def ckpt(block, x, z):
+        seen.append(block)
+        return torch.utils.checkpoint.checkpoint(block, x, z, use_reentrant=False)
+
+    m.checkpoint_fn, m.checkpoint_every = ckpt, 2
+    out, _ = m(x, gamma)
+    assert seen == [m.blocks[0], m.blocks[2]]
+    assert torch.allclose(out, ref, atol=1e-6)
+
+
+def test_attention_goes_through_sdpa(monkeypatch):
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    RIN(small(num_blocks=2, latent_layers=3))(torch.randn(1, 3, 8, 8), torch.rand(1))
+    assert len(calls) == 2 * (1 + 3 + 1)  # read, 3 compute layers, write per block
+
+
+def test_no_decay_names():
+    m = RIN(small())
+    names = m.no_decay_param_names()
+    assert {"pos_emb", "latent_init", "class_emb.weight", "prev_norm.weight", "stem.bias",
+            "blocks.0.read.norm.weight", "blocks.1.compute.0.mlp.fc1.bias"} <= names
+    assert "blocks.0.compute.0.mlp.fc1.weight" not in names and "stem.weight" not in names
+    assert names <= {n for n, _ in m.named_parameters()}
+
+
+def test_cifar10_preset_has_31m_parameters():
+    c = flops.count(get_preset("cifar10").model)
+    assert abs(c["params"] - 31.0e6) / 31.0e6 < 0.02
+    assert c["interface_tokens"] == 256 and c["latent_tokens"] == 128
+    real = sum(p.numel() for p in RIN(get_preset("cifar10").model).parameters())
+    assert real == c["params"]
+
+
+def test_flops_grow_with_resolution_and_batch():
+    m = small(image_size=16)
+    one, two = flops.count(m), flops.count(m, batch=2)
+    assert two["gflops"] == pytest.approx(2 * one["gflops"], rel=1e-6)
+    bigger = flops.count(small(image_size=32))
+    assert bigger["gflops"] > one["gflops"] and bigger["params"] > one["params"]  # more positions
+
+
+def test_info_cli_prints_one_json_object(capsys):
+    assert info.main(["cifar10", "image_size=64", "model.patch_size=4"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["interface_tokens"] == 256 and d["latent_tokens"] == 128 and d["gflops"] > 0 and d["params"] > 30e6
+    assert info.main(["cifar10", "model.patch_size=5"]) == 2
+    err = capsys.readouterr().err
+    assert "patch_size" in err and "\n" == err[-1] and err.count("\n") == 1
