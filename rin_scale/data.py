@@ -371,7 +371,9 @@ class _EpochStream(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        w = info.id if info is not None else 0
+        # the DataLoader starts its round-robin at worker 0 whatever the position: worker i plays the
+        # part of the worker that owns batch position + i
+        w = ((info.id if info is not None else 0) + self.position) % self.workers
         if info is not None:
             torch.set_num_threads(1)
         K, B = self.workers, self.batch

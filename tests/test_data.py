@@ -1,0 +1,316 @@
+"""The data pipeline on real tar shards: local folders, the GCS emulator, forked DataLoader workers."""
+import os
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import contextlib
+import io
+import json
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data_tools.embedded import digits
+from data_tools.inspect import main as inspect_main
+from data_tools.shard import main as shard_main
+from data_tools.shard import make_shards, write_tar
+from rin_scale.config import load_config
+from rin_scale.data import DataError, ShardLoader, iter_samples, read_tar_samples, url_fs
+
+PY = sys.executable
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class Ran:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def run_cli(module, *args, check=True):
+    """A CLI's main() in this process (the console scripts call the same function)."""
+    main = {"data_tools.shard": shard_main, "data_tools.inspect": inspect_main}[module]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(list(args))
+    if check:
+        assert rc == 0, err.getvalue()[-2000:]
+    return Ran(rc, out.getvalue(), err.getvalue())
+
+
+def image_cfg(shards, workers=2, **kw):
+    over = [f"data.shards={shards}", f"data.workers={workers}", "data.shuffle_buffer=50"]
+    return load_config("tiny", over + [f"data.{k}={v}" for k, v in kw.items()])
+
+
+def epoch_keys(cfg, batch, rank=0, world=1, state=None, n=None):
+    loader = ShardLoader(cfg.data, cfg.model, batch, rank, world, state=state)
+    n = loader.batches_per_epoch if n is None else n
+    it = iter(loader)
+    out = [next(it) for _ in range(n)]
+    return loader, out
+
+
+@pytest.fixture(scope="module")
+def heldout(tmp_path_factory):
+    """The 360 held-out digits in 4 local shards of 90 (labelled, PNG)."""
+    out = str(tmp_path_factory.mktemp("heldout"))
+    items = [(f"embedded:{n}", a, y) for n, a, y in digits("heldout")]
+    opts = {"kind": "image", "shard_size": 90, "shard_bytes": 0, "resize": 0, "format": None,
+            "clip_frames": 0, "frame_stride": 1, "source": "test"}
+    make_shards(items, out, opts, [str(i) for i in range(10)], workers=1, progress=False)
+    return out
+
+
+def all_keys(url):
+    keys = []
+    for i in range(4):
+        for _, s in read_tar_samples(f"{url}/data-{i:06d}.tar"):
+            keys.append(s["__key__"])
+    return keys
+
+
+# --------------------------------------------------------------------------------------------
+# The shard tool
+
+
+def _image_folder(root, n=24):
+    """Class subfolders of PNG and JPEG digits, one unreadable file."""
+    for i, (_, arr, y) in enumerate(list(digits("train", size=20))[:n]):
+        d = root / f"class_{y}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(d / f"img{i:03d}.{'png' if i % 2 else 'jpg'}")
+    (d / "broken.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+
+
+def test_shard_folder_labels_resize_skip_and_determinism(tmp_path):
+    src = tmp_path / "src"
+    _image_folder(src)
+    p = run_cli("data_tools.shard", str(src), str(tmp_path / "a"), "--shard-size", "10", "--resize", "16",
+                "--workers", "2", "--quiet")
+    assert "skipped 1 unreadable" in p.stdout
+    run_cli("data_tools.shard", str(src), str(tmp_path / "b"), "--shard-size", "10", "--resize", "16",
+            "--workers", "1", "--quiet")
+    man = json.loads((tmp_path / "a" / "data-manifest.json").read_text())
+    assert man["total"] == 24 and [s["samples"] for s in man["shards"]] == [10, 10, 4]
+    assert man["skipped"] == 1 and man["errors"][0]["source"].endswith("broken.jpg")
+    assert man["classes"] == sorted({f"class_{y}" for _, _, y in list(digits("train"))[:24]})
+    for s in man["shards"]:  # same input, same bytes, whatever the worker count
+        assert (tmp_path / "a" / s["name"]).read_bytes() == (tmp_path / "b" / s["name"]).read_bytes()
+    samples = [s for _, s in read_tar_samples(str(tmp_path / "a" / "data-000000.tar"))]
+    img = Image.open(io.BytesIO(samples[0].get("jpg") or samples[0]["png"]))
+    assert img.size == (16, 16)
+    src_name = json.loads(samples[0]["json"])["source"]
+    assert man["classes"][int(samples[0]["cls"])] in src_name
+
+
+def test_shard_resumes_after_crash_without_redoing_complete_shards(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    files = []
+    for i, (_, arr, _) in enumerate(list(digits("train"))[:30]):
+        Image.fromarray(arr).save(src / f"{i:03d}.png")
+        files.append(f"{i:03d}.png")
+    fifo = src / "025.png"
+    fifo.unlink()
+    os.mkfifo(fifo)  # reading it blocks: the job hangs there and is killed, as by a preemption
+    (src / "list.txt").write_text("\n".join(files) + "\n")
+    out = tmp_path / "out"
+    proc = subprocess.Popen([PY, "-m", "data_tools.shard", str(src / "list.txt"), str(out), "--shard-size", "5",
+                             "--workers", "1", "--quiet"], cwd=ROOT)
+    prog = out / "data-progress.json"
+    deadline = time.time() + 60
+    while not (prog.exists() and len(json.loads(prog.read_text() or "{}").get("shards", [])) == 5):
+        assert time.time() < deadline and proc.poll() is None, "shard tool did not get to the fifo"
+        time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    assert not (out / "data-manifest.json").exists()
+    before = {f: (out / f"data-{f:06d}.tar").stat().st_mtime_ns for f in range(5)}
+    fifo.unlink()
+    Image.fromarray(list(digits("train"))[25][1]).save(fifo)
+    p = subprocess.run([PY, "-m", "data_tools.shard", str(src / "list.txt"), str(out), "--shard-size", "5",
+                        "--workers", "1", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "wrote 30 image samples" in p.stdout, p.stderr
+    run_cli("data_tools.shard", str(src / "list.txt"), str(tmp_path / "clean"), "--shard-size", "5", "--quiet")
+    assert {f: (out / f"data-{f:06d}.tar").stat().st_mtime_ns for f in range(5)} == before
+    man = json.loads((out / "data-manifest.json").read_text())
+    assert man["total"] == 30 and len(man["shards"]) == 6 and not (out / "data-progress.json").exists()
+    assert not list(out.glob("*.partial"))
+    for s in man["shards"]:
+        assert (out / s["name"]).read_bytes() == (tmp_path / "clean" / s["name"]).read_bytes()
+
+
+def test_inspect_reports_counts_and_damage(tmp_path, heldout):
+    p = run_cli("data_tools.inspect", heldout, "--json", "--preview", str(tmp_path / "grid.png"))
+    rep = json.loads(p.stdout)
+    assert rep["shards"] == 4 and rep["samples"] == 360 and rep["errors"] == []
+    assert sum(rep["classes"].values()) == 360 and Image.open(tmp_path / "grid.png").size[0] > 64
+    bad = tmp_path / "bad"
+    shutil.copytree(heldout, bad)
+    tar = bad / "data-000002.tar"
+    tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
+    p = run_cli("data_tools.inspect", str(bad), "--json", check=False)
+    rep = json.loads(p.stdout)
+    assert p.returncode == 1 and rep["samples"] < 360
+    assert any("data-000002.tar" in e for e in rep["errors"])
+
+
+# --------------------------------------------------------------------------------------------
+# The streaming pipeline
+
+
+def test_two_ranks_two_workers_cover_the_epoch_once(heldout):
+    cfg = image_cfg(heldout, workers=2)
+    keys = []
+    for rank in range(2):  # 360 samples = 2 ranks x 15 batches x 12: nothing left over
+        loader, batches = epoch_keys(cfg, 12, rank, 2)
+        assert loader.batches_per_epoch == 15 and len(batches) == 15
+        for b in batches:
+            assert b["x"].shape == (12, 3, 16, 16) and b["x"].dtype == torch.float32
+            assert -1 <= b["x"].min() and b["x"].max() <= 1 and b["label"].dtype == torch.long
+            assert (b["label"] >= 0).all() and (b["label"] < 10).all()
+            keys += b["key"]
+    assert len(keys) == 360 and sorted(keys) == sorted(all_keys(heldout))
+    # with a remainder: 360 // 2 = 180 per rank, 11 batches of 16; 2 x 4 samples are left out this epoch
+    per_rank = [sum((b["key"] for b in epoch_keys(cfg, 16, r, 2)[1]), []) for r in range(2)]
+    assert [len(k) for k in per_rank] == [176, 176] and not set(per_rank[0]) & set(per_rank[1])
+
+
+def test_epochs_reshuffle_and_labels_match(heldout):
+    cfg = image_cfg(heldout, workers=0)
+    loader = ShardLoader(cfg.data, cfg.model, 30)
+    it = iter(loader)
+    e0 = [next(it) for _ in range(12)]
+    e1 = [next(it) for _ in range(12)]
+    k0, k1 = sum((b["key"] for b in e0), []), sum((b["key"] for b in e1), [])
+    assert sorted(k0) == sorted(k1) and k0 != k1 and loader.state_dict()["epoch"] == 1
+    truth = {k: (x, y) for x, y, k in iter_samples(heldout, cfg.model)}
+    b = e0[0]
+    for i, k in enumerate(b["key"]):
+        x, y = truth[k]
+        assert int(b["label"][i]) == y and torch.equal(b["x"][i], x)  # hflip off in tiny
+
+
+@pytest.mark.parametrize("stop", [7, 15])
+def test_resume_yields_the_same_stream(heldout, stop):
+    cfg = image_cfg(heldout, workers=2, hflip=True, random_crop=True)
+    full_loader = ShardLoader(cfg.data, cfg.model, 12, 1, 2)
+    it = iter(full_loader)
+    full = [next(it) for _ in range(22)]  # crosses into epoch 1
+    first = ShardLoader(cfg.data, cfg.model, 12, 1, 2)
+    it = iter(first)
+    for _ in range(stop):
+        next(it)
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["position"] == stop  # what the consumer received, not what workers prefetched
+    del it
+    resumed = ShardLoader(cfg.data, cfg.model, 12, 1, 2, state=state)
+    it = iter(resumed)
+    rest = [next(it) for _ in range(22 - stop)]
+    assert [b["key"] for b in rest] == [b["key"] for b in full[stop:]]
+    assert all(torch.equal(a["x"], b["x"]) for a, b in zip(rest, full[stop:]))
+
+
+def test_resume_with_another_world_size_restarts_at_the_same_fraction(heldout):
+    cfg = image_cfg(heldout, workers=0)
+    old = ShardLoader(cfg.data, cfg.model, 12, 0, 2)
+    it = iter(old)
+    for _ in range(5):
+        next(it)
+    state = old.state_dict()
+    new = ShardLoader(cfg.data, cfg.model, 12, 0, 1, state=state)  # 30 batches per epoch now
+    assert new.state_dict()["position"] == 10 and new.state_dict()["epoch"] == 0
+    it = iter(new)
+    assert len([next(it) for _ in range(21)]) == 21 and new.state_dict()["epoch"] == 1
+
+
+def test_corrupt_samples_and_truncated_shard_are_skipped_and_counted(tmp_path, heldout):
+    bad = tmp_path / "bad"
+    shutil.copytree(heldout, bad)
+    s0 = [s for _, s in read_tar_samples(str(bad / "data-000000.tar"))]
+    broken = s0[3]["__key__"]
+    s0[3]["png"] = b"\x89PNG garbage"
+    fs, _ = url_fs(str(bad))
+    write_tar(fs, str(bad / "data-000000.tar"), s0)
+    t1 = bad / "data-000001.tar"
+    t1.write_bytes(t1.read_bytes()[: int(t1.stat().st_size * 0.6)])
+    readable = {s["__key__"] for _, s in read_tar_samples_safely(str(t1))}
+    lost = {broken} | (set(all_keys(heldout)[90:180]) - readable)
+    cfg = image_cfg(str(bad), workers=2, max_error_rate=0.5)
+    keys, errors = [], 0
+    for rank in range(2):
+        loader, batches = epoch_keys(cfg, 12, rank, 2)
+        assert len(batches) == 15  # every rank still gets its full epoch
+        keys += sum((b["key"] for b in batches), [])
+        errors += loader.stats["errors"]
+    assert errors == len(lost) and len(keys) == 360
+    assert set(keys) == set(all_keys(heldout)) - lost  # the rest of the data arrives
+    cfg = image_cfg(str(bad), workers=0, max_error_rate=0.01)
+    with pytest.raises(DataError, match="max_error_rate"):
+        epoch_keys(cfg, 12, 0, 1)
+
+
+def read_tar_samples_safely(url):
+    try:
+        yield from read_tar_samples(url)
+    except (tarfile.TarError, OSError):
+        return
+
+
+def test_bad_data_urls_give_one_line_errors(tmp_path):
+    for url, msg in [("", "data.shards is empty"), (str(tmp_path / "nope"), "does not exist"),
+                     (str(tmp_path), "no .tar shards")]:
+        cfg = image_cfg(url)
+        with pytest.raises(DataError, match=msg) as e:
+            ShardLoader(cfg.data, cfg.model, 4)
+        assert "\n" not in str(e.value)
+
+
+def test_video_clips_from_moving_digits(tmp_path):
+    out = str(tmp_path / "vid")
+    run_cli("data_tools.shard", "--embedded", "moving_digits", "--split", "heldout", out, "--shard-size", "60",
+            "--workers", "2", "--quiet")
+    cfg = load_config("tiny_video", [f"data.shards={out}", "data.workers=2", "data.shuffle_buffer=20"])
+    loader, batches = epoch_keys(cfg, 6, 0, 2, n=3)
+    x = batches[0]["x"]
+    assert x.shape == (6, 3, cfg.model.frames, 16, 16) and -1 <= x.min() and x.max() <= 1
+    assert (x[:, :, 1:] - x[:, :, :-1]).abs().mean() > 0.01  # the digit moves
+    state = loader.state_dict()
+    _, again = epoch_keys(cfg, 6, 0, 2, state={**state, "position": 1}, n=2)
+    assert [b["key"] for b in again] == [b["key"] for b in batches[1:]]
+    assert torch.equal(again[0]["x"], batches[1]["x"])  # same random clip start on resume
+    p = run_cli("data_tools.inspect", out, "--json", "--preview", str(tmp_path / "strip.gif"))
+    assert json.loads(p.stdout)["frames"] == {"16": 360}
+    assert Image.open(tmp_path / "strip.gif").n_frames == 16
+
+
+# --------------------------------------------------------------------------------------------
+# gs:// on a real GCS API server (fake-gcs-server on 127.0.0.1, the stand-in for a bucket)
+
+
+def test_shard_to_gcs_and_stream_from_it_with_workers(gcs_bucket, heldout):
+    url = f"{gcs_bucket}/digits"
+    p = run_cli("data_tools.shard", "--embedded", "digits", "--split", "heldout", url, "--shard-size", "90",
+                "--workers", "2", "--quiet")
+    assert "360 image samples" in p.stdout and "4 shards" in p.stdout
+    fs, path = url_fs(url)
+    names = sorted(n.rsplit("/", 1)[-1] for n in fs.ls(path))
+    assert names == [f"data-{i:06d}.tar" for i in range(4)] + ["data-manifest.json"]
+    rep = json.loads(run_cli("data_tools.inspect", url, "--json").stdout)
+    assert rep["samples"] == 360 and rep["errors"] == []
+    cfg = image_cfg(url, workers=2)
+    keys = []
+    for rank in range(2):
+        loader, batches = epoch_keys(cfg, 12, rank, 2)
+        keys += sum((b["key"] for b in batches), [])
+    assert sorted(keys) == sorted(all_keys(heldout))  # the same digits as the local shards
+    gcs = [(k, y) for _, y, k in iter_samples(url, cfg.model)]
+    local = [(k, y) for _, y, k in iter_samples(heldout, cfg.model)]
+    assert gcs == local
