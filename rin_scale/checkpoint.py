@@ -1,0 +1,155 @@
+"""Full training states (DESIGN.md): DeepSpeed's checkpoint plus the trainer's own files, marked
+COMPLETE only after every rank has written and a barrier; resume takes the newest complete one.
+
+    STATE/step-N/step-N/...          DeepSpeed (model, ZeRO optimizer partitions, LR schedule)
+    STATE/step-N/ema.safetensors     full fp32 EMA (rank 0)
+    STATE/step-N/trainer.json        step, images seen, world size, wall time (rank 0)
+    STATE/step-N/rank-R.pt           RNG states + data position of rank R (weights_only loadable)
+    STATE/step-N/COMPLETE
+
+STATE is the local POSIX folder all ranks share (train.state_dir, default RUN/states). When RUN
+is a bucket the finished folder is uploaded to RUN/states/step-N and marked there.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from . import rundir
+from .config import ConfigError
+
+
+def local_state_root(cfg) -> str:
+    t = cfg.train
+    if t.state_dir:
+        if not rundir.is_local(t.state_dir):
+            raise ConfigError(f"train.state_dir={t.state_dir!r} must be a POSIX path shared by all ranks "
+                              f"(DeepSpeed writes there); states are uploaded to train.run_dir afterwards")
+        return rundir.local_path(t.state_dir)
+    if rundir.is_local(t.run_dir):
+        return os.path.join(rundir.local_path(t.run_dir), "states")
+    raise ConfigError(f"train.run_dir={t.run_dir!r} is a bucket: set train.state_dir to a POSIX folder shared "
+                      f"by all ranks (e.g. a cluster filesystem) where DeepSpeed writes states before upload")
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def rng_state() -> dict:
+    st = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])],
+        "python": json.dumps(random.getstate()),
+    }
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    if torch.cuda.is_available() and s["cuda"]:
+        torch.cuda.set_rng_state_all(s["cuda"])
+    n = s["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    py = json.loads(s["python"])
+    random.setstate((py[0], tuple(py[1]), py[2]))
+
+
+def save_state(engine, cfg, step: int, ema, loader_state: dict, meta: dict) -> str:
+    """Collective: every rank calls it. Returns the RUN/states/step-N URL once marked COMPLETE."""
+    run, root = cfg.train.run_dir, local_state_root(cfg)
+    tag = rundir.step_name(step)
+    folder = os.path.join(root, tag)
+    rank = _rank()
+    if rank == 0 and os.path.exists(os.path.join(folder, rundir.COMPLETE)):
+        os.remove(os.path.join(folder, rundir.COMPLETE))  # re-saving the same step: invalidate first
+    _barrier()
+    engine.save_checkpoint(folder, tag=tag, save_latest=False)
+    torch.save({"rng": rng_state(), "loader": json.dumps(loader_state)}, os.path.join(folder, f"rank-{rank}.pt"))
+    ema_full = ema.full_state()  # collective under ZeRO-3
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        save_file(ema_full, os.path.join(folder, "ema.safetensors"))
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        with open(os.path.join(folder, "trainer.json"), "w") as f:
+            json.dump({"step": step, "world_size": world, **meta}, f)
+    _barrier()  # every rank has written its part
+    url = rundir.join(run, "states", tag)
+    if rank == 0:
+        mirrored = not _same_place(root, run)
+        if mirrored:  # states live elsewhere: copy the finished folder to RUN/states, then mark both
+            if rundir.is_local(run):
+                shutil.copytree(folder, rundir.local_path(url), dirs_exist_ok=True)
+            else:
+                fs, path = rundir.fs_path(url)
+                fs.put(folder.rstrip("/") + "/", path, recursive=True)
+            rundir.mark_complete(folder, {"step": step})
+        rundir.mark_complete(url, {"step": step})
+        rundir.prune(run, "states", cfg.train.keep_last, cfg.train.milestone_every)
+        if mirrored:
+            keep = {s for s, _ in rundir.list_complete(run, "states")}
+            for name in os.listdir(root):
+                m = rundir.STEP_RE.search(name)
+                if m and int(m.group(1)) not in keep and int(m.group(1)) < step:
+                    shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    _barrier()
+    return url
+
+
+def _same_place(root: str, run: str) -> bool:
+    return rundir.is_local(run) and os.path.abspath(root) == os.path.abspath(
+        os.path.join(rundir.local_path(run), "states"))
+
+
+def find_resume(cfg):
+    """(step, local folder) of the newest complete state, fetched locally if needed; None for a
+    fresh run. Rank 0 decides and every rank gets the same answer (collective)."""
+    found = None
+    if _rank() == 0:
+        newest = rundir.newest_complete(cfg.train.run_dir, "states")
+        if newest is not None:
+            step, url = newest
+            folder = os.path.join(local_state_root(cfg), rundir.step_name(step))
+            if not os.path.exists(os.path.join(folder, rundir.COMPLETE)):
+                fs, path = rundir.fs_path(url)
+                os.makedirs(folder, exist_ok=True)
+                fs.get(path.rstrip("/") + "/", folder, recursive=True)
+            found = (step, folder)
+    box = [found]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def load_state(engine, folder: str, ema):
+    """Loads weights, optimizer, LR schedule into the engine and the EMA; returns (trainer meta,
+    this rank's RNG state, this rank's data-loader state or None when the world size changed)."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(folder, "trainer.json")) as f:
+        meta = json.load(f)
+    tag = os.path.basename(folder.rstrip("/"))
+    path, _ = engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load the state in {folder}")
+    ema.load_full_state(load_file(os.path.join(folder, "ema.safetensors")))
+    rank = _rank()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    mine = os.path.join(folder, f"rank-{rank}.pt")
+    same = meta["world_size"] == world and os.path.exists(mine)
+    extra = torch.load(mine if same else os.path.join(folder, "rank-0.pt"), weights_only=True)
+    # A different world size: the loader re-derives its order from rank 0's position (data.py).
+    return meta, (extra["rng"] if same else None), json.loads(extra["loader"])

@@ -1,0 +1,93 @@
+"""Throughput accounting: matmul peak probe, FLOPs of a training step, MFU, memory."""
+from __future__ import annotations
+
+import os
+import resource
+import time
+
+import torch
+
+
+def matmul_peak(dtype=torch.float32, dev=torch.device("cpu"), seconds: float = 0.2, n: int = 1024) -> float:
+    """Measured FLOP/s of an n x n matmul in `dtype` on this device (2 n^3 FLOPs per product)."""
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    torch.mm(a, b)  # warm-up: first call pays for kernel selection
+    _sync(dev)
+    count, t0 = 0, time.perf_counter()
+    while True:
+        torch.mm(a, b)
+        count += 1
+        if count % 4 == 0:
+            _sync(dev)
+            dt = time.perf_counter() - t0
+            if dt >= seconds:
+                return 2 * n**3 * count / dt
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+# Dense bf16 peaks (TFLOP/s) by GPU name; the fp32 numbers are TF32 tensor-core peaks.
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0, "V100": 125.0}
+
+
+def device_peak(dev: torch.device, dtype, configured_tflops: float = 0.0, probe_seconds: float = 0.2) -> tuple[float, str]:
+    """(peak FLOP/s per device, where it came from): the config, a GPU table, or a probe."""
+    if configured_tflops > 0:
+        return configured_tflops * 1e12, "train.peak_tflops"
+    if dev.type == "cuda":
+        name = torch.cuda.get_device_name(dev)
+        for key, tf in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                return tf * 1e12 * (0.5 if dtype == torch.float32 else 1.0), f"table ({name})"
+    return matmul_peak(dtype, dev, probe_seconds), f"matmul probe ({str(dtype).replace('torch.', '')})"
+
+
+def train_flops_per_example(model_cfg, self_cond_rate: float) -> float:
+    """FLOPs of one example's training step: 3x the forward with gradients (forward + backward)
+    plus the no-grad self-conditioning forward, run on `self_cond_rate` of the examples. Counted
+    as if every example ran it, since the pass runs on the whole batch (zeroed latents for 10%)."""
+    fwd = forward_flops(model_cfg)
+    return 3 * fwd + (fwd if self_cond_rate > 0 else 0.0)
+
+
+def forward_flops(model_cfg) -> float:
+    """Forward FLOPs of one example: rin_scale.flops.count, or (if that fails on the meta device)
+    torch's FlopCounterMode over a real batch-1 forward on the CPU."""
+    from .flops import count
+
+    try:
+        return count(model_cfg)["gflops"] * 1e9
+    except NotImplementedError:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        from .model import RIN
+
+        m = model_cfg
+        model = RIN(m).eval()
+        s = m.image_size
+        x = torch.zeros((1, m.channels, m.pred_frames, s, s) if m.is_video else (1, m.channels, s, s))
+        cond = torch.zeros(1, m.channels, m.cond_frames, s, s) if m.is_video and m.cond_frames else None
+        labels = torch.zeros(1, dtype=torch.long) if m.num_classes else None
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            model(x, torch.full((1,), 0.5), labels, None, cond)
+        return float(counter.get_total_flops())
+
+
+def memory_gb(dev: torch.device) -> dict:
+    """Peak memory: GPU allocator peak, or this process's max resident set on the CPU."""
+    if dev.type == "cuda":
+        return {"peak_gb": torch.cuda.max_memory_allocated(dev) / 2**30,
+                "reserved_gb": torch.cuda.memory_reserved(dev) / 2**30}
+    rss_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = {"peak_gb": rss_kb / 2**20}
+    try:
+        with open(f"/proc/{os.getpid()}/statm") as f:
+            out["rss_gb"] = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except OSError:
+        pass
+    return out

@@ -1,0 +1,64 @@
+"""TensorBoard for training: events are written to a local folder and, when the run is a bucket,
+copied whole to RUN/tb on every flush (torch's writer pointed at gs:// loses data: TESTING.md)."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from . import rundir
+
+
+class TBLog:
+    def __init__(self, run: str, subdir: str = "tb"):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.remote = None if rundir.is_local(run) else rundir.join(run, subdir)
+        self.local = (os.path.join(rundir.local_path(run), subdir) if self.remote is None
+                      else tempfile.mkdtemp(prefix="rin_tb_"))
+        self.writer = SummaryWriter(self.local, flush_secs=30)
+
+    def scalars(self, values: dict, step: int) -> None:
+        for tag, v in values.items():
+            if v is not None:
+                self.writer.add_scalar(tag, float(v), step)
+
+    def image(self, tag: str, img: torch.Tensor, step: int) -> None:
+        """img (3, H, W) in [0, 1]."""
+        self.writer.add_image(tag, img.clamp(0, 1), step)
+
+    def hparams(self, hparams: dict, metrics: dict) -> None:
+        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        self.writer.add_hparams(flat, metrics, run_name=".")
+
+    def text(self, tag: str, s: str, step: int = 0) -> None:
+        self.writer.add_text(tag, s, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+        if self.remote is None:
+            return
+        fs, path = rundir.fs_path(self.remote)
+        for root, _, files in os.walk(self.local):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), self.local)
+                fs.put_file(os.path.join(root, name), rundir.join(path, rel))
+
+    def close(self) -> None:
+        self.flush()
+        self.writer.close()
+
+
+def sample_grid(x: torch.Tensor, nrow: int = 0) -> torch.Tensor:
+    """A (3, H, W) image in [0, 1] from samples in [-1, 1]: images (B,C,H,W) as a grid; video
+    (B,C,T,H,W) as one strip per sample, its frames left to right."""
+    from torchvision.utils import make_grid
+
+    x = (x.detach().float().cpu() + 1) / 2
+    if x.dim() == 5:
+        b, c, t, h, w = x.shape
+        frames = x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w)
+        return make_grid(frames, nrow=t, padding=1, pad_value=1.0)
+    nrow = nrow or max(int(round(x.shape[0] ** 0.5)), 1)
+    return make_grid(x, nrow=nrow, padding=1, pad_value=1.0)
