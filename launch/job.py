@@ -88,6 +88,10 @@ class LaunchJob:
                       master=f"{dist.master_addr}:{dist.master_port}")
         try:
             rc = _resolve(self.entry)(list(self.argv))
+        except SystemExit as e:
+            if getattr(self, "_checkpointed", False):
+                raise  # submitit leaving after a requeue, or a rank following rank 0
+            rc = e.code  # the service's own exit, e.g. sys.exit("config error: ...")
         except Exception as e:
             # a refused requeue was logged by checkpoint() already
             if rank0 and not isinstance(e, UncompletedJobError):
@@ -95,9 +99,10 @@ class LaunchJob:
                           error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             raise
         if rc not in (None, 0):
+            why = rc if isinstance(rc, str) else f"exit status {rc}"
             if rank0:
-                log_event(self.run_dir, "failed", kind=self.kind, job_id=env.job_id, error=f"exit status {rc}")
-            raise RuntimeError(f"{self.kind} exited with status {rc}")
+                log_event(self.run_dir, "failed", kind=self.kind, job_id=env.job_id, error=why)
+            raise RuntimeError(f"{self.kind} failed: {why}")
         if rank0:
             log_event(self.run_dir, "finished", kind=self.kind, job_id=env.job_id, requeues=self.requeues)
         return rc
@@ -106,6 +111,7 @@ class LaunchJob:
         """Called by submitit on rank 0 in the signal handler: log, enforce the cap, resubmit."""
         job_id = _job_id()
         reason = self._reason()
+        self._checkpointed = True
         if self.requeues >= self.max_requeues:
             log_event(self.run_dir, "requeue_refused", kind=self.kind, job_id=job_id, reason=reason,
                       requeues=self.requeues, max_requeues=self.max_requeues)

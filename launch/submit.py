@@ -199,7 +199,10 @@ def _submit(args: argparse.Namespace):
         return None
     job_fn = make_job(args, cfg, run, service_argv)
     # a job submitted from inside another job must not inherit its SLURM/rank variables
+    conf = os.environ.get("SLURM_CONF")  # which cluster to talk to is not the job's state: keep it
     with submitit.helpers.clean_env():
+        if conf:
+            os.environ["SLURM_CONF"] = conf
         job = ex.submit(job_fn)
     log_event(run, "submitted", kind=args.service, job_id=str(job.job_id), executor=executor,
               nodes=args.nodes, tasks_per_node=tasks_per_node(args), gpus_per_node=args.gpus_per_node,

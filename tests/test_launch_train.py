@@ -1,0 +1,150 @@
+"""launch end to end with the real trainer: the tiny preset as a 2-task DeepSpeed ZeRO-2 job
+(submitit LocalExecutor) preempted mid-run and requeued, and as a 2-node job on a real SLURM
+cluster on loopback (Debian's slurmctld + slurmd, started and stopped here by pid file)."""
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from launch import job as launch_job
+from launch import status as launch_status
+from launch import submit as launch_submit
+from rin_scale import rundir
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# small enough to train in seconds on 2 CPU processes; the model is the tiny preset's
+TINY = ["train.global_batch=8", "train.state_every=4", "train.snapshot_every=4", "train.sample_every=0",
+        "train.log_every=4", "train.warmup_steps=2", "train.zero_stage=2", "data.workers=0"]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from data_tools import shard
+
+    out = str(tmp_path_factory.mktemp("digits"))
+    assert shard.main(["--embedded", "digits", "--split", "train", out, "--workers", "1", "--quiet"]) == 0
+    return out
+
+
+def _wait_for(cond, timeout, what, log_dir=None):
+    deadline = time.time() + timeout
+    while not cond():
+        if time.time() > deadline:
+            tail = ""
+            if log_dir and os.path.isdir(log_dir):
+                for f in sorted(os.listdir(log_dir)):
+                    if f.endswith(("_0_log.out", "_0_log.err")):
+                        tail += f"\n--- {f}\n" + open(os.path.join(log_dir, f)).read()[-3000:]
+            raise AssertionError(f"timed out waiting for {what}{tail}")
+        time.sleep(0.2)
+
+
+def _steps(run):
+    return [r for r in rundir.read_jsonl(rundir.join(run, "train_log.jsonl")) if "step" in r]
+
+
+def test_preempted_local_zero2_job_requeues_and_finishes_from_its_last_state(shards, tmp_path, capsys):
+    run, total = str(tmp_path / "run"), 24
+    job = launch_submit.submit(["tiny", f"data.shards={shards}", f"train.run_dir={run}",
+                                f"train.total_steps={total}", *TINY,
+                                "--executor", "local", "--tasks-per-node", "2", "--max-requeues", "2"])
+    logs = os.path.join(run, "submitit", "train")
+    # preempt once the first complete state exists, while steps remain
+    _wait_for(lambda: rundir.newest_complete(run, "states") is not None or job.done(), 300,
+              "the first state", logs)
+    assert not job.done(), "the job ended before it could be preempted"
+    job._interrupt()  # the signal SLURM sends on preemption, through the local controller
+    _wait_for(job.done, 300, "the requeued job to finish", logs)
+    assert job.results() == [0, 0]
+
+    rows = launch_job.read_log(run)
+    assert [r["event"] for r in rows] == ["submitted", "started", "requeued", "started", "finished"]
+    assert rows[2]["reason"] == "preempted" and rows[2]["requeues"] == 1 and rows[3]["requeues"] == 1
+    assert len({r["job_id"] for r in rows}) == 1
+
+    # the second attempt resumed from a complete state the first one wrote, not from scratch
+    out = open(os.path.join(logs, f"{job.job_id}_0_log.out")).read()
+    resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", out)]
+    assert len(resumed) == 1 and 4 <= resumed[0] < total and resumed[0] % 4 == 0
+
+    # every step logged exactly once, progress counted in images, nothing lost or repeated
+    steps = _steps(run)
+    assert [r["step"] for r in steps] == list(range(1, total + 1))
+    assert all(r["images_seen"] == r["step"] * 8 for r in steps)
+    snap = rundir.newest_complete(run, "snapshots")
+    meta = rundir.read_json(rundir.join(snap[1], "meta.json"))
+    assert (meta["step"], meta["images_seen"]) == (total, total * 8)
+    assert rundir.newest_complete(run, "states")[0] == total
+
+    # launch.status reads all of it back
+    assert launch_status.main([run, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    (j,) = s["jobs"]
+    assert (j["state"], j["requeues"], j["reasons"], j["executor"]) == ("COMPLETED", 1, ["preempted"], "local")
+    assert s["progress"]["step"] == total and s["progress"]["images_seen"] == total * 8
+    assert s["total_steps"] == total and s["newest_state"]["step"] == total
+    assert launch_status.main([run]) == 0
+    text = capsys.readouterr().out
+    assert f"step: {total} / {total}" in text and "COMPLETED" in text and "requeues 1 [preempted]" in text
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A 2-node SLURM cluster on 127.0.0.1 (tests/slurm/slurm_up.sh); yields the env to use it."""
+    d = str(tmp_path_factory.mktemp("slurm"))
+    up = subprocess.run(["bash", os.path.join(HERE, "slurm", "slurm_up.sh"), d, "2"],
+                        capture_output=True, text=True, timeout=600)
+    try:
+        assert up.returncode == 0, f"SLURM did not come up:\n{up.stdout[-2000:]}\n{up.stderr[-2000:]}"
+        env = dict(os.environ, SLURM_CONF=os.path.join(d, "slurm.conf"),
+                   PATH=os.path.join(d, "bin") + os.pathsep + os.environ["PATH"])
+        yield env
+    finally:
+        # end our jobs while slurmd still runs, or their slurmstepd outlive the cluster
+        env = dict(os.environ, SLURM_CONF=os.path.join(d, "slurm.conf"))
+        subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True, timeout=30)
+        deadline = time.time() + 30
+        while time.time() < deadline and subprocess.run(
+                ["squeue", "-h", "-t", "PD,R,CG,RQ,RS,S"], env=env, capture_output=True, text=True).stdout.strip():
+            time.sleep(0.5)
+        subprocess.run(["bash", os.path.join(HERE, "slurm", "slurm_down.sh"), d], timeout=60)
+
+
+def test_tiny_trains_as_a_2_node_slurm_job_running_the_dry_run_script(shards, slurm, tmp_path):
+    run, total, folder = str(tmp_path / "run"), 4, str(tmp_path / "submitit")
+    argv = ["tiny", f"data.shards={shards}", f"train.run_dir={run}", f"train.total_steps={total}", *TINY,
+            "--executor", "slurm", "--nodes", "2", "--tasks-per-node", "1", "--time-min", "20",
+            # loopback node names (node1, node2) do not resolve
+            "--master-addr", "127.0.0.1", "--folder", folder]
+    cli = [sys.executable, "-m", "launch.submit", *argv]
+    sub = subprocess.run(cli, env=slurm, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert sub.returncode == 0, sub.stderr
+    (submitted,) = [r for r in launch_job.read_log(run) if r["event"] == "submitted"]
+    job_id = submitted["job_id"]
+    logs = os.path.join(folder, "train")
+    done = lambda: any(r["event"] in ("finished", "failed") for r in launch_job.read_log(run))  # noqa: E731
+    _wait_for(done, 400, f"SLURM job {job_id}", logs)
+
+    rows = launch_job.read_log(run)
+    assert [r["event"] for r in rows] == ["submitted", "started", "finished"], rows
+    started = rows[1]
+    assert started["world_size"] == 2 and started["nodes"] == 2 and started["hosts"] == ["node1", "node2"]
+    assert [r["step"] for r in _steps(run)] == list(range(1, total + 1))
+    assert rundir.newest_complete(run, "snapshots")[0] == total
+
+    # the script SLURM ran is exactly what --dry-run prints
+    dry = subprocess.run(cli + ["--dry-run"], env=slurm, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert dry.returncode == 0, dry.stderr
+    printed = dry.stdout.split("# ---- sbatch script ----\n", 1)[1].split("# ---- resolved config ----")[0]
+    ran = open(os.path.join(logs, f"{job_id}_submission.sh")).read()
+    assert printed.rstrip("\n") == ran.rstrip("\n")
+    assert "#SBATCH --nodes=2" in ran and "#SBATCH --ntasks-per-node=1" in ran
+    show = lambda: subprocess.run(["scontrol", "-o", "show", "job", job_id], env=slurm,  # noqa: E731
+                                  capture_output=True, text=True).stdout
+    _wait_for(lambda: "JobState=COMPLETED" in show() or "JobState=FAILED" in show(), 60, "SLURM's job state")
+    assert "NumNodes=2" in show() and "JobState=COMPLETED" in show(), show()
