@@ -6,8 +6,8 @@
 SOURCE: a folder of images (class subfolders become labels; a flat folder is unlabelled), a folder
 of videos, or a text file listing files or URLs (one a line, optionally "<TAB>class").
 OUT gets PREFIX-000000.tar, ... and PREFIX-manifest.json. Deterministic: the same input gives the
-same bytes and keys. A shard is written as PREFIX-NNNNNN.tar.partial and moved to its final name
-when complete; PREFIX-progress.json records finished shards, so re-running after a crash carries on
+same bytes and keys. A shard appears under its final name only when complete (locally written as
+.partial and renamed; in a bucket an object exists once its upload completes); PREFIX-progress.json records finished shards, so re-running after a crash carries on
 after the last complete shard. Unreadable files are skipped and listed in the manifest.
 """
 from __future__ import annotations
@@ -26,7 +26,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from rin_scale.data import IMAGE_EXTS, join, url_fs
+from rin_scale.data import IMAGE_EXTS, is_local, url_fs
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
@@ -261,9 +261,12 @@ def make_shards(items, out: str, opts: dict, classes=(), prefix="data", workers=
     def flush(end_item):
         nonlocal pending, nbytes
         name = f"{prefix}-{len(shards):06d}.tar"
-        tmp = f"{root}/{name}.partial"
-        b = write_tar(fs, tmp, pending)
-        fs.mv(tmp, f"{root}/{name}")
+        if is_local(out):  # a local file appears under its name only when renamed, complete
+            tmp = f"{root}/{name}.partial"
+            b = write_tar(fs, tmp, pending)
+            fs.mv(tmp, f"{root}/{name}")
+        else:  # an object store commits an object when its upload completes: no rename (a copy there)
+            b = write_tar(fs, f"{root}/{name}", pending)
         shards.append({"name": name, "samples": len(pending), "bytes": b,
                        "first_item": shards[-1]["end_item"] if shards else 0, "end_item": end_item})
         _json_write(fs, prog_path, {"options": opts, "shards": shards, "errors": errors})
