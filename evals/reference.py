@@ -1,0 +1,150 @@
+"""Reference statistics: float64 mean and covariance of the real data's features, cached.
+
+    python -m evals.reference [PRESET] [file.yaml] [data.shards=URL] [eval.cache_dir=URL] [...]
+
+The cache key hashes the shard manifest (or the shard list and sizes), the extractor id (which
+includes a digest of its weights file), the image size, channels and frames, and the sample limit,
+so each dataset is featurised once per extractor. The cache may be any fsspec URL.
+"""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported
+
+import hashlib
+import json
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rin_scale import rundir
+
+
+def dataset_fingerprint(url: str) -> str:
+    """What identifies a shard set: its manifest, or else its shard names and sample counts."""
+    from rin_scale.data import list_shards
+
+    shards, counts, man = list_shards(url)
+    if man:
+        return json.dumps(man, sort_keys=True)
+    return json.dumps([[s.rsplit("/", 1)[-1], c] for s, c in zip(shards, counts)])
+
+
+def cache_key(url: str, extractor_id: str, model_cfg, limit: int = 0) -> str:
+    parts = [dataset_fingerprint(url), extractor_id, f"size={model_cfg.image_size}", f"ch={model_cfg.channels}",
+             f"frames={model_cfg.frames}", f"limit={limit}"]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+def _cache_url(cache_dir: str, key: str, metric: str) -> str:
+    base = os.path.expanduser(cache_dir) if rundir.is_local(cache_dir) else cache_dir
+    return rundir.join(base, "reference", f"{metric}-{key}.safetensors")
+
+
+def save_stats(url: str, mu, sigma, n: int, meta: dict) -> None:
+    from safetensors.numpy import save
+
+    fs, path = rundir.fs_path(url)
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+    data = save({"mu": np.ascontiguousarray(mu, np.float64), "sigma": np.ascontiguousarray(sigma, np.float64),
+                 "n": np.array([n], np.int64)}, metadata={**{k: str(v) for k, v in meta.items()}})
+    tmp = f"{path}.tmp{os.getpid()}"
+    with fs.open(tmp, "wb") as f:  # write then move, so a killed run leaves no half file under the key
+        f.write(data)
+    fs.mv(tmp, path)
+
+
+def load_stats(url: str):
+    """(mu, sigma, n) from a statistics file, or None when it does not exist."""
+    from safetensors.numpy import load
+
+    fs, path = rundir.fs_path(url)
+    try:
+        raw = fs.cat_file(path)
+    except FileNotFoundError:
+        return None
+    try:
+        t = load(raw)
+        return t["mu"], t["sigma"], int(t["n"][0])
+    except Exception as e:
+        raise ValueError(f"reference statistics {url} are unreadable ({e}): delete the file to recompute") from None
+
+
+def compute_stats(url: str, extractor, model_cfg, limit: int = 0, batch: int = 50, progress: bool = True):
+    """(mu, sigma, n) of the extractor's features over the shards at `url` (all, or the first `limit`)."""
+    from rin_scale.data import iter_samples
+
+    stats = extractor.new_stats()
+    buf = []
+    bar = tqdm(total=limit or None, desc=f"reference {extractor.metric}", unit="sample", disable=not progress,
+               file=sys.stderr)
+    n = 0
+    for x, _, _ in iter_samples(url, model_cfg):
+        buf.append(x)
+        n += 1
+        if len(buf) == batch or n == limit:
+            stats.update(torch.stack(buf))
+            bar.update(len(buf))
+            buf = []
+        if n == limit:
+            break
+    if buf:
+        stats.update(torch.stack(buf))
+        bar.update(len(buf))
+    bar.close()
+    if stats.n < 2:
+        raise ValueError(f"{url} gave {stats.n} readable samples: the reference needs at least 2")
+    mu, sigma = stats.mean_cov()
+    return mu, sigma, stats.n
+
+
+def reference_stats(cfg, extractor, progress: bool = True):
+    """(mu, sigma, n, source) for cfg: eval.reference if set, else cached statistics of data.shards."""
+    e = cfg.eval
+    if e.reference:
+        found = load_stats(e.reference)
+        if found is None:
+            raise FileNotFoundError(f"eval.reference={e.reference!r} does not exist: compute it with "
+                                    f"python -m evals.reference, or leave eval.reference empty")
+        return (*found, e.reference)
+    if not cfg.data.shards:
+        raise ValueError("no reference statistics: set data.shards (the real data) or eval.reference=URL")
+    key = cache_key(cfg.data.shards, extractor.id, cfg.model, e.reference_samples)
+    url = _cache_url(e.cache_dir, key, extractor.metric)
+    found = load_stats(url)
+    if found is not None:
+        return (*found, url)
+    print(f"[evals] computing reference statistics of {cfg.data.shards} with {extractor.id} -> {url}",
+          file=sys.stderr, flush=True)
+    mu, sigma, n = compute_stats(cfg.data.shards, extractor, cfg.model, e.reference_samples, e.batch, progress)
+    save_stats(url, mu, sigma, n, {"data": cfg.data.shards, "extractor": extractor.id})
+    return mu, sigma, n, url
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    from rin_scale.config import ConfigError, load_config
+
+    from .extractors import Extractor, ExtractorError, metric_for
+
+    p = argparse.ArgumentParser(prog="python -m evals.reference", description=__doc__.split("\n\n")[0])
+    p.add_argument("config", nargs="*", help="PRESET, YAML files and section.key=value overrides")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(None, args.config)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        extractor = Extractor(metric_for(cfg), cfg.eval, device)
+        mu, _, n, url = reference_stats(cfg, extractor)
+    except (ConfigError, ExtractorError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"reference statistics: {n} samples, {mu.shape[0]} features, {extractor.id} -> {url}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
