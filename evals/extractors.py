@@ -197,10 +197,14 @@ class StandinI3D(nn.Module):
 
 def save_standin_i3d(path: str, seed: int = 0) -> str:
     """Script the stand-in and save it: it then loads through torch.jit.load like the real file."""
+    import warnings
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         net = StandinI3D().eval()
-    torch.jit.script(net).save(path)
+    with warnings.catch_warnings():  # torch.jit is deprecated, but the real I3D file is TorchScript
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(net).save(path)
     return path
 
 

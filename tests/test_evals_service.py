@@ -1,0 +1,172 @@
+"""The eval service on real run directories: snapshots written by rundir.write_snapshot from fresh
+tiny RINs, real WebDataset shards of the embedded data, TensorBoard events read back.
+
+Stand-ins, because pretrained weights cannot be downloaded here: FVD uses a small TorchScript model
+with StyleGAN-V's I3D interface (evals.extractors.StandinI3D), scripted and saved to a file and
+loaded by torch.jit.load, the path that loads the real i3d_torchscript.pt. FID uses the real
+InceptionV3 architecture (torch-fidelity's) with weights saved from a random initialisation to a
+file, loaded through the path that loads torch-fidelity's released weights.
+"""
+import os
+import shutil
+import threading
+
+import pytest
+
+from rin_scale import rundir
+from test_evals_helpers import ledger, make_run, make_shards, snapshot, tb_scalars
+
+from evals.extractors import save_random_inception, save_standin_i3d
+from evals.service import Service, main
+
+
+@pytest.fixture(scope="module")
+def video_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("evals-video")
+    shards = make_shards(str(d / "clips"), "moving_digits", n=6, frames=8, shard_size=3)
+    return {"shards": shards, "i3d": save_standin_i3d(str(d / "i3d_torchscript.pt")), "cache": str(d / "cache")}
+
+
+def video_run(tmp_path, video_data, name="run", extra=()):
+    run = str(tmp_path / name)
+    cfg, model = make_run(run, "tiny_video", [
+        f"data.shards={video_data['shards']}", f"eval.i3d_weights={video_data['i3d']}",
+        f"eval.cache_dir={video_data['cache']}", "eval.num_samples=2", "eval.batch=2", "eval.steps=2",
+        "eval.reference_samples=4", *extra])
+    return run, cfg, model
+
+
+def test_scores_each_snapshot_once_across_restarts_deletion_and_corruption(tmp_path, video_data, capfd):
+    run, cfg, model = video_run(tmp_path, video_data)
+    for step in (100, 200, 300):
+        snapshot(run, cfg, model, step)
+    assert main(["--run", run, "--once", "--quiet"]) == 0
+    rows = ledger(run)
+    assert [(r["step"], r["metric"], r["status"]) for r in rows] == [(s, "fvd", "ok") for s in (100, 200, 300)]
+    for r in rows:
+        assert r["value"] >= 0 and r["samples"] == 2 and r["extractor"].startswith("i3d-torchscript-")
+        assert r["images_seen"] == r["step"] * cfg.train.global_batch and r["sampler"] == "ddim" and r["steps"] == 2
+    # The same snapshot weights and the same sampling noise give the same score.
+    assert len({round(r["value"], 6) for r in rows}) == 1
+
+    # A restart scores nothing again.
+    assert main(["--run", run, "--once", "--quiet"]) == 0
+    assert len(ledger(run)) == 3
+
+    # A new snapshot is scored next; one still being written (no COMPLETE) is logged and skipped.
+    snapshot(run, cfg, model, 400)
+    partial = rundir.join(run, "snapshots", rundir.step_name(500))
+    os.makedirs(partial)
+    capfd.readouterr()
+    assert main(["--run", run, "--once", "--quiet"]) == 0
+    assert [r["step"] for r in ledger(run)] == [100, 200, 300, 400]
+    assert "step-000000500 has no COMPLETE marker" in capfd.readouterr().err
+
+    # Retention deletes a snapshot after the service listed it: a row says so, no crash.
+    snapshot(run, cfg, model, 600)
+    snapshot(run, cfg, model, 700)
+    svc = Service(run, progress=False)
+    pending = svc.pending()
+    assert [s for s, _ in pending] == [600, 700]
+    shutil.rmtree(os.path.join(run, "snapshots", rundir.step_name(600)))
+    # A corrupt weights file (truncated upload, bad disk) leaves a row too.
+    with open(os.path.join(run, "snapshots", rundir.step_name(700), "ema.safetensors"), "wb") as f:
+        f.write(b"\x00garbage")
+    assert svc.run_once(pending) == 2
+    tail = {r["step"]: r for r in ledger(run)[-2:]}
+    assert tail[600]["status"] == "deleted" and tail[600]["value"] is None
+    assert tail[700]["status"] == "corrupt" and "corrupt" in tail[700]["error"]
+    # Neither is retried by the next service.
+    assert Service(run, progress=False).run_once() == 0
+
+    # TensorBoard: one FVD point per scored snapshot against its step, and the sample grid.
+    tb = tb_scalars(os.path.join(run, "eval", "tb"))
+    assert [s for s, _ in tb["eval/fvd"]] == [100, 200, 300, 400]
+    assert "eval/samples" in tb["_images"]
+    assert not os.listdir(os.path.join(run, "eval", "claims"))  # claims released
+
+
+def test_two_services_do_not_score_the_same_snapshot(tmp_path, video_data):
+    run, cfg, model = video_run(tmp_path, video_data)
+    for step in (10, 20, 30, 40):
+        snapshot(run, cfg, model, step)
+    services = [Service(run, progress=False) for _ in range(2)]
+    for s in services:  # reference statistics first, so that both race over the snapshots alone
+        s.reference
+    counts = [0, 0]
+
+    def work(i):
+        counts[i] = services[i].run_once()
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    steps = sorted(r["step"] for r in ledger(run))
+    assert steps == [10, 20, 30, 40]
+    assert sum(counts) == 4
+
+
+def test_claims_block_others_until_stale(tmp_path, video_data):
+    run, cfg, model = video_run(tmp_path, video_data, extra=["eval.claim_timeout=1000"])
+    snapshot(run, cfg, model, 10)
+    a, b = Service(run, progress=False), Service(run, progress=False)
+    assert a.claim(10)
+    assert not b.claim(10)
+    assert b.run_once() == 0 and ledger(run) == []  # held by a (alive): left alone
+    # a dies holding it; once the claim is older than eval.claim_timeout another service takes over.
+    c = Service(run, ["eval.claim_timeout=0.01"], progress=False)
+    assert c.run_once() == 1
+    assert [r["step"] for r in ledger(run)] == [10]
+
+
+def test_newest_order_and_milestones(tmp_path, video_data):
+    run, cfg, model = video_run(tmp_path, video_data, extra=["train.milestone_every=200"])
+    for step in (100, 200, 300, 400):
+        snapshot(run, cfg, model, step)
+    assert [s for s, _ in Service(run, ["eval.order=newest"], progress=False).pending()] == [400, 300, 200, 100]
+    assert [s for s, _ in Service(run, ["eval.order=milestones"], progress=False).pending()] == [200, 400]
+
+
+def test_bad_input_is_one_line(tmp_path, video_data, capsys):
+    assert main(["--run", str(tmp_path / "nothing"), "--once"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "config.yaml does not exist" in err[0]
+    run, cfg, model = video_run(tmp_path, video_data, extra=[f"eval.i3d_weights={tmp_path}/missing.pt"])
+    snapshot(run, cfg, model, 10)
+    assert main(["--run", run, "--once", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "error: eval.i3d_weights=" in err[-1] and "no such file" in err[-1]
+    assert main(["--run", run, "--once", "--quiet", "eval.order=sideways"]) == 2
+    assert "eval.order='sideways' is not one of" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def image_data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("evals-image")
+    return {"shards": make_shards(str(d / "digits"), "digits", n=120),
+            "inception": save_random_inception(str(d / "inception-random.pth")), "cache": str(d / "cache")}
+
+
+def test_fid_and_class_accuracy_for_a_class_conditional_model(tmp_path, image_data):
+    run = str(tmp_path / "run")
+    cfg, model = make_run(run, "tiny", [
+        f"data.shards={image_data['shards']}", f"eval.classifier_data={image_data['shards']}",
+        f"eval.inception_weights={image_data['inception']}", f"eval.cache_dir={image_data['cache']}",
+        "eval.num_samples=10", "eval.batch=5", "eval.steps=2", "eval.reference_samples=6"])
+    snapshot(run, cfg, model, 250)
+    assert main(["--run", run, "--once", "--quiet"]) == 0
+    rows = {r["metric"]: r for r in ledger(run)}
+    assert set(rows) == {"fid", "class_accuracy"}
+    fid, acc = rows["fid"], rows["class_accuracy"]
+    assert fid["status"] == "ok" and fid["value"] > 0 and fid["samples"] == 10 and fid["reference_samples"] == 6
+    assert fid["extractor"].startswith("inception-v3-2015-12-05-")
+    # An untrained model's samples are noise: the classifier cannot find their classes (10 classes).
+    assert 0 <= acc["value"] <= 0.5 and acc["step"] == 250
+    assert acc["classifier_real_accuracy"] > 0.8  # the classifier itself works on real digits
+    tb = tb_scalars(os.path.join(run, "eval", "tb"))
+    assert [s for s, _ in tb["eval/fid"]] == [250] and [s for s, _ in tb["eval/class_accuracy"]] == [250]
+    # The reference statistics were cached under eval.cache_dir, keyed by data and extractor.
+    cached = os.listdir(os.path.join(image_data["cache"], "reference"))
+    assert len(cached) == 1 and cached[0].startswith("fid-")
