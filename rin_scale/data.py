@@ -264,16 +264,27 @@ def decode_video(data: bytes, frames: int, size: int, channels: int, rng=None, r
 
     with av.open(io.BytesIO(data)) as container:
         stream = container.streams.video[0]
-        decoded = [f.to_image() for f in container.decode(stream)]
+        n = stream.frames  # from the container's index; 0 when unknown: then decode all to count
+        start = int(rng.integers(0, n - frames + 1)) if rng is not None and n > frames else 0
+        decoded = []
+        for i, f in enumerate(container.decode(stream)):
+            if i >= start:
+                decoded.append(f.to_ndarray(format="rgb24"))
+            if n and len(decoded) == frames:
+                break  # the frames after the clip are never decoded
     if not decoded:
         raise ValueError("video has no frames")
-    start = int(rng.integers(0, len(decoded) - frames + 1)) if rng is not None and len(decoded) > frames else 0
-    clip = decoded[start:start + frames]
+    if not n and rng is not None and len(decoded) > frames:
+        start = int(rng.integers(0, len(decoded) - frames + 1))
+        decoded = decoded[start:]
+    clip = decoded[:frames]
     clip += [clip[-1]] * (frames - len(clip))
     crop, flip = _augment_draws(rng, random_crop, hflip)  # one crop and one flip for the whole clip
-    arr = np.stack([np.asarray(_resize_crop(im.convert("RGB" if channels == 3 else "L"), size, crop))
-                    for im in clip])
-    arr = arr[..., None] if arr.ndim == 3 else arr
+    if clip[0].shape[:2] != (size, size):
+        clip = [np.asarray(_resize_crop(Image.fromarray(f), size, crop)) for f in clip]
+    arr = np.stack(clip)
+    if channels == 1:
+        arr = arr.mean(-1, keepdims=True).astype(np.uint8)
     return _to_tensor(arr[:, :, ::-1] if flip else arr)
 
 
