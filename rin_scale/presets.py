@@ -106,8 +106,10 @@ def imagenet64_p4() -> Config:
 
 def _imagenet_large(size: int, patch: int, latents: int, input_scale: float) -> Config:
     """No released config: chosen from the paper's figures (about 410M parameters at 256 and
-    194 / 334 / 425 GFLOPs at 128 / 256 / 512): 6 blocks x 4 layers on 256 x 1024 latents, a
-    512-wide interface, 16 heads; input scaling (Chen 2023) from 256 on."""
+    194 / 334 / 425 GFLOPs at 128 / 256 / 512). 6 blocks x 4 layers of width 1024 (about 396M
+    parameters), a 512-wide interface, 16 heads; the number of latents sets the GFLOPs (counted by
+    rin_scale.flops): 192 at 128 (~191 GFLOPs), 368 at 256 (~336), 304 at 512 (~423). Input
+    scaling (Chen 2023) from 256 on."""
     cfg = imagenet64()
     m = cfg.model
     m.image_size, m.patch_size = size, patch
@@ -123,34 +125,39 @@ def _imagenet_large(size: int, patch: int, latents: int, input_scale: float) -> 
 
 @preset
 def imagenet128() -> Config:
-    return _imagenet_large(128, 4, 256, 1.0)
+    """Paper: patch 4 (1,024 tokens), 194 GFLOPs. 192 latents: ~191 GFLOPs, ~396M parameters."""
+    return _imagenet_large(128, 4, 192, 1.0)
 
 
 @preset
 def imagenet256() -> Config:
-    return _imagenet_large(256, 8, 256, 0.5)
+    """Paper: patch 8 (1,024 tokens), 410M parameters, 334 GFLOPs. 368 latents: ~336 GFLOPs, ~396M."""
+    return _imagenet_large(256, 8, 368, 0.5)
 
 
 @preset
 def imagenet512() -> Config:
-    return _imagenet_large(512, 8, 256, 0.5)
+    """Paper: patch 8 (4,096 tokens), 425 GFLOPs. 304 latents: ~423 GFLOPs, ~398M parameters."""
+    return _imagenet_large(512, 8, 304, 0.5)
 
 
 @preset
 def imagenet1024() -> Config:
-    """16,384 interface tokens at patch 8; chosen as for imagenet256 (no published config)."""
-    return _imagenet_large(1024, 8, 256, 0.5)
+    """16,384 interface tokens at patch 8. The paper gives no size: imagenet512's model (304
+    latents), so the extra cost over 512 is only the interface's, linear in the pixels."""
+    return _imagenet_large(1024, 8, 304, 0.5)
 
 
 @preset
 def kinetics600() -> Config:
     """Kinetics-600 frame prediction, 16x64x64 clips (5 given, 11 predicted), 2x4x4 patches over the
-    whole clip (2,048 tokens). No released config: chosen for the paper's 387 GFLOPs."""
+    whole clip (2,048 tokens). No released config: chosen for the paper's 387 GFLOPs: 6 blocks x 4
+    layers on 368 x 1024 latents, a 512-wide interface: ~384 GFLOPs, ~396M parameters."""
     cfg = imagenet64()
     m = cfg.model
     m.frames, m.cond_frames, m.patch_frames, m.patch_size = 16, 5, 2, 4
     m.num_classes, m.class_dropout = 0, 0.0
-    m.num_blocks, m.latent_layers, m.num_latents, m.latent_dim = 6, 4, 256, 1024
+    m.num_blocks, m.latent_layers, m.num_latents, m.latent_dim = 6, 4, 368, 1024
     m.interface_dim, m.interface_mlp_ratio = 512, 4
     cfg.diffusion.schedule = "sigmoid"
     cfg.data.kind = "video"
