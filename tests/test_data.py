@@ -145,6 +145,7 @@ def test_shard_resumes_after_crash_without_redoing_complete_shards(tmp_path):
     assert not list(out.glob("*.partial"))
     for s in man["shards"]:
         assert (out / s["name"]).read_bytes() == (tmp_path / "clean" / s["name"]).read_bytes()
+    assert man["classes"] == [] and {y for _, y, _ in iter_samples(str(out), load_config("tiny").model)} == {-1}
 
 
 def test_inspect_reports_counts_and_damage(tmp_path, heldout):
@@ -265,6 +266,8 @@ def read_tar_samples_safely(url):
 
 
 def test_bad_data_urls_give_one_line_errors(tmp_path):
+    p = run_cli("data_tools.shard", str(tmp_path / "missing"), str(tmp_path / "out"), check=False)
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and p.stderr.count("\n") == 1
     for url, msg in [("", "data.shards is empty"), (str(tmp_path / "nope"), "does not exist"),
                      (str(tmp_path), "no .tar shards")]:
         cfg = image_cfg(url)
