@@ -163,6 +163,25 @@ def test_inspect_reports_counts_and_damage(tmp_path, heldout):
     assert any("data-000002.tar" in e for e in rep["errors"])
 
 
+def test_shard_video_folder_into_clips_by_bytes(tmp_path):
+    from data_tools.embedded import encode_mp4, moving_digits
+
+    src = tmp_path / "videos"
+    src.mkdir()
+    for i, (_, clip, _) in enumerate(list(moving_digits("heldout", frames=24))[:3]):
+        (src / f"v{i}.mp4").write_bytes(encode_mp4(clip))
+    (src / "bad.mp4").write_bytes(b"not a video")
+    run_cli("data_tools.shard", str(src), str(tmp_path / "out"), "--clip-frames", "5", "--frame-stride", "2",
+            "--resize", "12", "--shard-bytes", "3000", "--shard-size", "100", "--quiet")
+    man = json.loads((tmp_path / "out" / "data-manifest.json").read_text())
+    assert man["kind"] == "video" and man["total"] == 3 * 2 and man["skipped"] == 1  # 24 frames / 2 = 2 clips of 5
+    assert len(man["shards"]) > 1 and all(s["bytes"] < 3000 + 4 * 10240 for s in man["shards"])
+    rep = json.loads(run_cli("data_tools.inspect", str(tmp_path / "out"), "--json").stdout)
+    assert rep["frames"] == {"5": 6} and rep["sizes"] == {"12x12": 6} and rep["errors"] == []
+    meta = [json.loads(s["json"]) for _, s in read_tar_samples(str(tmp_path / "out" / "data-000000.tar"))]
+    assert [m["start_frame"] for m in meta[:2]] == [0, 10] and meta[0]["frame_stride"] == 2
+
+
 # --------------------------------------------------------------------------------------------
 # The streaming pipeline
 
