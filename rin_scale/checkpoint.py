@@ -77,7 +77,10 @@ def save_state(engine, cfg, step: int, ema, loader_state: dict, meta: dict) -> s
         os.remove(os.path.join(folder, rundir.COMPLETE))  # re-saving the same step: invalidate first
     _barrier()
     engine.save_checkpoint(folder, tag=tag, save_latest=False)
-    torch.save({"rng": rng_state(), "loader": json.dumps(loader_state)}, os.path.join(folder, f"rank-{rank}.pt"))
+    extra = {"rng": rng_state(), "loader": json.dumps(loader_state)}
+    if engine.lr_scheduler is not None:
+        extra["sched"] = json.dumps(engine.lr_scheduler.state_dict())
+    torch.save(extra, os.path.join(folder, f"rank-{rank}.pt"))
     ema_full = ema.full_state()  # collective under ZeRO-3
     if rank == 0:
         from safetensors.torch import save_file
@@ -134,22 +137,40 @@ def find_resume(cfg):
     return box[0]
 
 
-def load_state(engine, folder: str, ema):
+def load_state(engine, folder: str, ema, zero_stage: int):
     """Loads weights, optimizer, LR schedule into the engine and the EMA; returns (trainer meta,
-    this rank's RNG state, this rank's data-loader state or None when the world size changed)."""
+    this rank's RNG state or None, the data-loader state).
+
+    Another world size (same global batch): ZeRO 0 states load as they are. ZeRO 1/2 optimizer
+    partitions are tied to the world size, so the weights load (DeepSpeed's module-only load
+    refreshes the fp32 partitions), the LR schedule and EMA are restored, and the optimizer
+    moments restart from zero (logged). ZeRO-3 keeps its weights only in partitions: refused."""
     from safetensors.torch import load_file
 
     with open(os.path.join(folder, "trainer.json")) as f:
         meta = json.load(f)
     tag = os.path.basename(folder.rstrip("/"))
-    path, _ = engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    rank = _rank()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    same = meta["world_size"] == world
+    rank0 = torch.load(os.path.join(folder, "rank-0.pt"), weights_only=True)
+    if same or zero_stage == 0:
+        path, _ = engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    elif zero_stage in (1, 2):
+        path, _ = engine.load_checkpoint(folder, tag=tag, load_module_only=True, load_optimizer_states=False,
+                                         load_lr_scheduler_states=False)
+        if "sched" in rank0:
+            engine.lr_scheduler.load_state_dict(json.loads(rank0["sched"]))
+        if rank == 0:
+            print(f"[train] state saved by {meta['world_size']} rank(s), resumed by {world}: weights, EMA, LR "
+                  f"schedule and data position restored; ZeRO-{zero_stage} optimizer moments restart", flush=True)
+    else:
+        raise RuntimeError(f"{folder} is a ZeRO-3 state of {meta['world_size']} rank(s); it resumes only with "
+                           f"{meta['world_size']} ranks (run with that many processes, same global batch)")
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the state in {folder}")
     ema.load_full_state(load_file(os.path.join(folder, "ema.safetensors")))
-    rank = _rank()
-    world = dist.get_world_size() if dist.is_initialized() else 1
     mine = os.path.join(folder, f"rank-{rank}.pt")
-    same = meta["world_size"] == world and os.path.exists(mine)
-    extra = torch.load(mine if same else os.path.join(folder, "rank-0.pt"), weights_only=True)
+    extra = torch.load(mine, weights_only=True) if same and os.path.exists(mine) else rank0
     # A different world size: the loader re-derives its order from rank 0's position (data.py).
     return meta, (extra["rng"] if same else None), json.loads(extra["loader"])

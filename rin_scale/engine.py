@@ -90,7 +90,13 @@ def choose_precision(setting: str, dev: torch.device, probe_seconds: float = 0.2
 
 # --------------------------------------------------------------------------------------------
 # Optimizers. Both skip a step whose gradients are not finite on any rank (all ranks agree), so a
-# NaN batch never reaches the weights; `skipped_last` tells the trainer.
+# NaN batch never reaches the weights; `skipped_last` tells the trainer. Both keep a per-group
+# "step", which DeepSpeed's elastic ZeRO checkpoints need to re-partition for a new world size.
+
+
+def _count_step(optimizer) -> None:
+    for g in optimizer.param_groups:
+        g["step"] = g.get("step", 0) + 1
 
 
 def _all_finite(tensors) -> bool:
@@ -111,7 +117,7 @@ class Lamb(torch.optim.Optimizer):
     ratio is that of the whole layer, exactly as without ZeRO."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, partitioned=False):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, step=0))
         self.partitioned = partitioned
         self.skipped_last = False
 
@@ -144,6 +150,7 @@ class Lamb(torch.optim.Optimizer):
                     u.add_(p.float(), alpha=g["weight_decay"])
                 updates.append((g, p, u))
                 norms.append(torch.stack([p.float().pow(2).sum(), u.pow(2).sum()]))
+        _count_step(self)
         if not updates:
             return None
         norms = torch.stack(norms)
@@ -162,12 +169,17 @@ class AdamW(torch.optim.AdamW):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.skipped_last = False
+        for g in self.param_groups:
+            g.setdefault("step", 0)
 
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
         self.skipped_last = not _all_finite(grads)
-        return None if self.skipped_last else super().step(closure)
+        if self.skipped_last:
+            return None
+        _count_step(self)
+        return super().step(closure)
 
 
 def param_groups(model, cfg: Config, one_per_param: bool) -> list[dict]:
@@ -226,8 +238,6 @@ def ds_config(cfg: Config, world_size: int) -> dict:
     t = cfg.train
     micro, accum = check_world(cfg, world_size)
     zero = {"stage": t.zero_stage}
-    if t.zero_stage in (1, 2):
-        zero["elastic_checkpoint"] = True  # optimizer states re-partition when the world size changes
     if t.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     c = {

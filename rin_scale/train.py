@@ -149,11 +149,14 @@ def train(cfg) -> int:
             with fs.open(path, "w") as f:
                 f.write(dump_yaml(cfg))
 
+    # Built before the RNG is set or restored: its weight init must not shift rank 0's stream.
+    sampler = Sampler(cfg, dev) if rank == 0 and t.sample_every else None
+
     # Resume from the newest complete state, or start fresh.
     step, images_seen, wall_before, loader_state, rng = 0, 0, 0.0, None, None
     resume = find_resume(cfg)
     if resume is not None:
-        meta, rng, loader_state = load_state(engine, resume[1], ema)
+        meta, rng, loader_state = load_state(engine, resume[1], ema, t.zero_stage)
         step, images_seen, wall_before = meta["step"], meta["images_seen"], meta.get("wall_time", 0.0)
         log0(rank, f"resumed from {resume[1]} at step {step} ({images_seen} images seen, "
                    f"saved by {meta['world_size']} rank(s))")
@@ -174,7 +177,6 @@ def train(cfg) -> int:
             flat = {f"{s}.{k}": v for s, d in to_dict(cfg).items() if isinstance(d, dict) for k, v in d.items()}
             tb.hparams({k: v for k, v in flat.items() if k.split(".")[0] in ("model", "diffusion", "train")},
                        {"hparam/final_loss": float("nan")})
-    sampler = Sampler(cfg, dev) if rank == 0 and t.sample_every else None
 
     # The loop: one iteration = one optimizer step over the global batch.
     t_start = time.time()

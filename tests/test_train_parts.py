@@ -1,0 +1,109 @@
+"""Trainer parts in one process: activation checkpointing, LAMB, non-finite steps, LR schedule, EMA."""
+import math
+
+import pytest
+import torch
+
+from rin_scale.config import load_config
+from rin_scale.diffusion import training_loss
+from rin_scale.ema import EMA
+from rin_scale.engine import AdamW, Lamb, WarmupCosine, configure_checkpointing
+from rin_scale.model import RIN
+
+
+@pytest.fixture(scope="module")
+def one_process_group():
+    """DeepSpeed's checkpointing needs a process group: a world of one over gloo, no env vars touched."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from conftest import free_port
+
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False, verbose=False,
+                               init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def small_cfg(*extra):
+    return load_config("tiny", ["model.latent_dim=64", "model.interface_dim=64", "model.latent_heads=4",
+                                "model.read_write_heads=4", "model.num_latents=16", "model.num_blocks=3", *extra])
+
+
+def grads(model, cfg, seed=0):
+    model.zero_grad()
+    torch.manual_seed(seed)
+    x0 = torch.rand(4, 3, 16, 16) * 2 - 1
+    loss, _ = training_loss(model, x0, cfg.diffusion, labels=torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("every", [1, 2])
+def test_activation_checkpointing_gives_the_same_gradients(every, one_process_group):
+    cfg = small_cfg(f"train.activation_checkpointing={every}")
+    torch.manual_seed(0)
+    model = RIN(cfg.model)
+    plain = grads(model, cfg)
+    calls = []
+    configure_checkpointing(model, cfg)
+    inner = model.checkpoint_fn
+    model.checkpoint_fn = lambda block, x, z: calls.append(1) or inner(block, x, z)
+    ckpt = grads(model, cfg)
+    # 3 blocks, two forward passes (self-conditioning + the graded one): every=1 -> 6, every=2 -> 4
+    assert len(calls) == (6 if every == 1 else 4)
+    for n in plain:
+        assert torch.allclose(plain[n], ckpt[n], rtol=1e-4, atol=1e-6), n
+
+
+def test_lamb_step_is_adam_direction_times_trust_ratio():
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(8, 4))
+    w0 = w.detach().clone()
+    g = torch.randn(8, 4)
+    w.grad = g.clone()
+    opt = Lamb([w], lr=0.1, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+    opt.step()
+    # First step: bias-corrected m = g, v = g^2.
+    u = g / (g.abs() + 1e-6) + 0.01 * w0
+    expected = w0 - 0.1 * (w0.norm() / u.norm()) * u
+    assert torch.allclose(w.detach(), expected, atol=1e-6)
+    assert opt.param_groups[0]["step"] == 1
+
+
+@pytest.mark.parametrize("cls", [Lamb, AdamW])
+def test_non_finite_gradient_skips_the_step(cls):
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = cls([w], lr=0.1)
+    w.grad = torch.tensor([1.0, float("nan"), 0.0])
+    opt.step()
+    assert opt.skipped_last and torch.equal(w.detach(), torch.ones(3))
+    w.grad = torch.tensor([1.0, 1.0, 1.0])
+    opt.step()
+    assert not opt.skipped_last and (w.detach() < 1).all()
+
+
+def test_warmup_then_cosine_to_the_floor():
+    f = WarmupCosine(warmup=10, total=110, floor=0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half way through the decay
+    assert f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+    assert all(f(s) >= f(s + 1) for s in range(10, 120))
+
+
+def test_ema_is_fp32_average_and_full_state_loads_into_the_model():
+    cfg = small_cfg()
+    model = RIN(cfg.model)
+    ema = EMA(model, decay=0.9)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update()
+    state = ema.full_state()
+    for n, p in before.items():
+        assert torch.allclose(state[n], p + 0.1, atol=1e-6), n
+    fresh = RIN(cfg.model)
+    fresh.load_state_dict(state)  # strict: every key of the plain model is there
+    assert all(v.dtype == torch.float32 for v in state.values())
+    assert math.isclose(ema.decay, 0.9)
