@@ -70,6 +70,8 @@ def parse_args(argv: tp.Optional[list[str]] = None) -> argparse.Namespace:
                    help="seconds before the time limit at which the job is told to requeue")
     p.add_argument("--master-addr", default="",
                    help="rendezvous address (default: the first node's hostname)")
+    p.add_argument("--python", default="", help="interpreter the tasks run (default: this one, "
+                   f"{sys.executable}); e.g. 'python' after a --setup line that activates an environment")
     p.add_argument("--once", action="store_true", help="eval service: evaluate what exists, then exit")
     p.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its status")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and config; submit nothing")
@@ -153,10 +155,11 @@ def make_executor(args, run: str, name: str, executor: str):
         folder = rundir.join(run, "submitit") if rundir.is_local(run) else os.path.join("submitit", name)
     folder = os.path.join(os.path.abspath(folder), args.service)
     if executor == "slurm":
-        ex = (SlurmExecutor if shutil.which("srun") else _SlurmScript)(folder, max_num_timeout=args.max_requeues)
+        cls = SlurmExecutor if shutil.which("srun") else _SlurmScript
+        ex = cls(folder, max_num_timeout=args.max_requeues, python=args.python or None)
         ex.update_parameters(**slurm_parameters(args, name))
         return ex
-    ex = PreemptibleLocalExecutor(folder, max_num_timeout=args.max_requeues)
+    ex = PreemptibleLocalExecutor(folder, max_num_timeout=args.max_requeues, python=args.python or None)
     params = dict(tasks_per_node=tasks_per_node(args), timeout_min=args.time_min,
                   signal_delay_s=args.signal_delay_s, gpus_per_node=args.gpus_per_node)
     if args.setup:

@@ -160,3 +160,30 @@ def test_preemption_signal_requeues_until_the_cap(tmp_path):
     s = launch_status.status(run)
     (j,) = s["jobs"]
     assert j["requeues"] == 1 and j["reasons"] == ["preempted"] and j["state"] == "STOPPED"
+
+
+def test_eval_service_job_runs_beside_the_trainer_as_one_task(capsys, tmp_path):
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    # the service's job reads the run's own config (written by the trainer), overrides on top
+    cfg = load_config("tiny", [f"train.run_dir={run}", "eval.num_samples=300"])
+    from rin_scale.config import dump_yaml
+
+    open(os.path.join(run, "config.yaml"), "w").write(dump_yaml(cfg))
+    argv = ["--service", "eval", f"train.run_dir={run}", "eval.batch=25", "--once", "--executor", "slurm",
+            "--gpus-per-node", "1", "--python", "python"]
+    assert launch_submit.main(argv + ["--dry-run"]) == 0
+    script, config = split_dry_run(capsys.readouterr().out)
+    d = sbatch_directives(script)
+    assert (d["nodes"], d["ntasks-per-node"], d["gpus-per-node"]) == ("1", "1", "1")
+    assert d["job-name"] == "rin-eval-tiny" and d["output"].startswith(os.path.join(run, "submitit", "eval"))
+    assert "srun" in script and " python -u -m submitit.core._submit " in script
+    assert config["eval"]["num_samples"] == 300 and config["eval"]["batch"] == 25
+    args = launch_submit.parse_args(argv)
+    c, r, service_argv = launch_submit.resolve(args)
+    j = launch_submit.make_job(args, c, r, service_argv)
+    assert (j.entry, j.kind, j.run_dir) == ("evals.service:main", "eval", run)
+    assert j.argv == ["--run", run, "--once", "eval.batch=25"]
+    # two tasks for a single-process service is a mistake, said in one line
+    assert launch_submit.main(argv + ["--gpus-per-node", "2", "--dry-run"]) == 2
+    assert "runs as one task" in capsys.readouterr().err

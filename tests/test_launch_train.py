@@ -49,7 +49,7 @@ def _steps(run):
 
 
 def test_preempted_local_zero2_job_requeues_and_finishes_from_its_last_state(shards, tmp_path, capsys):
-    run, total = str(tmp_path / "run"), 24
+    run, total = str(tmp_path / "run"), 16
     job = launch_submit.submit(["tiny", f"data.shards={shards}", f"train.run_dir={run}",
                                 f"train.total_steps={total}", *TINY,
                                 "--executor", "local", "--tasks-per-node", "2", "--max-requeues", "2"])
@@ -82,6 +82,7 @@ def test_preempted_local_zero2_job_requeues_and_finishes_from_its_last_state(sha
     assert rundir.newest_complete(run, "states")[0] == total
 
     # launch.status reads all of it back
+    capsys.readouterr()
     assert launch_status.main([run, "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     (j,) = s["jobs"]
