@@ -135,9 +135,8 @@ def test_shard_resumes_after_crash_without_redoing_complete_shards(tmp_path):
     before = {f: (out / f"data-{f:06d}.tar").stat().st_mtime_ns for f in range(5)}
     fifo.unlink()
     Image.fromarray(list(digits("train"))[25][1]).save(fifo)
-    p = subprocess.run([PY, "-m", "data_tools.shard", str(src / "list.txt"), str(out), "--shard-size", "5",
-                        "--workers", "1", "--quiet"], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0 and "wrote 30 image samples" in p.stdout, p.stderr
+    p = run_cli("data_tools.shard", str(src / "list.txt"), str(out), "--shard-size", "5", "--workers", "1", "--quiet")
+    assert "wrote 30 image samples" in p.stdout
     run_cli("data_tools.shard", str(src / "list.txt"), str(tmp_path / "clean"), "--shard-size", "5", "--quiet")
     assert {f: (out / f"data-{f:06d}.tar").stat().st_mtime_ns for f in range(5)} == before
     man = json.loads((out / "data-manifest.json").read_text())
