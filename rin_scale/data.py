@@ -310,8 +310,8 @@ def decode_sample(sample: dict, model_cfg, rng=None, random_crop=False, hflip=Fa
 # Reading tar members by sample position
 
 
-def read_tar_samples(url: str, wanted=None):
-    """Yields (index, sample dict) for the samples of one shard, in order.
+def read_tar_samples(url: str, wanted=None, stop=None):
+    """Yields (index, sample dict) for the samples of one shard, in order, up to index `stop`.
 
     wanted(index) -> bool picks the samples whose data is read; the others are passed over by their
     tar headers. A truncated or corrupt tar raises (tarfile.TarError / OSError) where it breaks.
@@ -326,6 +326,8 @@ def read_tar_samples(url: str, wanted=None):
                 if cur is not None:
                     yield index, cur
                 index += 1
+                if stop is not None and index >= stop:
+                    return  # the rest of the shard belongs to another worker or rank: not read
                 cur_key = key
                 cur = {"__key__": key} if wanted is None or wanted(index) else None
             if cur is not None:
@@ -366,7 +368,7 @@ def buffer_permutation(n: int, buffer: int, rng) -> np.ndarray:
 
 
 def epoch_plan(counts: list[int], seed: int, epoch: int, rank: int, world_size: int, batch: int, workers: int):
-    """(shard order, rank start, batches per rank, per-worker (start, length, batches)) for one epoch."""
+    """(shard order, batches per rank, [(first global position, samples, batches)] per worker)."""
     total = sum(counts)
     order = np.random.default_rng([seed, epoch, 7]).permutation(len(counts))
     q = total // world_size
@@ -467,9 +469,7 @@ class _EpochStream(torch.utils.data.IterableDataset):
             if not any((i + off) in needed for i in range(hi - lo)):
                 continue  # whole segment consumed before the resume point: not even opened
             try:
-                for i, sample in read_tar_samples(url, want):
-                    if i >= hi:
-                        break
+                for i, sample in read_tar_samples(url, want, stop=hi):
                     if sample is not None:
                         got.add(i)
                         yield i - lo + off, sample
