@@ -137,12 +137,12 @@ def sample(model, shape, cfg: DiffusionConfig, labels=None, cond=None, steps=Non
         raise ConfigError("steps must be at least 1")
     net = _unwrap(model)
     try:
-        param = next(net.parameters())
-        device, dtype = param.device, param.dtype
+        device = next(net.parameters()).device
     except (AttributeError, StopIteration):
-        device, dtype = torch.device("cpu"), torch.float32
+        device = torch.device("cpu")
     if noise is not None:
         device = noise.device
+    dtype = torch.float32  # the sampler's state stays fp32 even for a bf16 network
     b_scale = cfg.input_scale
     x = noise.to(device, dtype) if noise is not None else _rand(tuple(shape), generator, device, dtype, normal=True)
     if cond is not None:

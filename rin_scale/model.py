@@ -264,7 +264,7 @@ class RIN(nn.Module):
             gamma = gamma.expand(b)
         self._check_input(x_t, cond)
         clip = torch.cat([cond.to(x_t.dtype), x_t], dim=2) if m.is_video and m.cond_frames else x_t
-        x = self.tokenize(clip)
+        x = self.tokenize(clip.to(self.stem.weight.dtype))  # bf16 models take fp32 inputs too
         z = self.initial_latents(gamma, labels, prev_latents)
         for i, block in enumerate(self.blocks):
             if self.checkpoint_fn is not None and i % max(self.checkpoint_every, 1) == 0:

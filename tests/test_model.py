@@ -46,10 +46,17 @@ def test_video_output_shapes_unconditioned_and_frame_conditioned():
     assert not torch.allclose(out1, out2)
 
 
-def test_kinetics_preset_tokenizes_whole_clip_to_2048_tokens():
-    c = flops.count(get_preset("kinetics600").model)
-    assert c["interface_tokens"] == 2048
-    assert flops.count(get_preset("imagenet1024").model)["interface_tokens"] == 16384
+def test_kinetics_and_1024_presets_have_the_papers_token_counts():
+    with torch.device("meta"):
+        assert RIN(get_preset("kinetics600").model).num_tokens == 2048
+        assert RIN(get_preset("imagenet1024").model).num_tokens == 16384
+        assert RIN(get_preset("imagenet64_p4").model).num_tokens == 256
+
+
+def test_imagenet256_preset_matches_the_papers_size():
+    c = flops.count(get_preset("imagenet256").model)
+    assert abs(c["gflops"] - 334) / 334 < 0.05  # paper: 334 GFLOPs
+    assert abs(c["params"] - 410e6) / 410e6 < 0.05  # paper: 410M parameters
 
 
 def test_bad_input_shapes_give_clear_errors():
