@@ -46,3 +46,10 @@ def _count(key: tuple, batch: int) -> dict:
         "interface_tokens": model.num_tokens,
         "latent_tokens": m.num_latents,
     }
+
+
+def training_gflops(model_cfg: ModelConfig, batch: int = 1, self_cond_rate: float = 0.9) -> float:
+    """GFLOPs of one training step: forward + backward (~2x forward), plus the no-grad
+    self-conditioning forward when the rate is above zero."""
+    fwd = count(model_cfg, batch)["gflops"]
+    return fwd * (3 + (1 if self_cond_rate > 0 else 0))
