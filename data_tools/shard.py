@@ -26,7 +26,7 @@ import tarfile
 import numpy as np
 from PIL import Image
 
-from rin_scale.data import IMAGE_EXTS, is_local, url_fs
+from rin_scale.data import is_local, url_fs
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")

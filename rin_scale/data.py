@@ -32,7 +32,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import re
 import tarfile
 
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported

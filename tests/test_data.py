@@ -12,7 +12,6 @@ import sys
 import tarfile
 import time
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
