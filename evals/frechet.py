@@ -51,14 +51,21 @@ class FrechetReference:
         return float(diff @ diff + np.trace(s) + np.trace(self.sigma) - 2 * tr_covmean)
 
 
+def _clip(w: np.ndarray) -> np.ndarray:
+    # Eigenvalues within rounding of zero are zero: their square roots (1e-8 from 1e-16) would
+    # otherwise add up over thousands of null directions of a rank-deficient covariance.
+    tol = max(w.max(initial=0.0), 0.0) * len(w) * np.finfo(np.float64).eps
+    return np.where(w > tol, w, 0.0)
+
+
 def _psd_sqrt(a: np.ndarray) -> np.ndarray:
     w, v = scipy.linalg.eigh((a + a.T) / 2, driver="evd")
-    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    return (v * np.sqrt(_clip(w))) @ v.T
 
 
 def _trace_sqrt(m: np.ndarray) -> float:
     w = scipy.linalg.eigvalsh((m + m.T) / 2, driver="evd")
-    return float(np.sqrt(np.clip(w, 0, None)).sum())
+    return float(np.sqrt(_clip(w)).sum())
 
 
 class FeatureStats:

@@ -154,13 +154,13 @@ def test_fid_and_class_accuracy_for_a_class_conditional_model(tmp_path, image_da
     cfg, model = make_run(run, "tiny", [
         f"data.shards={image_data['shards']}", f"eval.classifier_data={image_data['shards']}",
         f"eval.inception_weights={image_data['inception']}", f"eval.cache_dir={image_data['cache']}",
-        "eval.num_samples=10", "eval.batch=5", "eval.steps=2", "eval.reference_samples=6"])
+        "eval.num_samples=4", "eval.batch=4", "eval.steps=2", "eval.reference_samples=4"])
     snapshot(run, cfg, model, 250)
     assert main(["--run", run, "--once", "--quiet"]) == 0
     rows = {r["metric"]: r for r in ledger(run)}
     assert set(rows) == {"fid", "class_accuracy"}
     fid, acc = rows["fid"], rows["class_accuracy"]
-    assert fid["status"] == "ok" and fid["value"] > 0 and fid["samples"] == 10 and fid["reference_samples"] == 6
+    assert fid["status"] == "ok" and fid["value"] > 0 and fid["samples"] == 4 and fid["reference_samples"] == 4
     assert fid["extractor"].startswith("inception-v3-2015-12-05-")
     # An untrained model's samples are noise: the classifier cannot find their classes (10 classes).
     assert 0 <= acc["value"] <= 0.5 and acc["step"] == 250
