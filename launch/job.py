@@ -28,6 +28,9 @@ LOG_NAME = "launch.jsonl"
 # Ranks other than 0 leave this long after the preemption signal if a broken collective has not
 # ended them first (SLURM kills them on requeue; the local controller waits for every task).
 FOLLOWER_GRACE_S = 30.0
+# A task process unpickles its job (importing this module) right after it starts: the clock of
+# this attempt, against which the time limit counts.
+_PROCESS_START = time.time()
 
 
 def log_url(run_dir: str) -> str:
@@ -58,8 +61,9 @@ class LaunchJob:
 
     entry: "module:function" (or a callable) taking an argv list; run_dir: where launch.jsonl
     goes; max_requeues: requeues allowed in all (preemptions and timeouts); master_addr: overrides
-    the first node's hostname (clusters whose node names do not resolve); timeout_min: the job's
-    time limit, to tell a timeout from a preemption; requeues: how many times it came back so far.
+    the first node's hostname (clusters whose node names do not resolve); timeout_min and
+    signal_delay_s: the job's time limit and how long before it the signal comes, to tell a
+    timeout from a preemption; requeues: how many times it came back so far.
     """
 
     entry: tp.Union[str, tp.Callable]
@@ -69,6 +73,7 @@ class LaunchJob:
     max_requeues: int = 10
     master_addr: tp.Optional[str] = None
     timeout_min: float = 0.0
+    signal_delay_s: int = 0
     requeues: int = 0
 
     def __call__(self):
@@ -78,7 +83,7 @@ class LaunchJob:
             dist.master_addr = self.master_addr
         # DeepSpeed picks the GPU by LOCAL_RANK: leave CUDA_VISIBLE_DEVICES with all of them.
         dist.export(set_cuda_visible_devices=False, overwrite=True)
-        self._started = time.time()
+        self._started = _PROCESS_START
         rank0 = dist.rank == 0
         if not rank0:
             _leave_on_preemption(env)
@@ -122,12 +127,14 @@ class LaunchJob:
         return DelayedSubmission(nxt)
 
     def _reason(self) -> str:
-        # submitit's own rule (core.job_environment.SignalHandler.has_timed_out)
+        # The time-limit signal comes signal_delay_s before the limit (sbatch --signal, or the local
+        # controller); anything earlier is a preemption. The slack covers the process start-up.
         started = getattr(self, "_started", None)
         if not self.timeout_min or started is None:
             return "preempted"
         limit = self.timeout_min * 60
-        return "timeout" if time.time() - started >= min(0.8 * limit, limit - 600) else "preempted"
+        left = limit - (time.time() - started)
+        return "timeout" if left <= self.signal_delay_s + min(60.0, 0.1 * limit) else "preempted"
 
     def __getstate__(self):
         # _started belongs to one attempt; the resubmission starts its own clock

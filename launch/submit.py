@@ -174,7 +174,8 @@ def sbatch_script(ex) -> str:
 
 
 def make_job(args, cfg: Config, run: str, argv: list[str]) -> LaunchJob:
-    kw = dict(max_requeues=args.max_requeues, master_addr=args.master_addr or None, timeout_min=args.time_min)
+    kw = dict(max_requeues=args.max_requeues, master_addr=args.master_addr or None, timeout_min=args.time_min,
+              signal_delay_s=args.signal_delay_s)
     return TrainJob(argv, run, **kw) if args.service == "train" else EvalJob(argv, run, **kw)
 
 

@@ -187,3 +187,11 @@ def test_eval_service_job_runs_beside_the_trainer_as_one_task(capsys, tmp_path):
     # two tasks for a single-process service is a mistake, said in one line
     assert launch_submit.main(argv + ["--gpus-per-node", "2", "--dry-run"]) == 2
     assert "runs as one task" in capsys.readouterr().err
+
+
+def test_requeue_reason_tells_the_time_limit_from_a_preemption():
+    j = launch_job.LaunchJob("x:y", [], "unused", timeout_min=60, signal_delay_s=120)
+    j._started = time.time() - 300  # signalled 5 minutes into an hour: preempted
+    assert j._reason() == "preempted"
+    j._started = time.time() - (3600 - 120)  # when sbatch --signal=USR2@120 fires
+    assert j._reason() == "timeout"
