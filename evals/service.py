@@ -117,11 +117,17 @@ class Service:
                 f.write(body)
             return True
         try:
-            with fs.open(path, "xb") as f:  # gcsfs: ifGenerationMatch=0; s3fs: If-None-Match
-                f.write(body)
+            # gcsfs sends ifGenerationMatch=0, s3fs If-None-Match: the store refuses a second create.
+            # (open(path, "xb") is not exclusive in gcsfs for small files: it was seen overwriting.)
+            fs.pipe_file(path, body, mode="create")
             return True
         except FileExistsError:
             return False
+        except TypeError:  # a store without exclusive create: check, then write (a small race window)
+            if fs.exists(path):
+                return False
+            fs.pipe_file(path, body)
+            return True
         except Exception as e:  # some stores report the failed precondition as a generic error
             if "412" in str(e) or "Precondition" in str(e) or "exists" in str(e).lower():
                 return False

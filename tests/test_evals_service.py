@@ -27,8 +27,7 @@ def video_data(tmp_path_factory):
     return {"shards": shards, "i3d": save_standin_i3d(str(d / "i3d_torchscript.pt")), "cache": str(d / "cache")}
 
 
-def video_run(tmp_path, video_data, name="run", extra=()):
-    run = str(tmp_path / name)
+def video_run(run, video_data, extra=()):
     cfg, model = make_run(run, "tiny_video", [
         f"data.shards={video_data['shards']}", f"eval.i3d_weights={video_data['i3d']}",
         f"eval.cache_dir={video_data['cache']}", "eval.num_samples=2", "eval.batch=2", "eval.steps=2",
@@ -37,7 +36,7 @@ def video_run(tmp_path, video_data, name="run", extra=()):
 
 
 def test_scores_each_snapshot_once_across_restarts_deletion_and_corruption(tmp_path, video_data, capfd):
-    run, cfg, model = video_run(tmp_path, video_data)
+    run, cfg, model = video_run(str(tmp_path / "run"), video_data)
     for step in (100, 200, 300):
         snapshot(run, cfg, model, step)
     assert main(["--run", run, "--once", "--quiet"]) == 0
@@ -87,7 +86,7 @@ def test_scores_each_snapshot_once_across_restarts_deletion_and_corruption(tmp_p
 
 
 def test_two_services_do_not_score_the_same_snapshot(tmp_path, video_data):
-    run, cfg, model = video_run(tmp_path, video_data)
+    run, cfg, model = video_run(str(tmp_path / "run"), video_data)
     for step in (10, 20, 30, 40):
         snapshot(run, cfg, model, step)
     services = [Service(run, progress=False) for _ in range(2)]
@@ -109,7 +108,7 @@ def test_two_services_do_not_score_the_same_snapshot(tmp_path, video_data):
 
 
 def test_claims_block_others_until_stale(tmp_path, video_data):
-    run, cfg, model = video_run(tmp_path, video_data, extra=["eval.claim_timeout=1000"])
+    run, cfg, model = video_run(str(tmp_path / "run"), video_data, extra=["eval.claim_timeout=1000"])
     snapshot(run, cfg, model, 10)
     a, b = Service(run, progress=False), Service(run, progress=False)
     assert a.claim(10)
@@ -122,7 +121,7 @@ def test_claims_block_others_until_stale(tmp_path, video_data):
 
 
 def test_newest_order_and_milestones(tmp_path, video_data):
-    run, cfg, model = video_run(tmp_path, video_data, extra=["train.milestone_every=200"])
+    run, cfg, model = video_run(str(tmp_path / "run"), video_data, extra=["train.milestone_every=200"])
     for step in (100, 200, 300, 400):
         snapshot(run, cfg, model, step)
     assert [s for s, _ in Service(run, ["eval.order=newest"], progress=False).pending()] == [400, 300, 200, 100]
@@ -133,7 +132,7 @@ def test_bad_input_is_one_line(tmp_path, video_data, capsys):
     assert main(["--run", str(tmp_path / "nothing"), "--once"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "config.yaml does not exist" in err[0]
-    run, cfg, model = video_run(tmp_path, video_data, extra=[f"eval.i3d_weights={tmp_path}/missing.pt"])
+    run, cfg, model = video_run(str(tmp_path / "run"), video_data, extra=[f"eval.i3d_weights={tmp_path}/missing.pt"])
     snapshot(run, cfg, model, 10)
     assert main(["--run", run, "--once", "--quiet"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -170,3 +169,26 @@ def test_fid_and_class_accuracy_for_a_class_conditional_model(tmp_path, image_da
     # The reference statistics were cached under eval.cache_dir, keyed by data and extractor.
     cached = os.listdir(os.path.join(image_data["cache"], "reference"))
     assert len(cached) == 1 and cached[0].startswith("fid-")
+
+
+def test_a_run_in_a_bucket(gcs_bucket, video_data, tmp_path):
+    """RUN on gs:// (fake-gcs-server standing in for Google Cloud Storage): exclusive claims, the
+    ledger and TensorBoard events copied into the bucket."""
+    import fsspec
+
+    run = f"{gcs_bucket}/runs/v"
+    _, cfg, model = video_run(run, video_data)
+    snapshot(run, cfg, model, 100)
+    a, b = Service(run, progress=False), Service(run, progress=False)
+    assert a.claim(100) and not b.claim(100)
+    a.release(100)
+    assert main(["--run", run, "--once", "--quiet"]) == 0
+    assert [(r["step"], r["status"]) for r in ledger(run)] == [(100, "ok")]
+    fs = fsspec.filesystem("gs", token="anon", skip_instance_cache=True)
+    events = fs.ls(f"{run[5:]}/eval/tb")
+    assert events and any("tfevents" in e for e in events)
+    local = tmp_path / "tb"
+    local.mkdir()
+    for e in events:
+        fs.get(e, str(local / e.rsplit("/", 1)[-1]))
+    assert [s for s, _ in tb_scalars(str(local))["eval/fvd"]] == [100]
