@@ -85,6 +85,10 @@ class LaunchJob:
         dist.export(set_cuda_visible_devices=False, overwrite=True)
         self._started = _PROCESS_START
         rank0 = dist.rank == 0
+        # SLURM signals the whole process group: forked helpers (DataLoader workers) inherit
+        # submitit's handler and would requeue the job a second time, so they ignore the signal.
+        sig = env._usr_sig()
+        os.register_at_fork(after_in_child=lambda: signal.signal(sig, signal.SIG_IGN))
         if not rank0:
             _leave_on_preemption(env)
         if rank0:

@@ -30,13 +30,14 @@ def jobs(run: str) -> list[dict]:
     out: dict[tuple, dict] = {}
     for row in read_log(run):
         key = (row.get("kind", "train"), str(row.get("job_id", "")))
-        job = out.setdefault(key, {"kind": key[0], "job_id": key[1], "requeues": 0, "reasons": []})
+        job = out.setdefault(key, {"kind": key[0], "job_id": key[1], "requeues": 0, "reasons": [], "starts": 0})
         ev = row.get("event", "")
         if ev == "submitted":
             job.update(executor=row.get("executor"), nodes=row.get("nodes"),
                        tasks_per_node=row.get("tasks_per_node"), submitted=row.get("time"))
-        if ev == "started":
+        if ev == "started":  # more starts than requeues + 1: the scheduler restarted it by itself
             job["world_size"] = row.get("world_size")
+            job["starts"] += 1
         if ev == "requeued":
             job["requeues"] = row.get("requeues", job["requeues"] + 1)
             job["reasons"].append(row.get("reason"))
@@ -131,7 +132,7 @@ def render(s: dict) -> str:
         why = f" [{', '.join(r for r in j['reasons'] if r)}]" if j["reasons"] else ""
         err = f" error: {j['error']}" if j.get("error") else ""
         lines.append(f"job {j['kind']:5s} {j['job_id']:>10s} {j.get('executor') or '':5s} {layout:5s} "
-                     f"{j.get('state', '?')}{live}  requeues {j['requeues']}{why}  "
+                     f"{j.get('state', '?')}{live}  starts {j['starts']}  requeues {j['requeues']}{why}  "
                      f"since {_when(j.get('updated'))}{err}")
     p = s["progress"]
     total = f" / {s['total_steps']}" if s.get("total_steps") else ""

@@ -141,6 +141,9 @@ def check_options(args, cfg: Config, executor: str) -> None:
                           f"{args.gpus_per_node}: the job runs one task per GPU; drop --tasks-per-node")
     if executor == "local" and args.nodes != 1:
         raise LaunchError(f"--executor local runs on this machine only: use --nodes 1 (got {args.nodes})")
+    if args.time_min * 60 <= args.signal_delay_s:
+        raise LaunchError(f"--time-min={args.time_min} leaves no time before the requeue signal "
+                          f"(--signal-delay-s={args.signal_delay_s}): give a longer time limit or a shorter delay")
     if args.max_requeues < 0:
         raise LaunchError("--max-requeues must be 0 or more")
     if args.service == "train":

@@ -74,6 +74,7 @@ def test_bad_options_give_one_line_errors(capsys, tmp_path):
         (["tiny", run, "--executor", "slurm", "--sbatch", "mail-type"], "KEY=VALUE"),
         (["tiny", run, "train.zero_stage=5"], "train.zero_stage"),
         (["--service", "eval", "--executor", "local"], "train.run_dir=RUN"),
+        (["tiny", run, "--executor", "slurm", "--time-min", "2"], "--signal-delay-s=120"),
     ]
     for argv, needle in cases:
         assert launch_submit.main(argv + ["--dry-run"]) == 2, argv
@@ -159,7 +160,7 @@ def test_preemption_signal_requeues_until_the_cap(tmp_path):
     assert starts() == 2
     s = launch_status.status(run)
     (j,) = s["jobs"]
-    assert j["requeues"] == 1 and j["reasons"] == ["preempted"] and j["state"] == "STOPPED"
+    assert j["requeues"] == 1 and j["reasons"] == ["preempted"] and j["state"] == "STOPPED" and j["starts"] == 2
 
 
 def test_eval_service_job_runs_beside_the_trainer_as_one_task(capsys, tmp_path):
