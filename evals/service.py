@@ -177,10 +177,12 @@ class Service:
             self._reference = reference_stats(self.cfg, self.extractor, self.progress)
         return self._reference
 
-    def run_once(self, pending=None) -> int:
-        """Score what is pending (or the given [(step, url)]); returns how many got a ledger row."""
+    def run_once(self, pending=None, limit: int = 0) -> int:
+        """Score what is pending (or the given [(step, url)]), at most `limit` snapshots (0 = all);
+        returns how many ledger rows were written."""
         rows = 0
         todo = self.pending() if pending is None else pending
+        todo = todo[:limit] if limit else todo
         if todo:
             self.reference  # a missing extractor or real data is the service's error, not a snapshot's
         for step, url in todo:
@@ -361,9 +363,13 @@ def main(argv=None) -> int:
     p.add_argument("--run", required=True, help="run directory: a local path or fsspec URL (gs://bucket/runs/NAME)")
     p.add_argument("--once", action="store_true", help="score what is there now and exit")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when present)")
+    p.add_argument("--limit", type=int, default=0,
+                   help="score at most N snapshots per pass (with --once and eval.order=newest: the newest N)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.num_samples=5000 eval.order=newest")
     args = p.parse_args(argv)
+    from rin_scale.data import DataError
+
     from .extractors import ExtractorError
 
     svc = None
@@ -379,12 +385,12 @@ def main(argv=None) -> int:
         log(f"watching {args.run}: {svc.metric.upper()}, {svc.cfg.eval.num_samples} samples per snapshot, "
             f"order={svc.cfg.eval.order}, device={svc.device}")
         while True:
-            n = svc.run_once()
+            n = svc.run_once(limit=args.limit)
             if args.once:
                 log(f"done: {n} ledger row(s) written to {svc.ledger}")
                 return 0
             time.sleep(svc.cfg.eval.poll_seconds)
-    except (ConfigError, ExtractorError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, ExtractorError, DataError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

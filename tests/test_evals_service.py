@@ -126,6 +126,9 @@ def test_newest_order_and_milestones(tmp_path, video_data):
         snapshot(run, cfg, model, step)
     assert [s for s, _ in Service(run, ["eval.order=newest"], progress=False).pending()] == [400, 300, 200, 100]
     assert [s for s, _ in Service(run, ["eval.order=milestones"], progress=False).pending()] == [200, 400]
+    # --once --limit 1 with newest first: just the final snapshot (what a short demo wants).
+    assert main(["--run", run, "--once", "--quiet", "--limit", "1", "eval.order=newest"]) == 0
+    assert [r["step"] for r in ledger(run)] == [400]
 
 
 def test_bad_input_is_one_line(tmp_path, video_data, capsys):
@@ -139,6 +142,10 @@ def test_bad_input_is_one_line(tmp_path, video_data, capsys):
     assert "error: eval.i3d_weights=" in err[-1] and "no such file" in err[-1]
     assert main(["--run", run, "--once", "--quiet", "eval.order=sideways"]) == 2
     assert "eval.order='sideways' is not one of" in capsys.readouterr().err
+    assert main(["--run", run, "--once", "--quiet", f"eval.i3d_weights={video_data['i3d']}",
+                 f"data.shards={tmp_path}/no-shards"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: data.shards=") and "does not exist" in err[-1]
 
 
 @pytest.fixture(scope="module")
