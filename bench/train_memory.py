@@ -53,21 +53,27 @@ def zero_worker(preset: str, stage: int) -> None:
     s = cfg.model.image_size
     loss, _ = training_loss(engine, torch.rand(1, cfg.model.channels, s, s) * 2 - 1, cfg.diffusion)
     engine.backward(loss)
-    engine.step()
     module_params = list(engine.module.parameters())
+    zo = engine.optimizer
+    opt_params = [q for g in opt.param_groups for q in g["params"]]
+    grads = _bytes([p.grad for p in module_params] + [q.grad for q in opt_params])  # before step frees them
+    for name in ("averaged_gradients", "ipg_buffer", "grads_in_partition", "fp32_partitioned_groups_flat_grad"):
+        buf = getattr(zo, name, None)
+        if isinstance(buf, dict):
+            buf = [t for v in buf.values() if v is not None for t in (v if isinstance(v, list) else [v])]
+        if isinstance(buf, (list, tuple)):
+            grads += _bytes(t for t in buf if torch.is_tensor(t))
+        elif torch.is_tensor(buf):
+            grads += _bytes([buf])
+    engine.step()
     params = _bytes(p.ds_tensor if hasattr(p, "ds_tensor") else p for p in module_params)
     opt_params = [q for g in opt.param_groups for q in g["params"]]
     module_ids = {id(p) for p in module_params} | {id(getattr(p, "ds_tensor", p)) for p in module_params}
     master = _bytes(q for q in opt_params if id(q) not in module_ids)
     state = _bytes(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v) and v.dim() > 0)
-    grads = _bytes([p.grad for p in module_params] + [q.grad for q in opt_params])
-    zo = engine.optimizer
-    for name in ("averaged_gradients", "fp32_partitioned_groups_flat_grad"):
-        buf = getattr(zo, name, None)
-        if isinstance(buf, dict):
-            grads += _bytes(t for v in buf.values() if v for t in (v if isinstance(v, list) else [v]))
-    print("ZEROMEM " + json.dumps({"rank": rank, "stage": stage, "params": params, "master": master,
-                                   "optimizer": state, "grads": grads}), flush=True)
+    if rank == 0:
+        print("ZEROMEM " + json.dumps({"rank": rank, "stage": stage, "params": params, "master": master,
+                                       "optimizer": state, "grads": grads}), flush=True)
 
 
 def scale_worker(preset: str, ckpt: int, steps: int) -> None:
