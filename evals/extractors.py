@@ -220,11 +220,24 @@ class FIDStats:
 
         self.metric = FrechetInceptionDistance(feature=inception, normalize=False)
         self.metric.to(next(inception.parameters()).device)
+        self.kept = []
 
     @torch.no_grad()
     def update(self, x: torch.Tensor) -> None:
         """x: images (B,C,H,W) in [-1, 1]."""
-        self.metric.update(to_uint8(x).to(self.metric.device), real=False)
+        from .frechet import keep_rows
+
+        seen = []
+        hook = self.metric.inception.register_forward_hook(lambda m, i, out: seen.append(out))
+        try:
+            self.metric.update(to_uint8(x).to(self.metric.device), real=False)
+        finally:
+            hook.remove()
+        feats = seen[0].detach().to("cpu", torch.float64)
+        self.kept = keep_rows(self.kept, feats, self.n, InceptionFeatures.num_features)
+
+    def rows(self):
+        return torch.cat(self.kept).numpy() if self.kept else None
 
     @property
     def n(self) -> int:
@@ -251,6 +264,9 @@ class FVDStats:
     @property
     def n(self) -> int:
         return self.stats.n
+
+    def rows(self):
+        return self.stats.rows()
 
     def mean_cov(self):
         return self.stats.mean_cov()

@@ -38,13 +38,20 @@ class FrechetReference:
         except np.linalg.LinAlgError:
             self.root = _psd_sqrt(self.sigma + np.eye(len(self.mu)) * eps)
 
-    def distance(self, mu, sigma) -> float:
+    def distance(self, mu, sigma, rows=None) -> float:
+        """Distance to N(mu, sigma); `rows`, the features sigma came from, make it cheap when there
+        are fewer of them than dimensions: the nonzero eigenvalues of R S R are those of the small
+        Gram matrix (A R)(A R)^T / (n - 1), A the centred rows."""
         mu, s = np.asarray(mu, np.float64).ravel(), np.atleast_2d(np.asarray(sigma, np.float64))
         if mu.shape != self.mu.shape or s.shape != self.sigma.shape:
             raise ValueError(f"feature statistics do not match: {mu.shape[0]} vs {self.mu.shape[0]} features "
                              f"(different extractors?)")
         try:
-            tr_covmean = _trace_sqrt(self.root @ s @ self.root)
+            if rows is not None and 1 < len(rows) < len(mu):
+                ar = (np.asarray(rows, np.float64) - mu) @ self.root
+                tr_covmean = _trace_sqrt(ar @ ar.T / (len(rows) - 1))
+            else:
+                tr_covmean = _trace_sqrt(self.root @ s @ self.root)
         except np.linalg.LinAlgError:
             tr_covmean = _trace_sqrt(self.root @ (s + np.eye(len(mu)) * self.eps) @ self.root)
         diff = mu - self.mu
@@ -75,6 +82,7 @@ class FeatureStats:
         self.n = 0
         self.sum = torch.zeros(dim, dtype=torch.float64)
         self.outer = torch.zeros(dim, dim, dtype=torch.float64)
+        self.kept = []  # the rows themselves while there are fewer than dim (see FrechetReference)
 
     def update(self, feats: torch.Tensor) -> None:
         f = feats.detach().to("cpu", torch.float64).reshape(feats.shape[0], -1)
@@ -83,9 +91,17 @@ class FeatureStats:
         self.n += f.shape[0]
         self.sum += f.sum(0)
         self.outer += f.T @ f
+        self.kept = keep_rows(self.kept, f, self.n, len(self.sum))
 
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         return mean_cov(self.sum, self.outer, self.n)
+
+    def rows(self):
+        return torch.cat(self.kept).numpy() if self.kept else None
+
+
+def keep_rows(kept: list, f: torch.Tensor, n: int, dim: int) -> list:
+    return kept + [f] if n < dim else []
 
 
 def mean_cov(total, outer, n: int) -> tuple[np.ndarray, np.ndarray]:

@@ -296,7 +296,7 @@ class Service:
                 last_refresh = time.time()
         bar.close()
         mu, sigma = stats.mean_cov()
-        out = {"value": self._frechet.distance(mu, sigma), "samples": stats.n,
+        out = {"value": self._frechet.distance(mu, sigma, stats.rows()), "samples": stats.n,
                "grid": torch.cat(grid)}
         if classifier is not None:
             out["class_accuracy"] = correct / e.num_samples

@@ -67,6 +67,9 @@ def test_rank_deficient_covariances_give_a_finite_nonnegative_distance():
     # The reference side's square root is reused across distances.
     ref = FrechetReference(*other.mean_cov())
     assert ref.distance(mu, sigma) == pytest.approx(value, rel=1e-9)
+    # With the rows kept (fewer than the dimensions), the small Gram matrix gives the same distance.
+    assert s.rows().shape == (5, d)
+    assert ref.distance(mu, sigma, s.rows()) == pytest.approx(value, rel=1e-9)
 
 
 def test_mismatched_statistics_are_a_clear_error():
@@ -100,15 +103,19 @@ def test_fid_is_near_zero_for_the_same_set_and_grows_with_a_shift(inception_file
 
     def stats(x):
         s = ext.new_stats()  # torchmetrics' FrechetInceptionDistance accumulating 2048-d pool features
-        s.update(x)
-        return s.mean_cov()
+        s.update(x[:2])
+        s.update(x[2:])
+        return s
 
-    ref = FrechetReference(*stats(real))
-    same = ref.distance(*stats(real))
-    small = ref.distance(*stats((real + 0.3).clamp(-1, 1)))
-    large = ref.distance(*stats((real + 0.9).clamp(-1, 1)))
+    base = stats(real)
+    ref = FrechetReference(*base.mean_cov())
+    same = ref.distance(*base.mean_cov(), base.rows())
+    shifted = [stats((real + shift).clamp(-1, 1)) for shift in (0.3, 0.9)]
+    small, large = (ref.distance(*s.mean_cov(), s.rows()) for s in shifted)
     assert abs(same) < 1e-3 * small
     assert 0 < small < large
+    # The kept rows are exactly what torchmetrics accumulated: the full-matrix path agrees.
+    assert ref.distance(*shifted[0].mean_cov()) == pytest.approx(small, rel=1e-6)
 
 
 def test_a_weights_file_of_the_wrong_kind_is_one_clear_error(tmp_path):
