@@ -8,7 +8,8 @@ For images of 64 (patch 4), 128 (patch 4), 256, 512, 1024 (patch 8) and the kine
 a narrow RIN (interface 64, latents 64 x 128, 2 blocks x 2 layers) and for a ViT of the latent
 width and depth (4 pre-LN layers of width 128) over all interface tokens: the cost RIN avoids.
 It also gives the forward GFLOPs of the full-size preset at each resolution. Each timing runs in
-its own process, so the peak memory (max RSS growth over the model and its inputs) is its own.
+its own process; peak memory is the growth of the process's peak RSS over its peak before the
+first forward (model, inputs and imports), i.e. activations, gradients and workspace.
 ViT timings whose forward would exceed --vit-max-gflops are skipped (marked) but their FLOPs are
 always counted, on the meta device.
 """
@@ -109,7 +110,7 @@ def time_one(kind: str, row: int, reps: int) -> dict:
     torch.manual_seed(0)
     model = build(kind, m)
     x, g, c = inputs(m)
-    base = _rss_mb()
+    base = max(_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # peak so far
     times = []
     for i in range(reps + 1):
         t0 = time.perf_counter()
