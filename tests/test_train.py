@@ -45,7 +45,7 @@ def shards(tmp_path_factory):
 def test_two_ranks_zero2_logs_snapshots_and_resumes_exactly(shards, tmp_path):
     # Warmup longer than the run: the LR then does not depend on total_steps, so a run stopped at
     # step 4 and continued to 8 must see exactly the LRs, batches and noise of a run of 8.
-    common = ["train.zero_stage=2", "train.global_batch=8", "train.warmup_steps=100", "train.lr=0.02",
+    common = ["train.zero_stage=2", "train.precision=bf16", "train.global_batch=8", "train.warmup_steps=100", "train.lr=0.02",
               "train.state_every=2", "train.snapshot_every=4", "train.sample_every=4", "train.log_every=2"]
     full = str(tmp_path / "full")
     train(full, 2, *common, "train.total_steps=8", shards=shards)
@@ -61,6 +61,8 @@ def test_two_ranks_zero2_logs_snapshots_and_resumes_exactly(shards, tmp_path):
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8]
     assert 0 < acc.Scalars("perf/mfu")[-1].value < 1
+    loss = losses(full)
+    assert sum(loss[s] for s in (6, 7, 8)) < 0.7 * sum(loss[s] for s in (1, 2, 3)), loss  # ZeRO-2 learns
     assert "samples/ema" in images and [e.step for e in acc.Images("samples/ema")] == [4, 8]
 
     # Snapshots: EMA weights load into the plain model without DeepSpeed, and it samples.
@@ -97,22 +99,28 @@ def test_two_ranks_zero2_logs_snapshots_and_resumes_exactly(shards, tmp_path):
 @pytest.mark.timeout(600)
 @pytest.mark.parametrize("stage,extra", [
     (1, ["train.optimizer=lamb", "train.lr=5e-3"]),  # LAMB with trust ratios over ZeRO partitions
-    (2, ["train.optimizer=adamw", "train.grad_clip=1.0"]),
-    (3, ["train.optimizer=adamw", "train.activation_checkpointing=1"]),  # EMA and checkpointing on shards
-])
+    (3, ["train.optimizer=adamw", "train.activation_checkpointing=1", "train.grad_clip=1.0"]),
+])  # ZeRO-2: the first test
 def test_zero_stages_train_and_loss_falls(shards, tmp_path, stage, extra):
     run = str(tmp_path / f"z{stage}")
-    train(run, 2, f"train.zero_stage={stage}", "train.global_batch=16", "train.total_steps=30",
-          "train.warmup_steps=5", "train.state_every=30", "train.snapshot_every=30", "train.sample_every=0",
+    train(run, 2, f"train.zero_stage={stage}", "train.global_batch=16", "train.total_steps=20",
+          "train.warmup_steps=5", "train.state_every=20", "train.snapshot_every=20", "train.sample_every=0",
           "train.log_every=10", *extra, shards=shards)
     loss = losses(run)
     first = sum(loss[s] for s in range(1, 6)) / 5
-    last = sum(loss[s] for s in range(26, 31)) / 5
+    last = sum(loss[s] for s in range(16, 21)) / 5
     assert last < 0.7 * first, (stage, first, last)
     model, _, meta = rundir.load_snapshot(rundir.newest_complete(run, "snapshots")[1])
-    assert meta["step"] == 30
-    # The EMA moved away from the initial weights (decay 0.999 over 30 steps), and is finite.
+    assert meta["step"] == 20
+    # The full EMA (gathered from shards under ZeRO-3) is finite and has left the initial weights.
+    from rin_scale.config import load_config
+    from rin_scale.model import RIN
+
+    torch.manual_seed(0)  # the trainer's initial weights
+    init = RIN(load_config("tiny", SMALL).model)
     assert all(torch.isfinite(p).all() for p in model.parameters())
+    moved = [not torch.allclose(p, q) for p, q in zip(model.parameters(), init.parameters())]
+    assert sum(moved) > len(moved) // 2
 
 
 def test_dry_run_prints_size_and_deepspeed_config():
@@ -129,3 +137,28 @@ def test_bad_config_is_one_line(tmp_path):
                          cwd=ROOT, env={**env, "WORLD_SIZE": "2"}, capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "train.global_batch=7 is not divisible by the world size 2" in out.stderr
+
+
+@pytest.mark.timeout(600)
+def test_bucket_run_uploads_states_and_resumes_from_the_bucket(shards, gcs_bucket, tmp_path):
+    """RUN on the GCS emulator (stand-in for a real bucket, same gcsfs code path); DeepSpeed
+    writes states to a local folder first. The second job has lost that folder (another node)."""
+    run, local = f"{gcs_bucket}/run", str(tmp_path / "states")
+    args = [f"train.state_dir={local}", "train.global_batch=8", "train.state_every=3", "train.snapshot_every=3",
+            "train.sample_every=3", "train.log_every=3", "train.warmup_steps=100"]
+    train(run, 1, *args, "train.total_steps=3", shards=shards)
+    shutil.rmtree(local)
+    out = train(run, 1, *args, "train.total_steps=6", shards=shards).stdout
+    assert "at step 3 " in out, out[-2000:]
+    assert [s for s, _ in rundir.list_complete(run, "states")] == [3, 6]
+    assert sorted(losses(run)) == list(range(1, 7))
+    model, _, meta = rundir.load_snapshot(rundir.newest_complete(run, "snapshots")[1])
+    assert meta["step"] == 6
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = tmp_path / "tb"
+    fs, path = rundir.fs_path(f"{run}/tb")
+    fs.get(path + "/", str(tb), recursive=True)
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == [3, 6]
