@@ -29,12 +29,15 @@ class FrechetReference:
     """One side of the distance, fixed (the real data): its covariance's square root is computed
     once, so each further distance costs two matrix products and one eigvalsh."""
 
-    def __init__(self, mu, sigma, eps: float = 1e-6):
+    def __init__(self, mu, sigma, eps: float = 1e-6, rows=None):
         self.mu = np.asarray(mu, np.float64).ravel()
         self.sigma = np.atleast_2d(np.asarray(sigma, np.float64))
         self.eps = eps
         try:
-            self.root = _psd_sqrt(self.sigma)
+            if rows is not None and 1 < len(rows) < len(self.mu):
+                self.root = _low_rank_sqrt(np.asarray(rows, np.float64) - self.mu)
+            else:
+                self.root = _psd_sqrt(self.sigma)
         except np.linalg.LinAlgError:
             self.root = _psd_sqrt(self.sigma + np.eye(len(self.mu)) * eps)
 
@@ -68,6 +71,15 @@ def _clip(w: np.ndarray) -> np.ndarray:
 def _psd_sqrt(a: np.ndarray) -> np.ndarray:
     w, v = scipy.linalg.eigh((a + a.T) / 2, driver="evd")
     return (v * np.sqrt(_clip(w))) @ v.T
+
+
+def _low_rank_sqrt(a: np.ndarray) -> np.ndarray:
+    """sqrt(B^T B) for B = a / sqrt(n - 1), from the n x n Gram matrix: B^T U L^(-1/2) U^T B."""
+    b = a / np.sqrt(len(a) - 1)
+    w, u = scipy.linalg.eigh(b @ b.T)
+    keep = _clip(w) > 0
+    u, w = u[:, keep], w[keep]
+    return b.T @ ((u / np.sqrt(w)) @ u.T) @ b
 
 
 def _trace_sqrt(m: np.ndarray) -> float:

@@ -44,13 +44,17 @@ def _cache_url(cache_dir: str, key: str, metric: str) -> str:
     return rundir.join(base, "reference", f"{metric}-{key}.safetensors")
 
 
-def save_stats(url: str, mu, sigma, n: int, meta: dict) -> None:
+def save_stats(url: str, mu, sigma, n: int, meta: dict, rows=None) -> None:
+    """Statistics as safetensors; the feature rows too when fewer than the dimensions (cheap distances)."""
     from safetensors.numpy import save
 
     fs, path = rundir.fs_path(url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    data = save({"mu": np.ascontiguousarray(mu, np.float64), "sigma": np.ascontiguousarray(sigma, np.float64),
-                 "n": np.array([n], np.int64)}, metadata={**{k: str(v) for k, v in meta.items()}})
+    tensors = {"mu": np.ascontiguousarray(mu, np.float64), "sigma": np.ascontiguousarray(sigma, np.float64),
+               "n": np.array([n], np.int64)}
+    if rows is not None:
+        tensors["rows"] = np.ascontiguousarray(rows, np.float64)
+    data = save(tensors, metadata={**{k: str(v) for k, v in meta.items()}})
     tmp = f"{path}.tmp{os.getpid()}"
     with fs.open(tmp, "wb") as f:  # write then move, so a killed run leaves no half file under the key
         f.write(data)
@@ -58,7 +62,7 @@ def save_stats(url: str, mu, sigma, n: int, meta: dict) -> None:
 
 
 def load_stats(url: str):
-    """(mu, sigma, n) from a statistics file, or None when it does not exist."""
+    """(mu, sigma, n, rows or None) from a statistics file, or None when it does not exist."""
     from safetensors.numpy import load
 
     fs, path = rundir.fs_path(url)
@@ -68,7 +72,7 @@ def load_stats(url: str):
         return None
     try:
         t = load(raw)
-        return t["mu"], t["sigma"], int(t["n"][0])
+        return t["mu"], t["sigma"], int(t["n"][0]), t.get("rows")
     except Exception as e:
         raise ValueError(f"reference statistics {url} are unreadable ({e}): delete the file to recompute") from None
 
@@ -98,30 +102,34 @@ def compute_stats(url: str, extractor, model_cfg, limit: int = 0, batch: int = 5
     if stats.n < 2:
         raise ValueError(f"{url} gave {stats.n} readable samples: the reference needs at least 2")
     mu, sigma = stats.mean_cov()
-    return mu, sigma, stats.n
+    return mu, sigma, stats.n, stats.rows()
 
 
 def reference_stats(cfg, extractor, progress: bool = True):
-    """(mu, sigma, n, source) for cfg: eval.reference if set, else cached statistics of data.shards."""
+    """(mu, sigma, n, source, rows or None) for cfg: eval.reference if set, else cached statistics
+    of data.shards."""
     e = cfg.eval
     if e.reference:
         found = load_stats(e.reference)
         if found is None:
             raise FileNotFoundError(f"eval.reference={e.reference!r} does not exist: compute it with "
                                     f"python -m evals.reference, or leave eval.reference empty")
-        return (*found, e.reference)
+        mu, sigma, n, rows = found
+        return mu, sigma, n, e.reference, rows
     if not cfg.data.shards:
         raise ValueError("no reference statistics: set data.shards (the real data) or eval.reference=URL")
     key = cache_key(cfg.data.shards, extractor.id, cfg.model, e.reference_samples)
     url = _cache_url(e.cache_dir, key, extractor.metric)
     found = load_stats(url)
     if found is not None:
-        return (*found, url)
+        mu, sigma, n, rows = found
+        return mu, sigma, n, url, rows
     print(f"[evals] computing reference statistics of {cfg.data.shards} with {extractor.id} -> {url}",
           file=sys.stderr, flush=True)
-    mu, sigma, n = compute_stats(cfg.data.shards, extractor, cfg.model, e.reference_samples, e.batch, progress)
-    save_stats(url, mu, sigma, n, {"data": cfg.data.shards, "extractor": extractor.id})
-    return mu, sigma, n, url
+    mu, sigma, n, rows = compute_stats(cfg.data.shards, extractor, cfg.model, e.reference_samples, e.batch,
+                                       progress)
+    save_stats(url, mu, sigma, n, {"data": cfg.data.shards, "extractor": extractor.id}, rows)
+    return mu, sigma, n, url, rows
 
 
 def main(argv=None) -> int:
@@ -138,7 +146,7 @@ def main(argv=None) -> int:
         cfg = load_config(None, args.config)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         extractor = Extractor(metric_for(cfg), cfg.eval, device)
-        mu, _, n, url = reference_stats(cfg, extractor)
+        mu, _, n, url, _ = reference_stats(cfg, extractor)
     except (ConfigError, ExtractorError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

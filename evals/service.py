@@ -260,7 +260,7 @@ class Service:
 
         e, m = self.cfg.eval, model.cfg
         if self._frechet is None:
-            self._frechet = FrechetReference(self.reference[0], self.reference[1])
+            self._frechet = FrechetReference(self.reference[0], self.reference[1], rows=self.reference[4])
         stats = self.extractor.new_stats()
         classifier = None
         if e.classifier_data and m.num_classes > 0 and not m.is_video:

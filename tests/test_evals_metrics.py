@@ -70,6 +70,9 @@ def test_rank_deficient_covariances_give_a_finite_nonnegative_distance():
     # With the rows kept (fewer than the dimensions), the small Gram matrix gives the same distance.
     assert s.rows().shape == (5, d)
     assert ref.distance(mu, sigma, s.rows()) == pytest.approx(value, rel=1e-9)
+    low = FrechetReference(*other.mean_cov(), rows=other.rows())  # the root from the Gram matrix too
+    assert np.allclose(low.root, ref.root, atol=1e-8)
+    assert low.distance(mu, sigma, s.rows()) == pytest.approx(value, rel=1e-8)
 
 
 def test_mismatched_statistics_are_a_clear_error():
@@ -108,14 +111,16 @@ def test_fid_is_near_zero_for_the_same_set_and_grows_with_a_shift(inception_file
         return s
 
     base = stats(real)
-    ref = FrechetReference(*base.mean_cov())
+    ref = FrechetReference(*base.mean_cov(), rows=base.rows())
     same = ref.distance(*base.mean_cov(), base.rows())
     shifted = [stats((real + shift).clamp(-1, 1)) for shift in (0.3, 0.9)]
     small, large = (ref.distance(*s.mean_cov(), s.rows()) for s in shifted)
     assert abs(same) < 1e-3 * small
     assert 0 < small < large
-    # The kept rows are exactly what torchmetrics accumulated: the full-matrix path agrees.
-    assert ref.distance(*shifted[0].mean_cov()) == pytest.approx(small, rel=1e-6)
+    # The kept rows are exactly what torchmetrics accumulated.
+    mu, sigma = shifted[0].mean_cov()
+    rows = shifted[0].rows()
+    assert rows.shape == (4, 2048) and np.allclose(rows.mean(0), mu) and np.allclose(np.cov(rows.T), sigma)
 
 
 def test_a_weights_file_of_the_wrong_kind_is_one_clear_error(tmp_path):
@@ -158,10 +163,10 @@ def test_reference_statistics_are_cached_by_data_and_extractor(tmp_path, incepti
     from evals.reference import reference_stats
 
     cfg = load_config(None, args)
-    mu, sigma, n, url = reference_stats(cfg, Extractor("fid", cfg.eval), progress=False)
+    mu, sigma, n, url, rows = reference_stats(cfg, Extractor("fid", cfg.eval), progress=False)
     assert url == str(files[0]) and files[0].stat().st_mtime_ns == stamp  # read, not recomputed
     assert n == 4 and mu.dtype == np.float64 and sigma.shape == (2048, 2048)
-    assert np.allclose(sigma, sigma.T)
+    assert np.allclose(sigma, sigma.T) and rows.shape == (4, 2048)  # rows kept: fewer than dimensions
 
 
 def test_classifier_recognises_real_digits_and_not_mislabelled_ones(tmp_path):
