@@ -7,20 +7,17 @@ For images of 64 (patch 4), 128 (patch 4), 256, 512, 1024 (patch 8) and the kine
 (torch's FlopCounterMode, batch 1) and the CPU forward+backward time and peak memory at batch 1, for
 a narrow RIN (interface 64, latents 64 x 128, 2 blocks x 2 layers) and for a ViT of the latent
 width and depth (4 pre-LN layers of width 128) over all interface tokens: the cost RIN avoids.
-It also gives the forward GFLOPs of the full-size preset at each resolution. Each timing runs in
-its own process; peak memory is the growth of the process's peak RSS over its peak before the
-first forward (model, inputs and imports), i.e. activations, gradients and workspace.
+It also gives the forward GFLOPs of the full-size preset at each resolution. Memory is the MB of
+tensors saved for the backward pass (activation memory), counted by autograd's saved-tensor hooks;
+time is the median of --reps runs after one warm-up (noisy on a shared machine).
 ViT timings whose forward would exceed --vit-max-gflops are skipped (marked) but their FLOPs are
 always counted, on the meta device.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import time
 
@@ -104,58 +101,47 @@ def count_gflops(kind: str, m: ModelConfig) -> tuple[int, float]:
 
 
 def time_one(kind: str, row: int, reps: int) -> dict:
-    """Forward+backward at batch 1 on the CPU: median ms and peak RSS growth in MB."""
+    """Forward+backward at batch 1 on the CPU: median ms, and the MB of tensors saved for the
+    backward pass (the activation memory that checkpointing trades for compute)."""
     _, size, patch, frames, cond, pf, _ = ROWS[row]
     m = narrow(size, patch, frames, cond, pf)
     torch.manual_seed(0)
     model = build(kind, m)
     x, g, c = inputs(m)
-    base = max(_rss_mb(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # peak so far
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):  # also the warm-up
+        out, _ = model(x, g, None, None, c)
+    out.square().mean().backward()
+    model.zero_grad(set_to_none=True)
     times = []
-    for i in range(reps + 1):
+    for _ in range(reps):
         t0 = time.perf_counter()
         out, _ = model(x, g, None, None, c)
         out.square().mean().backward()
         model.zero_grad(set_to_none=True)
-        if i:  # the first run warms up
-            times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"ms": 1000 * statistics.median(times), "mb": max(peak - base, 0.0)}
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
-def measure(kind: str, row: int, reps: int, threads: int) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-    cmd = [sys.executable, os.path.abspath(__file__), "--one", kind, str(row), "--reps", str(reps),
-           "--threads", str(threads)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+        times.append(time.perf_counter() - t0)
+    return {"ms": 1000 * statistics.median(times), "mb": sum(saved.values()) / 2**20}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--vit-max-gflops", type=float, default=25.0,
                     help="skip ViT timings whose forward needs more GFLOPs than this")
     ap.add_argument("--quick", action="store_true", help="FLOPs only, no timings")
-    ap.add_argument("--one", nargs=2, metavar=("KIND", "ROW"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    if a.one:
-        print(json.dumps(time_one(a.one[0], int(a.one[1]), a.reps)))
-        return 0
 
     print(f"CPU forward+backward at batch 1, {a.threads} threads, median of {a.reps}; "
           f"narrow RIN: interface 64, 64 x 128 latents, 2 blocks x 2 layers; ViT: 4 layers x 128 over all tokens\n")
-    print("| input | tokens | full preset GFLOPs | RIN params | RIN GFLOPs | RIN ms | RIN MB "
-          "| ViT params | ViT GFLOPs | ViT ms | ViT MB |")
+    print("| input | tokens | full preset GFLOPs | RIN params | RIN GFLOPs | RIN ms | RIN act. MB "
+          "| ViT params | ViT GFLOPs | ViT ms | ViT act. MB |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for i, (label, size, patch, frames, cond, pf, preset) in enumerate(ROWS):
         m = narrow(size, patch, frames, cond, pf)
@@ -169,8 +155,8 @@ def main(argv=None) -> int:
             elif kind == "vit" and gf > a.vit_max_gflops:
                 cells += [f"skipped (> {a.vit_max_gflops:g} GFLOPs)", "-"]
             else:
-                r = measure(kind, i, a.reps, a.threads)
-                cells += ([f"{r['ms']:.0f}", f"{r['mb']:.0f}"] if "ms" in r else [f"failed: {r['error']}", "-"])
+                r = time_one(kind, i, a.reps)
+                cells += [f"{r['ms']:.0f}", f"{r['mb']:.0f}"]
         print("| " + " | ".join(cells) + " |", flush=True)
     return 0
 
