@@ -1,6 +1,6 @@
 """How RIN's cost grows with resolution, against a plain ViT over all interface tokens.
 
-    .venv/bin/python bench/model_scaling.py [--quick] [--threads N]
+    .venv/bin/python bench/model_scaling.py [--quick] [--threads N]   (about 30 s)
 
 For images of 64 (patch 4), 128 (patch 4), 256, 512, 1024 (patch 8) and the kinetics600 clip
 (16x64x64, 2x4x4 patches), prints a markdown table of interface tokens, parameters, forward GFLOPs
@@ -130,7 +130,7 @@ def time_one(kind: str, row: int, reps: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--vit-max-gflops", type=float, default=25.0,
                     help="skip ViT timings whose forward needs more GFLOPs than this")
