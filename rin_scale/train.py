@@ -109,7 +109,7 @@ def train(cfg) -> int:
     from .data import ShardLoader
     from .diffusion import training_loss
     from .ema import EMA
-    from .engine import build_engine, choose_precision, device, init_distributed
+    from .engine import Precision, build_engine, choose_precision, device, init_distributed
     from .model import RIN
     from .perf import device_peak, memory_gb, train_flops_per_example
 
@@ -129,7 +129,6 @@ def train(cfg) -> int:
         peak, peak_src = device_peak(dev, prec.dtype, t.peak_tflops)
         decision = [(prec.name, prec.reason, peak, peak_src)]
     dist.broadcast_object_list(decision, src=0)
-    from .engine import Precision
     prec, peak, peak_src = Precision(*decision[0][:2]), decision[0][2], decision[0][3]
     log0(rank, f"{world} rank(s) on {dev.type}, ZeRO-{t.zero_stage}, micro-batch {micro} x {accum} accumulation "
                f"x {world} = {t.global_batch}; precision {prec.name} ({prec.reason}); "
@@ -227,7 +226,8 @@ def train(cfg) -> int:
                           "grad_norm": grad_norm, "skipped": bool(getattr(opt, "skipped_last", False))})
 
         if step % t.log_every == 0 or step == t.total_steps:
-            buckets = all_mean(window["bucket_sum"].clone()) / all_mean(window["bucket_n"].clone()).clamp_min(1e-9)
+            bucket_n = all_mean(window["bucket_n"].clone())
+            buckets = all_mean(window["bucket_sum"].clone()) / bucket_n.clamp_min(1e-9)
             now = time.perf_counter()
             n = window["n"]
             img_s = (step - last_log_step) * t.global_batch / max(now - last_log_time, 1e-9)
@@ -240,7 +240,7 @@ def train(cfg) -> int:
                            "perf/mfu": achieved / peak, "perf/memory_gb": mem["peak_gb"],
                            "train/images_seen": images_seen, "train/skipped_steps": skipped_total}
                 scalars.update({f"loss_by_t/{i / NOISE_BUCKETS:.2f}-{(i + 1) / NOISE_BUCKETS:.2f}": buckets[i].item()
-                                for i in range(NOISE_BUCKETS) if window["bucket_n"][i] >= 0})
+                                for i in range(NOISE_BUCKETS) if bucket_n[i] > 0})
                 tb.scalars(scalars, step)
                 eta = (t.total_steps - step) * (now - last_log_time) / max(step - last_log_step, 1)
                 log0(rank, f"step {step}/{t.total_steps} loss {window['loss'] / n:.4f} lr {lr:.2e} "
