@@ -18,5 +18,8 @@ if ! .venv/bin/python -c "import deepspeed" 2>/dev/null; then
   step "deepspeed 0.19.8 (built against the installed torch)" env DS_BUILD_OPS=0 $pip install --no-build-isolation deepspeed==0.19.8
 fi
 step "pinned dependencies (requirements.txt)" $pip install -r requirements.txt
+# DeepSpeed compiles its CPU shared-memory collective on first use (minutes); do it here, once.
+step "deepspeed CPU communication op (compiled once, cached in ~/.cache/torch_extensions)" \
+  .venv/bin/python -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 step "rin_scale (editable)" $pip install --no-deps --no-build-isolation -e .
 echo "[install] done: .venv is ready"
