@@ -96,6 +96,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0 = off
     max_nonfinite: int = 20  # consecutive skipped steps before the run stops
     ema_decay: float = 0.9999  # EMA of the weights, updated every step in fp32
+    ema_warmup: bool = False  # decay min(ema_decay, (1+step)/(10+step)): for short runs (the paper: off)
     activation_checkpointing: int = 0  # 0 = off, k = every k-th block (1 = every block)
     checkpoint_cpu_offload: bool = False  # keep activation checkpoints in CPU memory (GPU memory saver)
     state_every: int = 1000  # steps between full training states

@@ -26,10 +26,16 @@ class EMA:
     def _local(p):
         return p.ds_tensor if _is_zero3(p) else p
 
+    def decay_at(self, step: int, warmup: bool) -> float:
+        """With warmup, min(decay, (1 + step) / (10 + step)): a short run's EMA forgets the random
+        initial weights instead of averaging them in for ~1/(1 - decay) steps."""
+        return min(self.decay, (1 + step) / (10 + step)) if warmup else self.decay
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, decay: float | None = None) -> None:
+        decay = self.decay if decay is None else decay
         for n, p in self.params:
-            self.shadow[n].lerp_(self._local(p).detach().float(), 1 - self.decay)
+            self.shadow[n].lerp_(self._local(p).detach().float(), 1 - decay)
 
     @torch.no_grad()
     def full_state(self) -> dict:

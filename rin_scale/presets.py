@@ -40,7 +40,7 @@ def tiny() -> Config:
         data=DataConfig(workers=1, shuffle_buffer=500, hflip=False),
         train=TrainConfig(run_dir="runs/tiny", global_batch=64, total_steps=2000, zero_stage=2,
                           optimizer="adamw", lr=2e-3, weight_decay=0.01, warmup_steps=100, lr_floor=0.1,
-                          ema_decay=0.999, state_every=250, snapshot_every=250, log_every=25,
+                          ema_decay=0.999, ema_warmup=True, state_every=250, snapshot_every=250, log_every=25,
                           sample_every=250, sample_count=20),
         eval=EvalConfig(num_samples=500, batch=100),
     )

@@ -209,7 +209,7 @@ def train(cfg) -> int:
                                    f"{step}): lower train.lr, set train.grad_clip, or use train.precision=fp32")
         else:
             skipped_in_a_row = 0
-            ema.update()
+            ema.update(ema.decay_at(step, t.ema_warmup))
 
         loss_mean = all_mean(torch.stack(losses).mean().cpu().reshape(1)).item()
         lr = engine.get_lr()[0]
