@@ -90,7 +90,9 @@ def choose_precision(setting: str, dev: torch.device, probe_seconds: float = 0.2
 
 # --------------------------------------------------------------------------------------------
 # Optimizers. Both skip a step whose gradients are not finite on any rank (all ranks agree), so a
-# NaN batch never reaches the weights; `skipped_last` tells the trainer. Both keep a per-group
+# NaN batch never reaches the weights. `overflow` is DeepSpeed's name: without ZeRO the engine reads
+# it to skip the LR step, as its ZeRO optimizers do for their own check, so that every stage
+# treats a skipped step alike (engine.was_step_applied()). Both keep a per-group
 # "step", which DeepSpeed's elastic ZeRO checkpoints need to re-partition for a new world size.
 
 
@@ -119,13 +121,13 @@ class Lamb(torch.optim.Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, partitioned=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, step=0))
         self.partitioned = partitioned
-        self.skipped_last = False
+        self.overflow = False
 
     @torch.no_grad()
     def step(self, closure=None):
         params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.skipped_last = not _all_finite(p.grad for p in params)
-        if self.skipped_last:
+        self.overflow = not _all_finite(p.grad for p in params)
+        if self.overflow:
             return None
         updates, norms = [], []
         for g in self.param_groups:
@@ -168,15 +170,15 @@ class AdamW(torch.optim.AdamW):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.skipped_last = False
+        self.overflow = False
         for g in self.param_groups:
             g.setdefault("step", 0)
 
     @torch.no_grad()
     def step(self, closure=None):
         grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
-        self.skipped_last = not _all_finite(grads)
-        if self.skipped_last:
+        self.overflow = not _all_finite(grads)
+        if self.overflow:
             return None
         _count_step(self)
         return super().step(closure)

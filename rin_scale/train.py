@@ -35,6 +35,8 @@ def parse_args(argv):
     p.add_argument("config", nargs="*", help="[PRESET] [file.yaml ...] [section.key=value ...]")
     p.add_argument("--dry-run", action="store_true", help="resolve and validate the config, print the model's "
                    "size, GFLOPs and the DeepSpeed config, and exit")
+    # The DeepSpeed launcher appends --local_rank=N; LOCAL_RANK in the environment says the same.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -98,10 +100,18 @@ def main(argv=None) -> int:
             sys.exit(f"config error: {e}")
         dry_run(cfg)
         return 0
+    from .data import DataError
+
     try:
         return train(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
+    except (DataError, TrainingError) as e:
+        sys.exit(f"[train] stopped: {e}")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. non-finite steps in a row); the message names the fix."""
 
 
 def train(cfg) -> int:
@@ -137,7 +147,7 @@ def train(cfg) -> int:
     # Model, engine, EMA. Same seed on every rank: identical initial weights.
     torch.manual_seed(t.seed)
     model = RIN(cfg.model).to(dev)
-    engine, opt, _ = build_engine(model, cfg, world)
+    engine, _, _ = build_engine(model, cfg, world)
     ema = EMA(engine.module, t.ema_decay)
     flops_per_example = train_flops_per_example(cfg.model, cfg.diffusion.self_cond_rate)
 
@@ -201,12 +211,14 @@ def train(cfg) -> int:
         step += 1
         images_seen += t.global_batch
 
-        if getattr(opt, "skipped_last", False):
+        skipped = not engine.was_step_applied()  # the optimizer (ZeRO-0) or ZeRO found a non-finite gradient
+        if skipped:
             skipped_in_a_row += 1
             skipped_total += 1
             if skipped_in_a_row > t.max_nonfinite:
-                raise RuntimeError(f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (step "
-                                   f"{step}): lower train.lr, set train.grad_clip, or use train.precision=fp32")
+                raise TrainingError(f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (step "
+                                    f"{step}): lower train.lr or set train.grad_clip"
+                                    + (", or use train.precision=fp32" if prec.name == "bf16" else ""))
         else:
             skipped_in_a_row = 0
             ema.update(ema.decay_at(step, t.ema_warmup))
@@ -223,7 +235,7 @@ def train(cfg) -> int:
         window["step_time"] += step_time
         window["wait"] += batches.wait - wait0
         train_log.append({"step": step, "loss": loss_mean, "lr": lr, "images_seen": images_seen,
-                          "grad_norm": grad_norm, "skipped": bool(getattr(opt, "skipped_last", False))})
+                          "grad_norm": grad_norm, "skipped": skipped})
 
         if step % t.log_every == 0 or step == t.total_steps:
             bucket_n = all_mean(window["bucket_n"].clone())

@@ -139,6 +139,28 @@ def test_bad_config_is_one_line(tmp_path):
     assert "train.global_batch=7 is not divisible by the world size 2" in out.stderr
 
 
+def test_deepspeed_launcher_argument_is_accepted():
+    # `deepspeed` (the launcher) appends --local_rank=N to the trainer's command line.
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-m", "rin_scale.train", "tiny", "--local_rank=0", "--dry-run"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("stage", [0, 2])  # our optimizer's check, and ZeRO's
+def test_non_finite_steps_in_a_row_stop_the_run_with_one_line(shards, tmp_path, stage):
+    # An absurd LR blows the weights up after the first step; every later step has a non-finite
+    # loss, is skipped (the weights stay as they were), and the third in a row stops the run.
+    run = str(tmp_path / "nan")
+    proc = train(run, 1, "train.lr=1e30", "train.warmup_steps=1", "train.max_nonfinite=2", "train.total_steps=50",
+                 "train.global_batch=8", "train.sample_every=0", f"train.zero_stage={stage}", shards=shards, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "3 steps in a row had a non-finite loss or gradient" in proc.stderr, proc.stderr[-2000:]
+    assert "lower train.lr" in proc.stderr
+    skipped = [r["step"] for r in rundir.read_jsonl(rundir.join(run, "train_log.jsonl")) if r["skipped"]]
+    assert skipped == [2, 3], skipped  # counted until the stop; nothing reached the weights
+
+
 @pytest.mark.timeout(600)
 def test_bucket_run_uploads_states_and_resumes_from_the_bucket(shards, gcs_bucket, tmp_path):
     """RUN on the GCS emulator (stand-in for a real bucket, same gcsfs code path); DeepSpeed
