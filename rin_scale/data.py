@@ -208,13 +208,19 @@ def list_shards(url: str) -> tuple[list[str], list[int], dict]:
 # Decoding and augmentation
 
 
+RANDOM_CROP_SCALE = 1.25  # random crops: the shorter side is first resized to [1, 1.25] x size (as ADM)
+
+
 def _resize_crop(img: Image.Image, size: int, crop=None) -> Image.Image:
-    """Resize the shorter side to size, then crop a square along the longer one: centred, or at
-    fractions crop=(fx, fy) in [0, 1). Data sharded square at the training size is not resized."""
+    """Resize the shorter side to size and crop a centred square along the longer one; or, with
+    crop=(fx, fy, fs) in [0, 1), resize the shorter side to size * (1 + (RANDOM_CROP_SCALE - 1) fs)
+    and crop at fractions (fx, fy), so square data sharded at the training size is cropped too.
+    Data sharded square at the training size and centre-cropped is not resized at all."""
     w, h = img.size
-    s = size / min(w, h)
+    target = size if crop is None else round(size * (1 + (RANDOM_CROP_SCALE - 1) * crop[2]))
+    s = target / min(w, h)
     if s != 1:
-        img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
+        img = img.resize((max(target, round(w * s)), max(target, round(h * s))), Image.BICUBIC)
     w, h = img.size
     if (w, h) == (size, size):
         return img
@@ -239,7 +245,7 @@ def to_unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def _augment_draws(rng, random_crop, hflip):
-    crop = (rng.random(), rng.random()) if rng is not None and random_crop else None
+    crop = (rng.random(), rng.random(), rng.random()) if rng is not None and random_crop else None
     flip = bool(rng is not None and hflip and rng.random() < 0.5)
     return crop, flip
 
@@ -279,7 +285,7 @@ def decode_video(data: bytes, frames: int, size: int, channels: int, rng=None, r
     clip = decoded[:frames]
     clip += [clip[-1]] * (frames - len(clip))
     crop, flip = _augment_draws(rng, random_crop, hflip)  # one crop and one flip for the whole clip
-    if clip[0].shape[:2] != (size, size):
+    if clip[0].shape[:2] != (size, size) or crop is not None:
         clip = [np.asarray(_resize_crop(Image.fromarray(f), size, crop)) for f in clip]
     arr = np.stack(clip)
     if channels == 1:

@@ -216,6 +216,33 @@ def test_epochs_reshuffle_and_labels_match(heldout):
         assert int(b["label"][i]) == y and torch.equal(b["x"][i], x)  # hflip off in tiny
 
 
+def test_shards_read_the_same_through_webdataset_itself(heldout):
+    # The shard contract is WebDataset's: the library itself must read our shards, keys and labels alike.
+    import webdataset as wds
+
+    urls = [f"{heldout}/data-{i:06d}.tar" for i in range(4)]
+    theirs = {s["__key__"]: int(s["cls"]) for s in wds.WebDataset(urls, shardshuffle=False)}
+    ours = {k: y for _, y, k in iter_samples(heldout, image_cfg(heldout).model)}
+    assert len(theirs) == 360 and theirs == ours
+
+
+def test_random_crop_also_crops_data_sharded_at_the_training_size():
+    from rin_scale.data import decode_image
+
+    arr = (torch.arange(64 * 64 * 3) % 251).to(torch.uint8).reshape(64, 64, 3).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    centre = decode_image(buf.getvalue(), 64, 3)
+    assert torch.equal(centre, torch.from_numpy(arr).permute(2, 0, 1))  # no augmentation: untouched
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    crops = [decode_image(buf.getvalue(), 64, 3, rng, random_crop=True) for _ in range(8)]
+    assert all(c.shape == (3, 64, 64) for c in crops)
+    # scaled by 1 to 1.25 and cropped at random (a scale draw near 1 can leave it as it was)
+    assert sum(not torch.equal(c, centre) for c in crops) >= 5
+
+
 @pytest.mark.parametrize("stop", [7, 15])
 def test_resume_yields_the_same_stream(heldout, stop):
     cfg = image_cfg(heldout, workers=2, hflip=True, random_crop=True)
