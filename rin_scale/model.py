@@ -206,12 +206,19 @@ class RIN(nn.Module):
             elif isinstance(mod, nn.LayerNorm):
                 nn.init.ones_(mod.weight)
                 nn.init.zeros_(mod.bias)
-            elif isinstance(mod, nn.Embedding):
-                nn.init.trunc_normal_(mod.weight, std=0.02)
+            elif isinstance(mod, nn.Embedding):  # the class token: one-hot -> Dense, initialized as a Dense
+                nn.init.xavier_uniform_(mod.weight)
         nn.init.trunc_normal_(self.pos_emb, std=0.02)
         nn.init.trunc_normal_(self.latent_init, std=0.02)
         nn.init.zeros_(self.prev_norm.weight)
         nn.init.zeros_(self.prev_norm.bias)
+        # Read and write start as identities (output projections zero; the authors' code uses
+        # Glorot). Otherwise the first read adds interface features of norm ~sqrt(d) to latents of
+        # norm ~0.3, the time and class tokens drown, and conditioning is learned very late:
+        # tiny on digits reached 89% class accuracy after 1,200 steps with this, 16% without.
+        for block in self.blocks:
+            for cross in (block.read, block.write):
+                nn.init.zeros_(cross.attn.out.weight)
 
     def no_decay_param_names(self) -> set[str]:
         """Biases, LayerNorm weights and embeddings (positional, latent, class): no weight decay."""

@@ -101,6 +101,14 @@ def test_time_and_class_occupy_latent_slots():
     assert m.latent_init.shape[1] == 6  # 8 slots = 6 learned + time + class
     assert RIN(small(num_latents=8, num_classes=0)).latent_init.shape[1] == 7
     x, gamma = torch.randn(2, 3, 8, 8), torch.full((2,), 0.3)
+    # Read and write start as identities (zero output projections), so at initialization the
+    # latents, conditioning tokens included, do not reach the output yet ...
+    a, _ = m(x, gamma, torch.tensor([1, 1]))
+    assert torch.equal(a, m(x, torch.full((2,), 0.9), torch.tensor([2, 2]))[0])
+    # ... and do once the projections have learned something.
+    for block in m.blocks:
+        torch.nn.init.normal_(block.read.attn.out.weight, std=0.02)
+        torch.nn.init.normal_(block.write.attn.out.weight, std=0.02)
     a, _ = m(x, gamma, torch.tensor([1, 1]))
     b, _ = m(x, gamma, torch.tensor([2, 2]))
     c, _ = m(x, torch.full((2,), 0.6), torch.tensor([1, 1]))
