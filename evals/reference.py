@@ -24,13 +24,13 @@ from rin_scale import rundir
 
 
 def dataset_fingerprint(url: str) -> str:
-    """What identifies a shard set: its manifest, or else its shard names and sample counts."""
+    """What identifies a shard set: the shards selected (a brace pattern may pick a subset of a
+    folder) with their sample counts, and the manifest they come from."""
     from rin_scale.data import list_shards
 
     shards, counts, man = list_shards(url)
-    if man:
-        return json.dumps(man, sort_keys=True)
-    return json.dumps([[s.rsplit("/", 1)[-1], c] for s, c in zip(shards, counts)])
+    selected = [[s.rsplit("/", 1)[-1], c] for s, c in zip(shards, counts)]
+    return json.dumps({"shards": selected, "manifest": man}, sort_keys=True)
 
 
 def cache_key(url: str, extractor_id: str, model_cfg, limit: int = 0) -> str:

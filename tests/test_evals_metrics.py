@@ -169,6 +169,19 @@ def test_reference_statistics_are_cached_by_data_and_extractor(tmp_path, incepti
     assert np.allclose(sigma, sigma.T) and rows.shape == (4, 2048)  # rows kept: fewer than dimensions
 
 
+def test_a_subset_of_a_shard_folder_has_its_own_reference_key(tmp_path):
+    from test_evals_helpers import make_shards
+
+    from evals.reference import cache_key
+    from rin_scale.config import load_config
+
+    folder = make_shards(str(tmp_path / "digits"), "digits", n=8, shard_size=4)  # two shards, one manifest
+    m = load_config("tiny").model
+    keys = [cache_key(u, "inception", m) for u in (folder, f"{folder}/data-{{000000..000001}}.tar",
+                                                   f"{folder}/data-{{000000..000000}}.tar")]
+    assert keys[0] == keys[1] and keys[2] != keys[0]  # the same samples share statistics; a subset does not
+
+
 def test_classifier_recognises_real_digits_and_not_mislabelled_ones(tmp_path):
     from test_evals_helpers import make_shards
 
