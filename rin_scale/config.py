@@ -450,7 +450,8 @@ def reference_markdown() -> str:
                 comments[m.group(1)] = m.group(3) or ""
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append(f"| `{section}.{f.name}` | `{default!r}` | {comments.get(f.name, '')} |")
+            meaning = comments.get(f.name, "").replace("|", "\\|")  # a table cell cannot hold a bare |
+            rows.append(f"| `{section}.{f.name}` | `{default!r}` | {meaning} |")
     return "\n".join(rows)
 
 
