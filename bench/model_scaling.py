@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5)
-    ap.add_argument("--vit-max-gflops", type=float, default=25.0,
+    ap.add_argument("--vit-max-gflops", type=float, default=50.0,
                     help="skip ViT timings whose forward needs more GFLOPs than this")
     ap.add_argument("--quick", action="store_true", help="FLOPs only, no timings")
     a = ap.parse_args(argv)
