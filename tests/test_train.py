@@ -110,6 +110,16 @@ def test_zero_stages_train_and_loss_falls(shards, tmp_path, stage, extra):
     first = sum(loss[s] for s in range(1, 6)) / 5
     last = sum(loss[s] for s in range(16, 21)) / 5
     assert last < 0.7 * first, (stage, first, last)
+    if "train.activation_checkpointing=1" in extra:  # the same run without it: same losses and gradients
+        plain = str(tmp_path / f"z{stage}-plain")
+        train(plain, 2, f"train.zero_stage={stage}", "train.global_batch=16", "train.total_steps=3",
+              "train.warmup_steps=5", "train.state_every=20", "train.snapshot_every=20", "train.sample_every=0",
+              "train.log_every=10", "train.ema_decay=0", "train.ema_warmup=false",
+              *[e for e in extra if "activation_checkpointing" not in e], shards=shards)
+        rows = {r["step"]: r for r in rundir.read_jsonl(rundir.join(run, "train_log.jsonl"))}
+        for r in rundir.read_jsonl(rundir.join(plain, "train_log.jsonl")):
+            assert math.isclose(r["loss"], rows[r["step"]]["loss"], rel_tol=1e-4), (r, rows[r["step"]])
+            assert math.isclose(r["grad_norm"], rows[r["step"]]["grad_norm"], rel_tol=1e-3), (r, rows[r["step"]])
     model, _, meta = rundir.load_snapshot(rundir.newest_complete(run, "snapshots")[1])
     assert meta["step"] == 20
     # With decay 0 the EMA is the weights themselves: the snapshot (under ZeRO-3 gathered from each
