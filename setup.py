@@ -26,6 +26,7 @@ setup(
         "console_scripts": [
             "rin-train=rin_scale.train:main",
             "rin-info=rin_scale.info:main",
+            "rin-sample=rin_scale.sample:main",
             "rin-shard=data_tools.shard:main",
             "rin-inspect=data_tools.inspect:main",
             "rin-submit=launch.submit:main",

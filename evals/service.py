@@ -32,24 +32,14 @@ import torch
 from tqdm import tqdm
 
 from rin_scale import rundir
-from rin_scale.config import Config, ConfigError, apply_overrides, load_yaml_into, validate
+from rin_scale.config import ConfigError
+from rin_scale.rundir import load_run_config
 
 MAX_FAILURES = 3  # unexpected errors on one snapshot before it gets an error row and is left alone
 
 
 def log(msg: str) -> None:
     print(f"[evals {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def load_run_config(run: str, overrides=()) -> Config:
-    url = rundir.join(run, "config.yaml")
-    fs, path = rundir.fs_path(url)
-    if not fs.exists(path):
-        raise FileNotFoundError(f"{url} does not exist: is --run a run directory the trainer has started?")
-    cfg = Config()
-    load_yaml_into(cfg, url)
-    apply_overrides(cfg, list(overrides))
-    return validate(cfg)
 
 
 class Service:

@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps({"final": final}))
     tb = rundir.local_path(run_url) if rundir.is_local(run_url) else run_url
     print(f"look at it   : tensorboard --logdir {tb} --host 127.0.0.1 --port 6006")
+    print(f"more samples : {sys.executable} -m rin_scale.sample {tb} --out samples.png")
 
 
 if __name__ == "__main__":

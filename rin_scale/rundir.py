@@ -210,3 +210,17 @@ def load_snapshot(url: str, device="cpu"):
                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     model.to(device).eval()
     return model, diffusion_config_from_dict(cfgs["diffusion"]), meta
+
+
+def load_run_config(run: str, overrides=()):
+    """The run's resolved RUN/config.yaml (as the trainer wrote it), then overrides, validated."""
+    from .config import Config, apply_overrides, load_yaml_into, validate
+
+    url = join(run, "config.yaml")
+    fs, path = fs_path(url)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"{url} does not exist: is {run} a run directory the trainer has started?")
+    cfg = Config()
+    load_yaml_into(cfg, url)
+    apply_overrides(cfg, list(overrides))
+    return validate(cfg)

@@ -55,4 +55,25 @@ def test_shortened_demo_leaves_every_stage_output(tmp_path):
     # 4. the summary: where the run is, the final metrics, how to look at it
     final = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"final"')))["final"]
     assert set(final) == {"fid", "class_accuracy"} and 0 <= final["class_accuracy"] <= 1
-    assert f"tensorboard --logdir {run}" in proc.stdout
+    assert f"tensorboard --logdir {run}" in proc.stdout and f"rin_scale.sample {run}" in proc.stdout
+
+    # 5. the sampling CLI on the run: a grid with one column per class, ADM-style npz, same seed same samples
+    import numpy as np
+    from PIL import Image
+
+    def sample_cli(*args):
+        p = subprocess.run([sys.executable, "-m", "rin_scale.sample", run, *args], cwd=ROOT,
+                           env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stderr[-3000:]
+        return p
+
+    grid, npz = tmp_path / "grid.png", tmp_path / "s.npz"
+    assert "step 12" in sample_cli("--n", "20", "--out", str(grid), "--npz", str(npz)).stderr
+    assert Image.open(grid).size == (10 * 17 + 1, 2 * 17 + 1)  # 16x16 samples, 1-pixel padding
+    a = np.load(npz)
+    assert a["arr_0"].shape == (20, 16, 16, 3) and a["arr_0"].dtype == np.uint8
+    assert a["arr_1"].tolist() == list(range(10)) * 2
+    sample_cli("--n", "20", "--out", str(grid), "--npz", str(tmp_path / "again.npz"))
+    assert np.array_equal(np.load(tmp_path / "again.npz")["arr_0"], a["arr_0"])
+    sample_cli("--n", "4", "--class", "3", "--out", str(grid), "--npz", str(npz))
+    assert np.load(npz)["arr_1"].tolist() == [3] * 4

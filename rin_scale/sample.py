@@ -1,0 +1,147 @@
+"""Sample from an EMA snapshot without DeepSpeed: `python -m rin_scale.sample RUN_OR_SNAPSHOT --out grid.png`.
+
+RUN_OR_SNAPSHOT is a snapshot folder (`RUN/snapshots/step-000001600`) or a run directory (its newest
+complete snapshot), at any fsspec URL. Writes a PNG grid (class-conditional models: one column per
+class, cycling the labels) and, with `--npz`, the samples as uint8 NHWC in `arr_0` (video: NTHWC,
+the given frames then the predicted ones) with labels in `arr_1`: the layout of ADM's evaluation
+suite, for published-comparable FID with the reference batches of ADM/DiT. Video snapshots take their conditioning frames from real
+clips: `--data` shards (default: the run's `data.shards`).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from . import rundir
+from .config import ConfigError
+
+
+def resolve_snapshot(url: str) -> tuple[str, str]:
+    """(snapshot URL, run URL): a snapshot folder is used as is, a run directory gives its newest."""
+    url = url.rstrip("/")
+    fs, path = rundir.fs_path(url)
+    if fs.exists(rundir.join(path, "ema.safetensors")):
+        return url, url.rsplit("/snapshots/", 1)[0] if "/snapshots/" in url else ""
+    newest = rundir.newest_complete(url, "snapshots")
+    if newest is None:
+        raise ConfigError(f"{url} is neither a snapshot (no ema.safetensors) nor a run with a complete snapshot")
+    return newest[1], url
+
+
+def cond_frames(data: str, model_cfg, n: int) -> torch.Tensor:
+    """The leading frames of the first n real clips (cycled when the data has fewer)."""
+    from .data import iter_samples
+
+    clips = []
+    for x, _, _ in iter_samples(data, model_cfg):
+        clips.append(x[:, :model_cfg.cond_frames])
+        if len(clips) == n:
+            break
+    if not clips:
+        raise ConfigError(f"--data {data!r} gave no readable clips for the conditioning frames")
+    return torch.stack([clips[i % len(clips)] for i in range(n)])
+
+
+def generate(model, dcfg, n: int, batch: int, seed: int, steps=None, sampler=None, guidance=None,
+             label=None, cond=None, device="cpu", progress=True):
+    """(samples in [-1, 1] on the CPU, labels or None); same seed, same samples."""
+    from .diffusion import sample
+
+    m = model.cfg
+    labels = None
+    if m.num_classes:
+        labels = torch.full((n,), label) if label is not None else torch.arange(n) % m.num_classes
+    shape = ((m.channels, m.pred_frames, m.image_size, m.image_size) if m.is_video
+             else (m.channels, m.image_size, m.image_size))
+    gen = torch.Generator(device).manual_seed(seed)
+    out = []
+    with tqdm(total=n, unit="sample", disable=not progress, file=sys.stderr) as bar:
+        for start in range(0, n, batch):
+            b = min(batch, n - start)
+            lb = labels[start:start + b].to(device) if labels is not None else None
+            cb = cond[start:start + b].to(device) if cond is not None else None
+            with torch.no_grad():
+                x = sample(model, (b, *shape), dcfg, labels=lb, cond=cb, steps=steps, sampler=sampler,
+                           generator=gen, guidance=guidance)
+            x = x.float().clamp(-1, 1).cpu()
+            out.append(torch.cat([cb.cpu().float(), x], dim=2) if cb is not None else x)
+            bar.update(b)
+    return torch.cat(out), labels
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """[-1, 1] (B,C,H,W) or (B,C,T,H,W) -> uint8 channels-last, rounded as ADM/DiT do."""
+    x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return x.movedim(1, -1).numpy()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m rin_scale.sample", description=__doc__.split("\n\n")[0])
+    p.add_argument("source", help="snapshot folder or run directory (any fsspec URL)")
+    p.add_argument("--out", default="samples.png", help="PNG grid to write")
+    p.add_argument("--n", type=int, default=0, help="samples (default: 10 per class, or 64)")
+    p.add_argument("--class", dest="label", type=int, default=None, help="condition every sample on this class")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the snapshot's config)")
+    p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--zoom", type=int, default=1, help="enlarge the grid this many times (nearest pixels)")
+    p.add_argument("--npz", default="", help="also write the samples as an ADM-style .npz")
+    p.add_argument("--data", default="", help="video: shards whose clips give the conditioning frames")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = p.parse_args(argv)
+    try:
+        snap, run = resolve_snapshot(a.source)
+        model, dcfg, meta = rundir.load_snapshot(snap, device=a.device)
+        m = model.cfg
+        if a.label is not None and not 0 <= a.label < m.num_classes:
+            raise ConfigError(f"--class {a.label}: the model has {m.num_classes} classes (0..{m.num_classes - 1})")
+        n = a.n or (10 * m.num_classes if 0 < m.num_classes <= 10 else 64)
+        cond = None
+        if m.is_video and m.cond_frames:
+            data = a.data
+            if not data and run:
+                data = rundir.load_run_config(run).data.shards
+            if not data:
+                raise ConfigError("a video snapshot needs conditioning frames: pass --data SHARDS")
+            cond = cond_frames(data, m, n)
+    except (ConfigError, rundir.SnapshotError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"[sample] {snap} (step {meta.get('step')}): {n} samples on {a.device}", file=sys.stderr)
+    x, labels = generate(model, dcfg, n, a.batch, a.seed, a.steps, a.sampler, a.guidance, a.label, cond,
+                         a.device)
+
+    from torchvision.utils import save_image
+
+    from .tblog import sample_grid
+
+    nrow = m.num_classes if 0 < m.num_classes <= 10 and a.label is None else 0
+    buf = io.BytesIO()
+    grid = sample_grid(x, nrow=nrow)
+    if a.zoom > 1:
+        grid = grid.repeat_interleave(a.zoom, 1).repeat_interleave(a.zoom, 2)
+    save_image(grid, buf, format="png")
+    fs, path = rundir.fs_path(a.out)
+    fs.pipe_file(path, buf.getvalue())
+    print(f"[sample] grid -> {a.out}", file=sys.stderr)
+    if a.npz:
+        buf = io.BytesIO()
+        arrays = {"arr_0": to_uint8(x)}
+        if labels is not None:
+            arrays["arr_1"] = labels.numpy()
+        np.savez(buf, **arrays)
+        fs, path = rundir.fs_path(a.npz)
+        fs.pipe_file(path, buf.getvalue())
+        print(f"[sample] {tuple(arrays['arr_0'].shape)} uint8 -> {a.npz}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
