@@ -6,6 +6,7 @@ COMPLETE only after every rank has written and a barrier; resume takes the newes
     STATE/step-N/trainer.json        step, images seen, world size, wall time (rank 0)
     STATE/step-N/rank-R.pt           RNG states + data position of rank R (weights_only loadable)
     STATE/step-N/COMPLETE
+    STATE/step-N/universal/step-N/   DeepSpeed universal checkpoint, made when another world size resumes
 
 STATE is the local POSIX folder all ranks share (train.state_dir, default RUN/states). When RUN
 is a bucket the finished folder is uploaded to RUN/states/step-N and marked there.
@@ -16,6 +17,8 @@ import json
 import os
 import random
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import torch
@@ -137,14 +140,43 @@ def find_resume(cfg):
     return box[0]
 
 
-def load_state(engine, folder: str, ema, zero_stage: int):
+def saved_world_size(folder: str) -> int:
+    with open(os.path.join(folder, "trainer.json")) as f:
+        return json.load(f)["world_size"]
+
+
+def universal_for(folder: str, zero_stage: int) -> str:
+    """The ZeRO state in `folder` as a DeepSpeed universal checkpoint (STATE/step-N/universal/step-N),
+    converted once by rank 0 with DeepSpeed's own converter; collective. ZeRO partitions are tied to
+    the world size that wrote them; the universal form is per parameter, so any world size loads
+    weights, optimizer moments and step counts from it."""
+    tag = os.path.basename(folder.rstrip("/"))
+    out = os.path.join(folder, "universal", tag)
+    if _rank() == 0 and not os.path.exists(os.path.join(out, rundir.COMPLETE)):
+        shutil.rmtree(out, ignore_errors=True)  # a conversion killed half-way starts over
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+               os.path.join(folder, tag), "--output_folder", out, "--num_extract_workers", "1",
+               "--num_merge_workers", "1"]
+        if zero_stage < 3:
+            cmd.append("--inject_missing_state")  # the Megatron-only info DeepSpeed asks of ZeRO-1/2 states
+        print(f"[train] converting {folder} (ZeRO-{zero_stage}) to a universal checkpoint for the new world size",
+              flush=True)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"DeepSpeed could not convert {folder} to a universal checkpoint "
+                               f"(resume with {saved_world_size(folder)} ranks instead): {proc.stderr.strip()[-1500:]}")
+        rundir.mark_complete(out, {"from": folder})
+    _barrier()
+    return out
+
+
+def load_state(engine, folder: str, ema, universal: str = ""):
     """Loads weights, optimizer, LR schedule into the engine and the EMA; returns (trainer meta,
     this rank's RNG state or None, the data-loader state).
 
-    Another world size (same global batch): ZeRO 0 states load as they are. ZeRO 1/2 optimizer
-    partitions are tied to the world size, so the weights load (DeepSpeed's module-only load
-    refreshes the fp32 partitions), the LR schedule and EMA are restored, and the optimizer
-    moments restart from zero (logged). ZeRO-3 keeps its weights only in partitions: refused."""
+    Another world size (same global batch) loads from `universal` (see universal_for; the engine
+    must have been built with load_universal) or, for ZeRO-0, from the state as it is. Each rank's
+    RNG then starts anew and the data loader re-derives its order from rank 0's position."""
     from safetensors.torch import load_file
 
     with open(os.path.join(folder, "trainer.json")) as f:
@@ -153,24 +185,17 @@ def load_state(engine, folder: str, ema, zero_stage: int):
     rank = _rank()
     world = dist.get_world_size() if dist.is_initialized() else 1
     same = meta["world_size"] == world
-    rank0 = torch.load(os.path.join(folder, "rank-0.pt"), weights_only=True)
-    if same or zero_stage == 0:
-        path, _ = engine.load_checkpoint(folder, tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    elif zero_stage in (1, 2):
-        path, _ = engine.load_checkpoint(folder, tag=tag, load_module_only=True, load_optimizer_states=False,
-                                         load_lr_scheduler_states=False)
-        if "sched" in rank0:
-            engine.lr_scheduler.load_state_dict(json.loads(rank0["sched"]))
-        if rank == 0:
-            print(f"[train] state saved by {meta['world_size']} rank(s), resumed by {world}: weights, EMA, LR "
-                  f"schedule and data position restored; ZeRO-{zero_stage} optimizer moments restart", flush=True)
-    else:
-        raise RuntimeError(f"{folder} is a ZeRO-3 state of {meta['world_size']} rank(s); it resumes only with "
-                           f"{meta['world_size']} ranks (run with that many processes, same global batch)")
+    path, _ = engine.load_checkpoint(os.path.dirname(universal) if universal else folder, tag=tag,
+                                     load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load the state in {folder}")
+        raise RuntimeError(f"DeepSpeed could not load the state in {universal or folder}")
+    if universal:  # ZeRO-3's universal load gives every sub-group one shared 'step' tensor, which
+        # optimizers increment in place (by the number of sub-groups per step): give each its own
+        base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        for st in base.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
     ema.load_full_state(load_file(os.path.join(folder, "ema.safetensors")))
     mine = os.path.join(folder, f"rank-{rank}.pt")
-    extra = torch.load(mine, weights_only=True) if same and os.path.exists(mine) else rank0
-    # A different world size: the loader re-derives its order from rank 0's position (data.py).
+    extra = torch.load(mine if same else os.path.join(folder, "rank-0.pt"), weights_only=True)
     return meta, (extra["rng"] if same else None), json.loads(extra["loader"])

@@ -235,8 +235,9 @@ def make_scheduler(optimizer, cfg: Config):
 # DeepSpeed
 
 
-def ds_config(cfg: Config, world_size: int) -> dict:
-    """The DeepSpeed config: global batch fixed, micro-batch and accumulation from the world size."""
+def ds_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
+    """The DeepSpeed config: global batch fixed, micro-batch and accumulation from the world size.
+    load_universal: the state to resume is a universal checkpoint (saved at another world size)."""
     t = cfg.train
     micro, accum = check_world(cfg, world_size)
     zero = {"stage": t.zero_stage}
@@ -251,7 +252,7 @@ def ds_config(cfg: Config, world_size: int) -> dict:
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
-        "checkpoint": {"tag_validation": "FAIL"},
+        "checkpoint": {"tag_validation": "FAIL", "load_universal": load_universal},
     }
     if t.grad_clip > 0:
         c["gradient_clipping"] = t.grad_clip
@@ -273,7 +274,7 @@ def configure_checkpointing(model, cfg: Config) -> None:
     model.checkpoint_every = k
 
 
-def build_engine(model, cfg: Config, world_size: int):
+def build_engine(model, cfg: Config, world_size: int, load_universal: bool = False):
     """(engine, base optimizer, LR scheduler). The model must already be on its device."""
     import deepspeed
 
@@ -281,5 +282,5 @@ def build_engine(model, cfg: Config, world_size: int):
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=ds_config(cfg, world_size))
+                                           config=ds_config(cfg, world_size, load_universal))
     return engine, opt, sched

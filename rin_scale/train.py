@@ -115,7 +115,8 @@ class TrainingError(RuntimeError):
 
 
 def train(cfg) -> int:
-    from .checkpoint import find_resume, load_state, local_state_root, save_state, set_rng_state
+    from .checkpoint import (find_resume, load_state, local_state_root, save_state, saved_world_size,
+                             set_rng_state, universal_for)
     from .data import ShardLoader
     from .diffusion import training_loss
     from .ema import EMA
@@ -144,10 +145,17 @@ def train(cfg) -> int:
                f"x {world} = {t.global_batch}; precision {prec.name} ({prec.reason}); "
                f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_src})")
 
+    # The newest complete state, found first: one saved by another world size under ZeRO 1-3 is
+    # loaded through DeepSpeed's universal checkpoint, which the engine must know of when built.
+    resume = find_resume(cfg)
+    universal = ""
+    if resume is not None and t.zero_stage > 0 and saved_world_size(resume[1]) != world:
+        universal = universal_for(resume[1], t.zero_stage)
+
     # Model, engine, EMA. Same seed on every rank: identical initial weights.
     torch.manual_seed(t.seed)
     model = RIN(cfg.model).to(dev)
-    engine, _, _ = build_engine(model, cfg, world)
+    engine, _, _ = build_engine(model, cfg, world, load_universal=bool(universal))
     ema = EMA(engine.module, t.ema_decay)
     flops_per_example = train_flops_per_example(cfg.model, cfg.diffusion.self_cond_rate)
 
@@ -163,9 +171,8 @@ def train(cfg) -> int:
 
     # Resume from the newest complete state, or start fresh.
     step, images_seen, wall_before, loader_state, rng = 0, 0, 0.0, None, None
-    resume = find_resume(cfg)
     if resume is not None:
-        meta, rng, loader_state = load_state(engine, resume[1], ema, t.zero_stage)
+        meta, rng, loader_state = load_state(engine, resume[1], ema, universal)
         step, images_seen, wall_before = meta["step"], meta["images_seen"], meta.get("wall_time", 0.0)
         log0(rank, f"resumed from {resume[1]} at step {step} ({images_seen} images seen, "
                    f"saved by {meta['world_size']} rank(s))")
