@@ -258,8 +258,6 @@ class Service:
         labels = balanced_labels(e.num_samples, m.num_classes) if m.num_classes > 0 else None
         conds = self._cond_clips() if m.is_video else None
         gen = torch.Generator(self.device).manual_seed(self.cfg.train.seed)  # same noise for every snapshot
-        shape = ((m.channels, m.pred_frames, m.image_size, m.image_size) if m.is_video
-                 else (m.channels, m.image_size, m.image_size))
         correct, grid, last_refresh = 0, [], time.time()
         bar = tqdm(total=e.num_samples, desc=f"step {step}", unit="sample", disable=not self.progress,
                    file=sys.stderr)
@@ -270,7 +268,7 @@ class Service:
             lb = labels[start:start + b].to(self.device) if labels is not None else None
             cond = torch.stack([next(conds) for _ in range(b)]).to(self.device) if conds is not None else None
             with torch.no_grad(), autocast:
-                x = sample(model, (b, *shape), dcfg, labels=lb, cond=cond, steps=self._steps(dcfg),
+                x = sample(model, (b, *m.sample_shape), dcfg, labels=lb, cond=cond, steps=self._steps(dcfg),
                            sampler=self._sampler(dcfg), generator=gen)
             x = x.float().clamp(-1, 1)
             if cond is not None:  # FVD scores the whole clip: given frames, then predicted ones

@@ -49,6 +49,12 @@ class ModelConfig:
     def pred_frames(self) -> int:
         return self.frames - self.cond_frames
 
+    @property
+    def sample_shape(self) -> tuple:
+        """What the network denoises, per example: (C, H, W), or (C, predicted frames, H, W)."""
+        s = self.image_size
+        return (self.channels, self.pred_frames, s, s) if self.is_video else (self.channels, s, s)
+
 
 @dataclass
 class DiffusionConfig:

@@ -575,3 +575,16 @@ def iter_samples(url: str, model_cfg):
                 yield to_unit(x), y, sample["__key__"]
         except (tarfile.TarError, OSError, EOFError):
             continue
+
+
+def leading_frames(url: str, model_cfg, n: int) -> torch.Tensor:
+    """(n, C, cond_frames, H, W): the given frames of the first n clips at url, cycled when there
+    are fewer; what video samples are conditioned on outside the training stream."""
+    clips = []
+    for x, _, _ in iter_samples(url, model_cfg):
+        clips.append(x[:, :model_cfg.cond_frames])
+        if len(clips) == n:
+            break
+    if not clips:
+        raise DataError(f"{url!r} gave no readable clips for the conditioning frames")
+    return torch.stack([clips[i % len(clips)] for i in range(n)])

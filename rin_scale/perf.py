@@ -74,7 +74,7 @@ def forward_flops(model_cfg) -> float:
         m = model_cfg
         model = RIN(m).eval()
         s = m.image_size
-        x = torch.zeros((1, m.channels, m.pred_frames, s, s) if m.is_video else (1, m.channels, s, s))
+        x = torch.zeros(1, *m.sample_shape)
         cond = torch.zeros(1, m.channels, m.cond_frames, s, s) if m.is_video and m.cond_frames else None
         labels = torch.zeros(1, dtype=torch.long) if m.num_classes else None
         counter = FlopCounterMode(display=False)

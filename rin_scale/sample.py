@@ -4,8 +4,8 @@ RUN_OR_SNAPSHOT is a snapshot folder (`RUN/snapshots/step-000001600`) or a run d
 complete snapshot), at any fsspec URL. Writes a PNG grid (class-conditional models: one column per
 class, cycling the labels) and, with `--npz`, the samples as uint8 NHWC in `arr_0` (video: NTHWC,
 the given frames then the predicted ones) with labels in `arr_1`: the layout of ADM's evaluation
-suite, for published-comparable FID with the reference batches of ADM/DiT. Video snapshots take their conditioning frames from real
-clips: `--data` shards (default: the run's `data.shards`).
+suite, for published-comparable FID with the reference batches of ADM/DiT. Video snapshots take
+their conditioning frames from real clips: `--data` shards (default: the run's `data.shards`).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from . import rundir
 from .config import ConfigError
+from .data import DataError, leading_frames
 
 
 def resolve_snapshot(url: str) -> tuple[str, str]:
@@ -33,20 +34,6 @@ def resolve_snapshot(url: str) -> tuple[str, str]:
     return newest[1], url
 
 
-def cond_frames(data: str, model_cfg, n: int) -> torch.Tensor:
-    """The leading frames of the first n real clips (cycled when the data has fewer)."""
-    from .data import iter_samples
-
-    clips = []
-    for x, _, _ in iter_samples(data, model_cfg):
-        clips.append(x[:, :model_cfg.cond_frames])
-        if len(clips) == n:
-            break
-    if not clips:
-        raise ConfigError(f"--data {data!r} gave no readable clips for the conditioning frames")
-    return torch.stack([clips[i % len(clips)] for i in range(n)])
-
-
 def generate(model, dcfg, n: int, batch: int, seed: int, steps=None, sampler=None, guidance=None,
              label=None, cond=None, device="cpu", progress=True):
     """(samples in [-1, 1] on the CPU, labels or None); same seed, same samples."""
@@ -56,8 +43,6 @@ def generate(model, dcfg, n: int, batch: int, seed: int, steps=None, sampler=Non
     labels = None
     if m.num_classes:
         labels = torch.full((n,), label) if label is not None else torch.arange(n) % m.num_classes
-    shape = ((m.channels, m.pred_frames, m.image_size, m.image_size) if m.is_video
-             else (m.channels, m.image_size, m.image_size))
     gen = torch.Generator(device).manual_seed(seed)
     out = []
     with tqdm(total=n, unit="sample", disable=not progress, file=sys.stderr) as bar:
@@ -66,8 +51,8 @@ def generate(model, dcfg, n: int, batch: int, seed: int, steps=None, sampler=Non
             lb = labels[start:start + b].to(device) if labels is not None else None
             cb = cond[start:start + b].to(device) if cond is not None else None
             with torch.no_grad():
-                x = sample(model, (b, *shape), dcfg, labels=lb, cond=cb, steps=steps, sampler=sampler,
-                           generator=gen, guidance=guidance)
+                x = sample(model, (b, *m.sample_shape), dcfg, labels=lb, cond=cb, steps=steps,
+                           sampler=sampler, generator=gen, guidance=guidance)
             x = x.float().clamp(-1, 1).cpu()
             out.append(torch.cat([cb.cpu().float(), x], dim=2) if cb is not None else x)
             bar.update(b)
@@ -110,8 +95,8 @@ def main(argv=None) -> int:
                 data = rundir.load_run_config(run).data.shards
             if not data:
                 raise ConfigError("a video snapshot needs conditioning frames: pass --data SHARDS")
-            cond = cond_frames(data, m, n)
-    except (ConfigError, rundir.SnapshotError, FileNotFoundError) as e:
+            cond = leading_frames(data, m, n)
+    except (ConfigError, DataError, rundir.SnapshotError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"[sample] {snap} (step {meta.get('step')}): {n} samples on {a.device}", file=sys.stderr)

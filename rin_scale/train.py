@@ -307,24 +307,15 @@ class Sampler:
         self.model = RIN(m).to(dev).eval()
         n = cfg.train.sample_count
         g = torch.Generator().manual_seed(1234)
-        s = m.image_size
-        shape = (n, m.channels, m.pred_frames, s, s) if m.is_video else (n, m.channels, s, s)
-        self.noise = torch.randn(shape, generator=g)
+        self.noise = torch.randn((n, *m.sample_shape), generator=g)
         self.labels = torch.arange(n) % m.num_classes if m.num_classes else None
         # Video: the first clips of the dataset give the conditioning frames (read apart from the
         # training stream, so the loader's position is untouched).
         self.cond = None
         if m.is_video and m.cond_frames:
-            from .data import iter_samples
+            from .data import leading_frames
 
-            clips = []
-            for x, _, _ in iter_samples(cfg.data.shards, m):
-                clips.append(x[:, :m.cond_frames])
-                if len(clips) == n:
-                    break
-            while len(clips) < n:
-                clips.append(clips[len(clips) % max(len(clips), 1)])
-            self.cond = torch.stack(clips)
+            self.cond = leading_frames(cfg.data.shards, m, n)
 
     def grid(self, ema_state: dict) -> torch.Tensor:
         from .diffusion import sample
