@@ -65,25 +65,3 @@ def moving_digits(split: str = "train", frames: int = 16, size: int = 16, digit_
                     vel[k] = -vel[k]
                     pos[k] = min(max(pos[k], 0), span)
         yield f"moving{i:04d}", clip, int(labels[i])
-
-
-def encode_mp4(clip: np.ndarray, fps: int = 8) -> bytes:
-    """uint8 TxHxWx3 -> H.264 mp4 bytes (PyAV). H and W must be even."""
-    import io
-
-    import av
-
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.width, stream.height = clip.shape[2], clip.shape[1]
-        stream.pix_fmt = "yuv420p"
-        # near-lossless and deterministic: one thread, fixed quality
-        stream.options = {"crf": "12", "preset": "veryfast", "threads": "1"}
-        stream.thread_count = 1
-        for frame in clip:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    return buf.getvalue()

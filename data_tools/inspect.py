@@ -8,9 +8,7 @@ Video previews are a GIF (or .mp4) strip: one row of clips, played frame by fram
 """
 from __future__ import annotations
 
-import os
 
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported
 
 import argparse
 import collections
@@ -21,7 +19,9 @@ import sys
 import numpy as np
 from PIL import Image
 
-from rin_scale.data import IMAGE_EXTS, VIDEO_EXTS, DataError, list_shards, read_tar_samples
+from rin_scale.media import IMAGE_EXTS, VIDEO_EXTS, encode_mp4, read_video
+from rin_scale.shards import DataError, list_shards, read_tar_samples
+from rin_scale.storage import write_bytes
 
 
 def _decode(sample):
@@ -32,13 +32,7 @@ def _decode(sample):
             return "image", np.asarray(img.convert("RGB"))
     for e in VIDEO_EXTS:
         if e in sample:
-            import av
-
-            with av.open(io.BytesIO(sample[e])) as c:
-                frames = [f.to_ndarray(format="rgb24") for f in c.decode(video=0)]
-            if not frames:
-                raise ValueError("no frames")
-            return "video", np.stack(frames)
+            return "video", np.stack(read_video(sample[e])[0])
     raise ValueError(f"no media member in {sorted(k for k in sample if k != '__key__')}")
 
 
@@ -99,9 +93,6 @@ def _grid(images, cols):
 
 def write_preview(samples, path: str) -> None:
     """A grid PNG for images; for video a strip of clips as GIF (or MP4 when path ends in .mp4)."""
-    from rin_scale.data import url_fs
-
-    fs, p = url_fs(path)
     buf = io.BytesIO()
     if samples[0].ndim == 3:
         scale = max(1, 64 // samples[0].shape[0])
@@ -111,16 +102,13 @@ def write_preview(samples, path: str) -> None:
         t = min(a.shape[0] for a in samples)
         frames = [_grid([a[i] for a in samples], len(samples)) for i in range(t)]
         if path.endswith(".mp4"):
-            from data_tools.embedded import encode_mp4
-
             frames = [f[: f.shape[0] // 2 * 2, : f.shape[1] // 2 * 2] for f in frames]
             buf.write(encode_mp4(np.stack(frames)))
         else:
             scale = max(1, 64 // samples[0].shape[1])
             ims = [Image.fromarray(f).resize((f.shape[1] * scale, f.shape[0] * scale), Image.NEAREST) for f in frames]
             ims[0].save(buf, "GIF", save_all=True, append_images=ims[1:], duration=125, loop=0)
-    with fs.open(p, "wb") as f:
-        f.write(buf.getvalue())
+    write_bytes(path, buf.getvalue())
 
 
 def main(argv=None) -> int:

@@ -6,27 +6,27 @@
 SOURCE: a folder of images (class subfolders become labels; a flat folder is unlabelled), a folder
 of videos, or a text file listing files or URLs (one a line, optionally "<TAB>class").
 OUT gets PREFIX-000000.tar, ... and PREFIX-manifest.json. Deterministic: the same input gives the
-same bytes and keys. A shard appears under its final name only when complete (locally written as
-.partial and renamed; in a bucket an object exists once its upload completes); PREFIX-progress.json records finished shards, so re-running after a crash carries on
+same bytes and keys. A shard appears under its final name only when complete (rin_scale.storage's
+atomic writes); PREFIX-progress.json records finished shards, so re-running after a crash carries on
 after the last complete shard. Unreadable files are skipped and listed in the manifest.
 """
 from __future__ import annotations
 
 import os
 
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported
 
 import argparse
 import io
 import json
 import multiprocessing
 import sys
-import tarfile
 
 import numpy as np
 from PIL import Image
 
-from rin_scale.data import is_local, url_fs
+from rin_scale.media import encode_image, encode_mp4, read_video, resize_crop
+from rin_scale.shards import tar_bytes
+from rin_scale.storage import fs_path, join, read_json, write_bytes, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
@@ -46,7 +46,7 @@ def _scheme(url: str) -> str:
 
 def list_folder(url: str, kind: str = "auto"):
     """(kind, [(url, class name or None)], class names) for a folder, files in sorted order."""
-    fs, root = url_fs(url)
+    fs, root = fs_path(url)
     if not fs.isdir(root):
         raise ShardError(f"{url} is not a folder or a list file: give a folder of images/videos or a .txt list")
     root = root.rstrip("/")
@@ -69,7 +69,7 @@ def list_folder(url: str, kind: str = "auto"):
 
 
 def list_file(url: str, kind: str = "auto"):
-    fs, path = url_fs(url)
+    fs, path = fs_path(url)
     with fs.open(path, "r") as f:
         lines = [ln.strip() for ln in f.read().splitlines()]
     base = url.rsplit("/", 1)[0] if "/" in url else "."
@@ -94,28 +94,8 @@ def list_file(url: str, kind: str = "auto"):
 # Encoding one source item into samples (runs in worker processes)
 
 
-def _resize_center(img: Image.Image, size: int) -> Image.Image:
-    w, h = img.size
-    s = size / min(w, h)
-    img = img.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BICUBIC)
-    w, h = img.size
-    x, y = (w - size) // 2, (h - size) // 2
-    return img.crop((x, y, x + size, y + size))
-
-
-def _encode_image(img: Image.Image, ext: str) -> bytes:
-    buf = io.BytesIO()
-    if ext == "jpg":
-        img.convert("RGB").save(buf, "JPEG", quality=95)
-    elif ext == "webp":
-        img.save(buf, "WEBP", quality=95)
-    else:
-        img.save(buf, "PNG")
-    return buf.getvalue()
-
-
 def _read(src: str) -> bytes:
-    fs, path = url_fs(src)
+    fs, path = fs_path(src)
     with fs.open(path, "rb") as f:
         return f.read()
 
@@ -132,31 +112,22 @@ def encode_image_item(key, src, data, label, opts):
     ext = opts.get("format") or src_ext or "png"
     w, h = img.size
     if opts.get("resize"):
-        img = _resize_center(img, opts["resize"])
+        img = resize_crop(img, opts["resize"])
     if raw is None or opts.get("resize") or ext != src_ext:  # else the source bytes go in unchanged
         if img.mode not in ("RGB", "L", "RGBA"):
             img = img.convert("RGB")
-        raw = _encode_image(img, ext)
+        raw = encode_image(img, ext)
     meta = {"source": src, "width": w, "height": h}
     return [_sample(key, ext, raw, label, meta)]
 
 
 def encode_video_item(key, src, data, label, opts):
     """One sample per clip of opts['clip_frames'] frames (every frame_stride-th), or the whole video."""
-    from data_tools.embedded import encode_mp4
-
     stride = max(1, opts.get("frame_stride") or 1)
     if isinstance(data, np.ndarray):
         frames, fps = list(data), 8.0
     else:
-        import av
-
-        with av.open(io.BytesIO(data)) as c:
-            stream = c.streams.video[0]
-            fps = float(stream.average_rate or 8)
-            frames = [f.to_ndarray(format="rgb24") for f in c.decode(stream)]
-        if not frames:
-            raise ValueError("no frames")
+        frames, fps = read_video(data)
     h, w = frames[0].shape[:2]
     frames = frames[::stride]
     n = opts.get("clip_frames") or len(frames)
@@ -164,7 +135,7 @@ def encode_video_item(key, src, data, label, opts):
     for c, s in enumerate(range(0, len(frames) - n + 1, n)):
         clip = frames[s:s + n]
         if opts.get("resize"):
-            clip = [np.asarray(_resize_center(Image.fromarray(f), opts["resize"])) for f in clip]
+            clip = [np.asarray(resize_crop(Image.fromarray(f), opts["resize"])) for f in clip]
         clip = np.stack(clip)
         clip = clip[:, : clip.shape[1] // 2 * 2, : clip.shape[2] // 2 * 2]  # H.264 wants even sizes
         meta = {"source": src, "width": w, "height": h, "fps": fps / stride, "frames": n, "clip": c,
@@ -200,30 +171,9 @@ def _work(args):
 # Writing
 
 
-def write_tar(fs, path: str, samples: list[dict]) -> int:
-    """Write samples as a deterministic tar (mtime 0, sorted member order per sample); returns bytes."""
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for s in samples:
-            for ext in sorted(k for k in s if k != "__key__"):
-                info = tarfile.TarInfo(f"{s['__key__']}.{ext}")
-                info.size, info.mtime, info.mode = len(s[ext]), 0, 0o644
-                tf.addfile(info, io.BytesIO(s[ext]))
-    data = buf.getvalue()
-    with fs.open(path, "wb") as f:
-        f.write(data)
-    return len(data)
-
-
-def _json_write(fs, path, obj):
-    with fs.open(path, "wb") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True).encode())
-
-
-def _json_read(fs, path):
+def _json_read(url):
     try:
-        with fs.open(path, "rb") as f:
-            return json.load(f)
+        return read_json(url)
     except FileNotFoundError:
         return None
 
@@ -232,16 +182,16 @@ def make_shards(items, out: str, opts: dict, classes=(), prefix="data", workers=
     """Encode items [(src, data or None, label)] into shards under `out`; returns the manifest."""
     from tqdm import tqdm
 
-    fs, root = url_fs(out)
+    fs, root = fs_path(out)
     fs.makedirs(root, exist_ok=True)
-    man_path, prog_path = f"{root}/{prefix}-manifest.json", f"{root}/{prefix}-progress.json"
-    done = _json_read(fs, man_path)
+    man_path, prog_path = join(out, f"{prefix}-manifest.json"), join(out, f"{prefix}-progress.json")
+    done = _json_read(man_path)
     if done is not None:
         if done.get("options") != opts:
             raise ShardError(f"{out} already holds {prefix}-* shards written with other options: "
                              f"use another folder or --prefix")
         return done
-    prog = _json_read(fs, prog_path) or {}
+    prog = _json_read(prog_path) or {}
     if prog and prog.get("options") != opts:
         raise ShardError(f"{out} holds an unfinished {prefix}-* job with other options: "
                          f"delete {prefix}-* there or use another folder/--prefix")
@@ -261,15 +211,11 @@ def make_shards(items, out: str, opts: dict, classes=(), prefix="data", workers=
     def flush(end_item):
         nonlocal pending, nbytes
         name = f"{prefix}-{len(shards):06d}.tar"
-        if is_local(out):  # a local file appears under its name only when renamed, complete
-            tmp = f"{root}/{name}.partial"
-            b = write_tar(fs, tmp, pending)
-            fs.mv(tmp, f"{root}/{name}")
-        else:  # an object store commits an object when its upload completes: no rename (a copy there)
-            b = write_tar(fs, f"{root}/{name}", pending)
-        shards.append({"name": name, "samples": len(pending), "bytes": b,
+        data = tar_bytes(pending)
+        write_bytes(join(out, name), data)  # atomic: the shard appears under its name only when complete
+        shards.append({"name": name, "samples": len(pending), "bytes": len(data),
                        "first_item": shards[-1]["end_item"] if shards else 0, "end_item": end_item})
-        _json_write(fs, prog_path, {"options": opts, "shards": shards, "errors": errors})
+        write_json(prog_path, {"options": opts, "shards": shards, "errors": errors})
         pending, nbytes = [], 0
 
     ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
@@ -297,8 +243,8 @@ def make_shards(items, out: str, opts: dict, classes=(), prefix="data", workers=
         "options": opts, "errors": [{"source": e["source"], "error": e["error"]} for e in errors],
         "skipped": len(errors), "inputs": len(items),
     }
-    _json_write(fs, man_path, manifest)
-    fs.rm(prog_path)
+    write_json(man_path, manifest)
+    fs.rm(fs_path(prog_path)[1])
     return manifest
 
 

@@ -20,6 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from rin_scale.media import to_uint8
+
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
 I3D_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
@@ -119,14 +121,6 @@ def _random_inception_file() -> str:
         save_random_inception(tmp, seed=0)
         os.replace(tmp, path)
     return path
-
-
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] floats -> uint8 [0, 255], rounding as image files do; 1 channel -> 3."""
-    x = ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    if x.shape[1] == 1:
-        x = x.expand(-1, 3, *x.shape[2:])
-    return x
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,7 +224,9 @@ class FIDStats:
         seen = []
         hook = self.metric.inception.register_forward_hook(lambda m, i, out: seen.append(out))
         try:
-            self.metric.update(to_uint8(x).to(self.metric.device), real=False)
+            u8 = to_uint8(x)  # rounded as image files are
+            self.metric.update((u8.expand(-1, 3, *u8.shape[2:]) if u8.shape[1] == 1 else u8).to(self.metric.device),
+                               real=False)
         finally:
             hook.remove()
         feats = seen[0].detach().to("cpu", torch.float64)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported
 
 import hashlib
 import json
@@ -20,7 +19,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rin_scale import rundir
+from rin_scale import storage
 
 
 def dataset_fingerprint(url: str) -> str:
@@ -40,15 +39,15 @@ def cache_key(url: str, extractor_id: str, model_cfg, limit: int = 0) -> str:
 
 
 def _cache_url(cache_dir: str, key: str, metric: str) -> str:
-    base = os.path.expanduser(cache_dir) if rundir.is_local(cache_dir) else cache_dir
-    return rundir.join(base, "reference", f"{metric}-{key}.safetensors")
+    base = os.path.expanduser(cache_dir) if storage.is_local(cache_dir) else cache_dir
+    return storage.join(base, "reference", f"{metric}-{key}.safetensors")
 
 
 def save_stats(url: str, mu, sigma, n: int, meta: dict, rows=None) -> None:
     """Statistics as safetensors; the feature rows too when fewer than the dimensions (cheap distances)."""
     from safetensors.numpy import save
 
-    fs, path = rundir.fs_path(url)
+    fs, path = storage.fs_path(url)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
     tensors = {"mu": np.ascontiguousarray(mu, np.float64), "sigma": np.ascontiguousarray(sigma, np.float64),
                "n": np.array([n], np.int64)}
@@ -65,7 +64,7 @@ def load_stats(url: str):
     """(mu, sigma, n, rows or None) from a statistics file, or None when it does not exist."""
     from safetensors.numpy import load
 
-    fs, path = rundir.fs_path(url)
+    fs, path = storage.fs_path(url)
     try:
         raw = fs.cat_file(path)
     except FileNotFoundError:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported
 
 import argparse
 import contextlib
@@ -31,7 +30,7 @@ import uuid
 import torch
 from tqdm import tqdm
 
-from rin_scale import rundir
+from rin_scale import rundir, storage
 from rin_scale.config import ConfigError
 from rin_scale.rundir import load_run_config
 
@@ -51,7 +50,7 @@ class Service:
         self.metric = metric_for(self.cfg)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.progress = progress
-        self.ledger = rundir.join(self.run, "eval", "ledger.jsonl")
+        self.ledger = storage.join(self.run, "eval", "ledger.jsonl")
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.failures: dict[int, int] = {}
         self.reported_incomplete: set[int] = set()
@@ -64,7 +63,7 @@ class Service:
     # ---------------------------------------------------------------- what to score
 
     def scored_steps(self) -> set[int]:
-        return {int(r["step"]) for r in rundir.read_jsonl(self.ledger) if r.get("metric") == self.metric}
+        return {int(r["step"]) for r in storage.read_jsonl(self.ledger) if r.get("metric") == self.metric}
 
     def pending(self) -> list[tuple[int, str]]:
         """Complete snapshots without a ledger row, in eval.order."""
@@ -77,7 +76,7 @@ class Service:
         return found[::-1] if e.order == "newest" else found
 
     def _report_incomplete(self, known: set[int]) -> None:
-        fs, root = rundir.fs_path(rundir.join(self.run, "snapshots"))
+        fs, root = storage.fs_path(storage.join(self.run, "snapshots"))
         try:
             entries = fs.ls(root, detail=False)
         except FileNotFoundError:
@@ -92,12 +91,12 @@ class Service:
     # ---------------------------------------------------------------- claims
 
     def _claim_url(self, step: int) -> str:
-        return rundir.join(self.run, "eval", "claims", f"{rundir.step_name(step)}.json")
+        return storage.join(self.run, "eval", "claims", f"{rundir.step_name(step)}.json")
 
     def _create_exclusive(self, url: str, body: bytes) -> bool:
-        fs, path = rundir.fs_path(url)
-        if rundir.is_local(url):
-            path = rundir.local_path(url)
+        fs, path = storage.fs_path(url)
+        if storage.is_local(url):
+            path = storage.local_path(url)
             os.makedirs(os.path.dirname(path), exist_ok=True)
             try:
                 fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -130,7 +129,7 @@ class Service:
         if self._create_exclusive(url, body):
             return True
         try:
-            other = rundir.read_json(url)
+            other = storage.read_json(url)
         except (FileNotFoundError, ValueError):
             other = {"time": 0}  # released meanwhile, or torn: try once more
         age = time.time() - float(other.get("time", 0))
@@ -142,10 +141,10 @@ class Service:
         return self._create_exclusive(url, body)
 
     def refresh_claim(self, step: int) -> None:
-        rundir.write_json(self._claim_url(step), {"owner": self.owner, "time": time.time()})
+        storage.write_json(self._claim_url(step), {"owner": self.owner, "time": time.time()})
 
     def release(self, step: int) -> None:
-        fs, path = rundir.fs_path(self._claim_url(step))
+        fs, path = storage.fs_path(self._claim_url(step))
         with contextlib.suppress(FileNotFoundError):
             fs.rm(path)
 
@@ -194,7 +193,7 @@ class Service:
         return rows
 
     def score(self, step: int, url: str) -> int:
-        from rin_scale.rundir import SnapshotError, load_snapshot
+        from rin_scale.rundir import SnapshotError, load_snapshot_model
 
         if not self.claim(step):
             return 0
@@ -203,10 +202,10 @@ class Service:
                 return 0
             t0 = time.time()
             try:
-                model, dcfg, meta = load_snapshot(url, self.device)
+                model, dcfg, meta = load_snapshot_model(url, self.device)
             except SnapshotError as e:
-                fs, path = rundir.fs_path(url)
-                status = "corrupt" if fs.exists(rundir.join(path, rundir.COMPLETE)) else "deleted"
+                fs, path = storage.fs_path(url)
+                status = "corrupt" if fs.exists(storage.join(path, rundir.COMPLETE)) else "deleted"
                 log(f"step {step}: not scored, {status}: {e}")
                 self._append({"step": step, "metric": self.metric, "value": None, "status": status,
                               "error": str(e)[:500]})
@@ -309,16 +308,16 @@ class Service:
     # ---------------------------------------------------------------- outputs
 
     def _append(self, row: dict) -> None:
-        rundir.append_jsonl(self.ledger, row)
+        storage.append_jsonl(self.ledger, row)
 
     def _tensorboard(self, step: int, result: dict, rows: list[dict]) -> None:
         from torch.utils.tensorboard import SummaryWriter
         from torchvision.utils import make_grid
 
-        tb_url = rundir.join(self.run, "eval", "tb")
+        tb_url = storage.join(self.run, "eval", "tb")
         if self._writer is None:
             # Torch's writer cannot append to object stores (TESTING.md): write locally, then copy.
-            self._tb_local = (rundir.local_path(tb_url) if rundir.is_local(tb_url)
+            self._tb_local = (storage.local_path(tb_url) if storage.is_local(tb_url)
                               else tempfile.mkdtemp(prefix="rin-eval-tb-"))
             self._writer = SummaryWriter(self._tb_local)
         w = self._writer
@@ -334,15 +333,15 @@ class Service:
             nrow = max(1, int(len(g) ** 0.5))
         w.add_image("eval/samples", make_grid(g, nrow=nrow, padding=1).clamp(0, 1), step)
         w.flush()
-        if not rundir.is_local(tb_url):
-            fs, root = rundir.fs_path(tb_url)
+        if not storage.is_local(tb_url):
+            fs, root = storage.fs_path(tb_url)
             for name in os.listdir(self._tb_local):
                 fs.put_file(os.path.join(self._tb_local, name), f"{root}/{name}")
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
-            if not rundir.is_local(self.run) and self._tb_local:
+            if not storage.is_local(self.run) and self._tb_local:
                 shutil.rmtree(self._tb_local, ignore_errors=True)
 
 

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from rin_scale import rundir
+from rin_scale import rundir, storage
 
 
 def run(cmd: list[str], env: dict | None = None) -> None:
@@ -52,9 +52,9 @@ def main(argv: list[str] | None = None) -> None:
         dataset, preset, metric = "digits", "tiny", "fid"
         steps = args.steps or 1600
         eval_samples = args.eval_samples or 500
-    data_train = rundir.join(out, "data", f"{dataset}-train")
-    data_heldout = rundir.join(out, "data", f"{dataset}-heldout")
-    run_url = rundir.join(out, f"run-{preset}")
+    data_train = storage.join(out, "data", f"{dataset}-train")
+    data_heldout = storage.join(out, "data", f"{dataset}-heldout")
+    run_url = storage.join(out, f"run-{preset}")
 
     print(f"[demo] 1/3 shard the embedded {dataset} dataset (ships with scikit-learn; no download)")
     run([py, "-m", "data_tools.shard", "--embedded", dataset, "--split", "train", data_train])
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[demo] 3/3 score the snapshots with the eval service ({metric.upper()})")
     run([py, "-m", "evals.service", "--run", run_url, "--once"])
 
-    ledger = rundir.read_jsonl(rundir.join(run_url, "eval", "ledger.jsonl"))
+    ledger = storage.read_jsonl(storage.join(run_url, "eval", "ledger.jsonl"))
     print("\n" + "=" * 72)
     print(f"[demo] finished in {(time.time() - t_start) / 60:.1f} min")
     print(f"run directory : {run_url}")
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
         if newest and row.get("step") == newest[0] and row.get("value") is not None:
             final[row["metric"]] = row["value"]
     print(json.dumps({"final": final}))
-    tb = rundir.local_path(run_url) if rundir.is_local(run_url) else run_url
+    tb = storage.local_path(run_url) if storage.is_local(run_url) else run_url
     print(f"look at it   : tensorboard --logdir {tb} --host 127.0.0.1 --port 6006")
     print(f"more samples : {sys.executable} -m rin_scale.sample {tb} --out samples.png")
 

@@ -22,7 +22,7 @@ import submitit
 from submitit.core.utils import UncompletedJobError
 from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
 
-from rin_scale import rundir
+from rin_scale import storage
 
 LOG_NAME = "launch.jsonl"
 # Ranks other than 0 leave this long after the preemption signal if a broken collective has not
@@ -34,18 +34,18 @@ _PROCESS_START = time.time()
 
 
 def log_url(run_dir: str) -> str:
-    return rundir.join(run_dir, LOG_NAME)
+    return storage.join(run_dir, LOG_NAME)
 
 
 def log_event(run_dir: str, event: str, **fields) -> dict:
     """Append one row {time, event, ...} to RUN/launch.jsonl."""
     row = {"time": round(time.time(), 3), "event": event, **fields}
-    rundir.append_jsonl(log_url(run_dir), row)
+    storage.append_jsonl(log_url(run_dir), row)
     return row
 
 
 def read_log(run_dir: str) -> list[dict]:
-    return rundir.read_jsonl(log_url(run_dir))
+    return storage.read_jsonl(log_url(run_dir))
 
 
 def _resolve(entry: tp.Union[str, tp.Callable]) -> tp.Callable:

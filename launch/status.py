@@ -15,7 +15,7 @@ import subprocess
 import sys
 import typing as tp
 
-from rin_scale import rundir
+from rin_scale import rundir, storage
 
 from .job import read_log
 
@@ -77,14 +77,14 @@ def _live_states(found: list[dict]) -> None:
 
 def progress(run: str) -> dict:
     """Last logged step and images seen (train log, else the newest snapshot's meta)."""
-    rows = [r for r in rundir.read_jsonl(rundir.join(run, "train_log.jsonl")) if "step" in r]
+    rows = [r for r in storage.read_jsonl(storage.join(run, "train_log.jsonl")) if "step" in r]
     if rows:
         last = rows[-1]
         return {k: last[k] for k in ("step", "images_seen", "loss", "time") if k in last}
     snap = rundir.newest_complete(run, "snapshots")
     if snap:
         try:
-            meta = rundir.read_json(rundir.join(snap[1], "meta.json"))
+            meta = storage.read_json(storage.join(snap[1], "meta.json"))
             return {k: meta[k] for k in ("step", "images_seen") if k in meta}
         except (FileNotFoundError, ValueError):
             pass
@@ -95,7 +95,7 @@ def total_steps(run: str) -> tp.Optional[int]:
     try:
         import yaml
 
-        fs, path = rundir.fs_path(rundir.join(run, "config.yaml"))
+        fs, path = storage.fs_path(storage.join(run, "config.yaml"))
         with fs.open(path, "r") as f:
             return int(yaml.safe_load(f)["train"]["total_steps"])
     except Exception:  # no config yet, or not ours: the total is optional
@@ -106,7 +106,7 @@ def status(run: str) -> dict:
     """Everything `launch.status` prints, as one JSON-able dict."""
     state = rundir.newest_complete(run, "states")
     snap = rundir.newest_complete(run, "snapshots")
-    evals = rundir.read_jsonl(rundir.join(run, "eval", "ledger.jsonl"))
+    evals = storage.read_jsonl(storage.join(run, "eval", "ledger.jsonl"))
     return {
         "run": run,
         "jobs": jobs(run),
@@ -156,7 +156,7 @@ def main(argv: tp.Optional[list[str]] = None) -> int:
     p.add_argument("run", help="the run directory (local path or fsspec URL)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    fs, path = rundir.fs_path(args.run)
+    fs, path = storage.fs_path(args.run)
     if not fs.exists(path):
         print(f"error: run directory {args.run} does not exist: pass the run's train.run_dir", file=sys.stderr)
         return 2

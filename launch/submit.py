@@ -21,7 +21,7 @@ import typing as tp
 import submitit
 from submitit.slurm.slurm import SlurmExecutor, _convert_mem
 
-from rin_scale import rundir
+from rin_scale import storage
 from rin_scale.config import ConfigError, Config, check_world, dump_yaml, load_config
 
 from .job import LaunchJob, EvalJob, TrainJob, log_event
@@ -84,8 +84,8 @@ def resolve(args: argparse.Namespace) -> tuple[Config, str, list[str]]:
     if args.service == "train":
         cfg = load_config(None, items)
         run = cfg.train.run_dir
-        if rundir.is_local(run):
-            run = os.path.abspath(rundir.local_path(run))
+        if storage.is_local(run):
+            run = os.path.abspath(storage.local_path(run))
             cfg.train.run_dir = run
         return cfg, run, [*items, f"train.run_dir={run}"]
     # eval: the run's own config when it exists, with the overrides on top
@@ -93,9 +93,9 @@ def resolve(args: argparse.Namespace) -> tuple[Config, str, list[str]]:
     runs = [a.split("=", 1)[1] for a in items if a.startswith("train.run_dir=")]
     if not runs:
         raise LaunchError("--service eval needs the run: add train.run_dir=RUN")
-    run = os.path.abspath(runs[-1]) if rundir.is_local(runs[-1]) else runs[-1]
-    saved = rundir.join(run, "config.yaml")
-    fs, path = rundir.fs_path(saved)
+    run = os.path.abspath(runs[-1]) if storage.is_local(runs[-1]) else runs[-1]
+    saved = storage.join(run, "config.yaml")
+    fs, path = storage.fs_path(saved)
     cfg = load_config(None, [saved, *overrides] if fs.exists(path) else [*items, *overrides])
     cfg.train.run_dir = run
     return cfg, run, [*(["--once"] if args.once else []), *overrides]
@@ -155,7 +155,7 @@ def check_options(args, cfg: Config, executor: str) -> None:
 def make_executor(args, run: str, name: str, executor: str):
     folder = args.folder
     if not folder:
-        folder = rundir.join(run, "submitit") if rundir.is_local(run) else os.path.join("submitit", name)
+        folder = storage.join(run, "submitit") if storage.is_local(run) else os.path.join("submitit", name)
     folder = os.path.join(os.path.abspath(folder), args.service)
     if executor == "slurm":
         cls = SlurmExecutor if shutil.which("srun") else _SlurmScript

@@ -24,19 +24,19 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from . import rundir
+from . import rundir, storage
 from .config import ConfigError
 
 
 def local_state_root(cfg) -> str:
     t = cfg.train
     if t.state_dir:
-        if not rundir.is_local(t.state_dir):
+        if not storage.is_local(t.state_dir):
             raise ConfigError(f"train.state_dir={t.state_dir!r} must be a POSIX path shared by all ranks "
                               f"(DeepSpeed writes there); states are uploaded to train.run_dir afterwards")
-        return rundir.local_path(t.state_dir)
-    if rundir.is_local(t.run_dir):
-        return os.path.join(rundir.local_path(t.run_dir), "states")
+        return storage.local_path(t.state_dir)
+    if storage.is_local(t.run_dir):
+        return os.path.join(storage.local_path(t.run_dir), "states")
     raise ConfigError(f"train.run_dir={t.run_dir!r} is a bucket: set train.state_dir to a POSIX folder shared "
                       f"by all ranks (e.g. a cluster filesystem) where DeepSpeed writes states before upload")
 
@@ -93,15 +93,14 @@ def save_state(engine, cfg, step: int, ema, loader_state: dict, meta: dict) -> s
         with open(os.path.join(folder, "trainer.json"), "w") as f:
             json.dump({"step": step, "world_size": world, **meta}, f)
     _barrier()  # every rank has written its part
-    url = rundir.join(run, "states", tag)
+    url = storage.join(run, "states", tag)
     if rank == 0:
         mirrored = not _same_place(root, run)
         if mirrored:  # states live elsewhere: copy the finished folder to RUN/states, then mark both
-            if rundir.is_local(run):
-                shutil.copytree(folder, rundir.local_path(url), dirs_exist_ok=True)
+            if storage.is_local(run):
+                shutil.copytree(folder, storage.local_path(url), dirs_exist_ok=True)
             else:
-                fs, path = rundir.fs_path(url)
-                fs.put(folder.rstrip("/") + "/", path, recursive=True)
+                storage.put_dir(folder, url)
             rundir.mark_complete(folder, {"step": step})
         rundir.mark_complete(url, {"step": step})
         rundir.prune(run, "states", cfg.train.keep_last, cfg.train.milestone_every)
@@ -116,8 +115,8 @@ def save_state(engine, cfg, step: int, ema, loader_state: dict, meta: dict) -> s
 
 
 def _same_place(root: str, run: str) -> bool:
-    return rundir.is_local(run) and os.path.abspath(root) == os.path.abspath(
-        os.path.join(rundir.local_path(run), "states"))
+    return storage.is_local(run) and os.path.abspath(root) == os.path.abspath(
+        os.path.join(storage.local_path(run), "states"))
 
 
 def find_resume(cfg):
@@ -129,15 +128,32 @@ def find_resume(cfg):
         if newest is not None:
             step, url = newest
             folder = os.path.join(local_state_root(cfg), rundir.step_name(step))
-            if not os.path.exists(os.path.join(folder, rundir.COMPLETE)):
-                fs, path = rundir.fs_path(url)
-                os.makedirs(folder, exist_ok=True)
-                fs.get(path.rstrip("/") + "/", folder, recursive=True)
+            if not _usable(folder):
+                _fetch(url, folder)
             found = (step, folder)
     box = [found]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def _usable(folder: str) -> bool:
+    """A local state folder can be resumed from: marked, and holding what the mark promises."""
+    return all(os.path.exists(os.path.join(folder, n)) for n in (rundir.COMPLETE, "trainer.json", "rank-0.pt"))
+
+
+def _fetch(url: str, folder: str) -> None:
+    """Copy a complete state from the bucket into `folder`: into a temporary folder first, checked,
+    then renamed, so a kill mid-copy never leaves a folder that looks complete (the marker may
+    arrive before the files it vouches for)."""
+    tmp = folder.rstrip("/") + ".fetching"
+    shutil.rmtree(tmp, ignore_errors=True)
+    fs, path = storage.fs_path(url)
+    storage.retry(lambda: fs.get(path.rstrip("/") + "/", tmp + "/", recursive=True), f"fetching {url}")
+    if not _usable(tmp):
+        raise RuntimeError(f"{url} is marked COMPLETE but lacks trainer.json or rank-0.pt: delete it and re-run")
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
 
 
 def saved_world_size(folder: str) -> int:

@@ -5,34 +5,14 @@ its COMPLETE marker does not exist for readers; the marker is written last.
 """
 from __future__ import annotations
 
-import json
-import os
 import re
 import time
 from typing import Optional
 
-import fsspec
+from .storage import exists, fs_path, join, read_bytes, read_json, write_bytes, write_json
 
 COMPLETE = "COMPLETE"
 STEP_RE = re.compile(r"step-(\d{9})$")
-
-
-def fs_path(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Filesystem and path for a URL; a plain path is local."""
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs, path
-
-
-def join(url: str, *parts: str) -> str:
-    return "/".join([url.rstrip("/")] + [p.strip("/") for p in parts])
-
-
-def is_local(url: str) -> bool:
-    return "://" not in url or url.startswith("file://")
-
-
-def local_path(url: str) -> str:
-    return url[len("file://"):] if url.startswith("file://") else url
 
 
 def step_name(step: int) -> str:
@@ -66,55 +46,7 @@ def newest_complete(run: str, kind: str) -> Optional[tuple[int, str]]:
 
 
 def mark_complete(url: str, info: Optional[dict] = None) -> None:
-    fs, path = fs_path(url)
-    with fs.open(join(path, COMPLETE), "w") as f:
-        f.write(json.dumps({"time": time.time(), **(info or {})}))
-
-
-def write_json(url: str, obj) -> None:
-    fs, path = fs_path(url)
-    fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with fs.open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-
-
-def read_json(url: str):
-    fs, path = fs_path(url)
-    with fs.open(path, "r") as f:
-        return json.load(f)
-
-
-def append_jsonl(url: str, row: dict) -> None:
-    """Append one JSON line. Object stores cannot append, so those rewrite the whole (small) file."""
-    fs, path = fs_path(url)
-    line = json.dumps(row) + "\n"
-    if is_local(url):
-        os.makedirs(os.path.dirname(local_path(path)) or ".", exist_ok=True)
-        with open(local_path(path), "a") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        return
-    old = fs.cat_file(path).decode() if fs.exists(path) else ""
-    with fs.open(path, "w") as f:
-        f.write(old + line)
-
-
-def read_jsonl(url: str) -> list[dict]:
-    fs, path = fs_path(url)
-    try:
-        text = fs.cat_file(path).decode()
-    except FileNotFoundError:
-        return []
-    rows = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line from a killed writer
-                continue
-    return rows
+    write_json(join(url, COMPLETE), {"time": time.time(), **(info or {})})
 
 
 def prune(run: str, kind: str, keep_last: int, milestone_every: int = 0) -> list[int]:
@@ -165,13 +97,10 @@ def write_snapshot(run: str, step: int, ema_state: dict, cfg, meta: dict) -> str
     from .config import to_dict
 
     url = join(run, "snapshots", step_name(step))
-    fs, path = fs_path(url)
-    if fs.exists(join(path, COMPLETE)):
+    if exists(join(url, COMPLETE)):
         return url
-    fs.makedirs(path, exist_ok=True)
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in ema_state.items()}
-    with fs.open(join(path, "ema.safetensors"), "wb") as f:
-        f.write(st_save(tensors, metadata={"step": str(step)}))
+    write_bytes(join(url, "ema.safetensors"), st_save(tensors, metadata={"step": str(step)}))
     d = to_dict(cfg)
     write_json(join(url, "model.json"), {"model": d["model"], "diffusion": d["diffusion"], "name": cfg.name})
     write_json(join(url, "meta.json"), {"step": step, **meta})
@@ -183,20 +112,19 @@ class SnapshotError(RuntimeError):
     """A snapshot that cannot be read: missing marker, deleted, or corrupt weights."""
 
 
-def load_snapshot(url: str, device="cpu"):
+def load_snapshot_model(url: str, device="cpu"):
     """(model, diffusion_cfg, meta) from a complete snapshot, without DeepSpeed."""
     from safetensors.torch import load as st_load
 
     from .config import diffusion_config_from_dict, model_config_from_dict
     from .model import RIN
 
-    fs, path = fs_path(url)
     try:
-        if not fs.exists(join(path, COMPLETE)):
+        if not exists(join(url, COMPLETE)):
             raise SnapshotError(f"{url} has no COMPLETE marker: it is being written or was abandoned")
         cfgs = read_json(join(url, "model.json"))
         meta = read_json(join(url, "meta.json"))
-        raw = fs.cat_file(join(path, "ema.safetensors"))
+        raw = read_bytes(join(url, "ema.safetensors"))
     except FileNotFoundError as e:
         raise SnapshotError(f"{url} disappeared while reading it (deleted by retention?): {e}") from None
     try:
@@ -217,8 +145,7 @@ def load_run_config(run: str, overrides=()):
     from .config import Config, apply_overrides, load_yaml_into, validate
 
     url = join(run, "config.yaml")
-    fs, path = fs_path(url)
-    if not fs.exists(path):
+    if not exists(url):
         raise FileNotFoundError(f"{url} does not exist: is {run} a run directory the trainer has started?")
     cfg = Config()
     load_yaml_into(cfg, url)

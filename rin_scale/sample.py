@@ -17,16 +17,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from . import rundir
+from . import rundir, storage
 from .config import ConfigError
 from .data import DataError, leading_frames
+from .media import to_uint8
 
 
 def resolve_snapshot(url: str) -> tuple[str, str]:
     """(snapshot URL, run URL): a snapshot folder is used as is, a run directory gives its newest."""
     url = url.rstrip("/")
-    fs, path = rundir.fs_path(url)
-    if fs.exists(rundir.join(path, "ema.safetensors")):
+    fs, path = storage.fs_path(url)
+    if fs.exists(storage.join(path, "ema.safetensors")):
         return url, url.rsplit("/snapshots/", 1)[0] if "/snapshots/" in url else ""
     newest = rundir.newest_complete(url, "snapshots")
     if newest is None:
@@ -59,12 +60,6 @@ def generate(model, dcfg, n: int, batch: int, seed: int, steps=None, sampler=Non
     return torch.cat(out), labels
 
 
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """[-1, 1] (B,C,H,W) or (B,C,T,H,W) -> uint8 channels-last, rounded as ADM/DiT do."""
-    x = ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return x.movedim(1, -1).numpy()
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m rin_scale.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="snapshot folder or run directory (any fsspec URL)")
@@ -83,7 +78,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         snap, run = resolve_snapshot(a.source)
-        model, dcfg, meta = rundir.load_snapshot(snap, device=a.device)
+        model, dcfg, meta = rundir.load_snapshot_model(snap, device=a.device)
         m = model.cfg
         if a.label is not None and not 0 <= a.label < m.num_classes:
             raise ConfigError(f"--class {a.label}: the model has {m.num_classes} classes (0..{m.num_classes - 1})")
@@ -113,16 +108,16 @@ def main(argv=None) -> int:
     if a.zoom > 1:
         grid = grid.repeat_interleave(a.zoom, 1).repeat_interleave(a.zoom, 2)
     save_image(grid, buf, format="png")
-    fs, path = rundir.fs_path(a.out)
+    fs, path = storage.fs_path(a.out)
     fs.pipe_file(path, buf.getvalue())
     print(f"[sample] grid -> {a.out}", file=sys.stderr)
     if a.npz:
         buf = io.BytesIO()
-        arrays = {"arr_0": to_uint8(x)}
+        arrays = {"arr_0": to_uint8(x).movedim(1, -1).numpy()}  # channels last, as ADM's npz
         if labels is not None:
             arrays["arr_1"] = labels.numpy()
         np.savez(buf, **arrays)
-        fs, path = rundir.fs_path(a.npz)
+        fs, path = storage.fs_path(a.npz)
         fs.pipe_file(path, buf.getvalue())
         print(f"[sample] {tuple(arrays['arr_0'].shape)} uint8 -> {a.npz}", file=sys.stderr)
     return 0

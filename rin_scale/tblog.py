@@ -7,15 +7,15 @@ import tempfile
 
 import torch
 
-from . import rundir
+from . import storage
 
 
 class TBLog:
     def __init__(self, run: str, subdir: str = "tb"):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.remote = None if rundir.is_local(run) else rundir.join(run, subdir)
-        self.local = (os.path.join(rundir.local_path(run), subdir) if self.remote is None
+        self.remote = None if storage.is_local(run) else storage.join(run, subdir)
+        self.local = (os.path.join(storage.local_path(run), subdir) if self.remote is None
                       else tempfile.mkdtemp(prefix="rin_tb_"))
         self.writer = SummaryWriter(self.local, flush_secs=30)
 
@@ -39,11 +39,7 @@ class TBLog:
         self.writer.flush()
         if self.remote is None:
             return
-        fs, path = rundir.fs_path(self.remote)
-        for root, _, files in os.walk(self.local):
-            for name in files:
-                rel = os.path.relpath(os.path.join(root, name), self.local)
-                fs.put_file(os.path.join(root, name), rundir.join(path, rel))
+        storage.put_dir(self.local, self.remote)
 
     def close(self) -> None:
         self.flush()

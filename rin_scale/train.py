@@ -18,12 +18,11 @@ import os
 import sys
 import time
 
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before gcsfs is imported
 
 import torch
 import torch.distributed as dist
 
-from . import rundir
+from . import rundir, storage
 from .config import ConfigError, check_world, dump_yaml, load_config, to_dict
 
 NOISE_BUCKETS = 4  # loss is also logged per quarter of t in [0, 1]
@@ -160,7 +159,7 @@ def train(cfg) -> int:
     flops_per_example = train_flops_per_example(cfg.model, cfg.diffusion.self_cond_rate)
 
     if rank == 0:
-        fs, path = rundir.fs_path(rundir.join(run, "config.yaml"))
+        fs, path = storage.fs_path(storage.join(run, "config.yaml"))
         fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         if not fs.exists(path):
             with fs.open(path, "w") as f:
@@ -336,11 +335,11 @@ class TrainLog:
     On resume, lines past the resumed step (work lost with the killed job) are dropped."""
 
     def __init__(self, run: str, rank: int, resume_step: int):
-        self.url, self.rank, self.pending = rundir.join(run, "train_log.jsonl"), rank, []
+        self.url, self.rank, self.pending = storage.join(run, "train_log.jsonl"), rank, []
         if rank != 0:
             return
-        rows = [r for r in rundir.read_jsonl(self.url) if r.get("step", 0) <= resume_step]
-        fs, path = rundir.fs_path(self.url)
+        rows = [r for r in storage.read_jsonl(self.url) if r.get("step", 0) <= resume_step]
+        fs, path = storage.fs_path(self.url)
         fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with fs.open(path, "w") as f:
             f.write("".join(json.dumps(r) + "\n" for r in rows))
@@ -350,18 +349,18 @@ class TrainLog:
         if self.rank != 0:
             return
         self.pending.append(row)
-        if rundir.is_local(self.url):
+        if storage.is_local(self.url):
             self.flush()
 
     def flush(self) -> None:
         if self.rank != 0 or not self.pending:
             return
-        if rundir.is_local(self.url):
-            with open(rundir.local_path(self.url), "a") as f:
+        if storage.is_local(self.url):
+            with open(storage.local_path(self.url), "a") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in self.pending))
         else:  # object stores cannot append: rewrite the whole file
             self.rows += self.pending
-            fs, path = rundir.fs_path(self.url)
+            fs, path = storage.fs_path(self.url)
             with fs.open(path, "w") as f:
                 f.write("".join(json.dumps(r) + "\n" for r in self.rows))
         self.pending = []

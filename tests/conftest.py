@@ -1,10 +1,10 @@
 """Shared fixtures: real servers on 127.0.0.1, started per session and stopped by pid."""
 import os
 
-# Must be set before gcsfs is imported anywhere (TESTING.md: otherwise every open stalls ~60 s).
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import rin_scale.storage  # noqa: E402,F401 - its emulator settings must precede any gcsfs import
 
 import socket
 import subprocess

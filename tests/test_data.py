@@ -1,11 +1,8 @@
 """The data pipeline on real tar shards: local folders, the GCS emulator, forked DataLoader workers."""
-import os
-
-os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
-
 import contextlib
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,9 +16,11 @@ from PIL import Image
 from data_tools.embedded import digits
 from data_tools.inspect import main as inspect_main
 from data_tools.shard import main as shard_main
-from data_tools.shard import make_shards, write_tar
+from data_tools.shard import make_shards
 from rin_scale.config import load_config
-from rin_scale.data import DataError, ShardLoader, iter_samples, read_tar_samples, url_fs
+from rin_scale.data import DataError, ShardLoader, iter_samples
+from rin_scale.shards import read_tar_samples, tar_bytes
+from rin_scale.storage import fs_path, write_bytes
 
 PY = sys.executable
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -140,7 +139,7 @@ def test_shard_resumes_after_crash_without_redoing_complete_shards(tmp_path):
     assert {f: (out / f"data-{f:06d}.tar").stat().st_mtime_ns for f in range(5)} == before
     man = json.loads((out / "data-manifest.json").read_text())
     assert man["total"] == 30 and len(man["shards"]) == 6 and not (out / "data-progress.json").exists()
-    assert not list(out.glob("*.partial"))
+    assert not list(out.glob("*.tmp-*"))
     for s in man["shards"]:
         assert (out / s["name"]).read_bytes() == (tmp_path / "clean" / s["name"]).read_bytes()
     assert man["classes"] == [] and {y for _, y, _ in iter_samples(str(out), load_config("tiny").model)} == {-1}
@@ -162,7 +161,8 @@ def test_inspect_reports_counts_and_damage(tmp_path, heldout):
 
 
 def test_shard_video_folder_into_clips_by_bytes(tmp_path):
-    from data_tools.embedded import encode_mp4, moving_digits
+    from data_tools.embedded import moving_digits
+    from rin_scale.media import encode_mp4
 
     src = tmp_path / "videos"
     src.mkdir()
@@ -227,7 +227,7 @@ def test_shards_read_the_same_through_webdataset_itself(heldout):
 
 
 def test_random_crop_also_crops_data_sharded_at_the_training_size():
-    from rin_scale.data import decode_image
+    from rin_scale.media import decode_image
 
     arr = (torch.arange(64 * 64 * 3) % 251).to(torch.uint8).reshape(64, 64, 3).numpy()
     buf = io.BytesIO()
@@ -282,8 +282,8 @@ def test_corrupt_samples_and_truncated_shard_are_skipped_and_counted(tmp_path, h
     s0 = [s for _, s in read_tar_samples(str(bad / "data-000000.tar"))]
     broken = s0[3]["__key__"]
     s0[3]["png"] = b"\x89PNG garbage"
-    fs, _ = url_fs(str(bad))
-    write_tar(fs, str(bad / "data-000000.tar"), s0)
+    fs, _ = fs_path(str(bad))
+    write_bytes(str(bad / "data-000000.tar"), tar_bytes(s0))
     t1 = bad / "data-000001.tar"
     t1.write_bytes(t1.read_bytes()[: int(t1.stat().st_size * 0.6)])
     readable = {s["__key__"] for _, s in read_tar_samples_safely(str(t1))}
@@ -347,7 +347,7 @@ def test_shard_to_gcs_and_stream_from_it_with_workers(gcs_bucket, heldout):
     p = run_cli("data_tools.shard", "--embedded", "digits", "--split", "heldout", url, "--shard-size", "90",
                 "--workers", "2", "--quiet")
     assert "360 image samples" in p.stdout and "4 shards" in p.stdout
-    fs, path = url_fs(url)
+    fs, path = fs_path(url)
     names = sorted(n.rsplit("/", 1)[-1] for n in fs.ls(path))
     assert names == [f"data-{i:06d}.tar" for i in range(4)] + ["data-manifest.json"]
     rep = json.loads(run_cli("data_tools.inspect", url, "--json").stdout)

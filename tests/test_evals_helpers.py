@@ -7,7 +7,7 @@ import os
 
 import torch
 
-from rin_scale import rundir
+from rin_scale import rundir, storage
 from rin_scale.config import dump_yaml, load_config
 
 
@@ -31,9 +31,9 @@ def make_run(run: str, preset: str, overrides: list[str]):
     from rin_scale.model import RIN
 
     cfg = load_config(preset, [f"train.run_dir={run}"] + overrides)
-    fs, path = rundir.fs_path(run)
+    fs, path = storage.fs_path(run)
     fs.makedirs(path, exist_ok=True)
-    with fs.open(rundir.join(path, "config.yaml"), "w") as f:
+    with fs.open(storage.join(path, "config.yaml"), "w") as f:
         f.write(dump_yaml(cfg))
     torch.manual_seed(0)
     return cfg, RIN(cfg.model)
@@ -45,7 +45,7 @@ def snapshot(run: str, cfg, model, step: int) -> str:
 
 
 def ledger(run: str) -> list[dict]:
-    return rundir.read_jsonl(rundir.join(run, "eval", "ledger.jsonl"))
+    return storage.read_jsonl(storage.join(run, "eval", "ledger.jsonl"))
 
 
 def tb_scalars(logdir: str) -> dict:

@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-from rin_scale import rundir
+from rin_scale import rundir, storage
 from test_evals_helpers import ledger, make_run, make_shards, snapshot, tb_scalars
 
 from evals.extractors import save_random_inception, save_standin_i3d
@@ -54,7 +54,7 @@ def test_scores_each_snapshot_once_across_restarts_deletion_and_corruption(tmp_p
 
     # A new snapshot is scored next; one still being written (no COMPLETE) is logged and skipped.
     snapshot(run, cfg, model, 400)
-    partial = rundir.join(run, "snapshots", rundir.step_name(500))
+    partial = storage.join(run, "snapshots", rundir.step_name(500))
     os.makedirs(partial)
     capfd.readouterr()
     assert main(["--run", run, "--once", "--quiet"]) == 0

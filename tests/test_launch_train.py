@@ -13,7 +13,7 @@ import pytest
 from launch import job as launch_job
 from launch import status as launch_status
 from launch import submit as launch_submit
-from rin_scale import rundir
+from rin_scale import rundir, storage
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -45,7 +45,7 @@ def _wait_for(cond, timeout, what, log_dir=None):
 
 
 def _steps(run):
-    return [r for r in rundir.read_jsonl(rundir.join(run, "train_log.jsonl")) if "step" in r]
+    return [r for r in storage.read_jsonl(storage.join(run, "train_log.jsonl")) if "step" in r]
 
 
 def test_preempted_local_zero2_job_requeues_and_finishes_from_its_last_state(shards, tmp_path, capsys):
@@ -78,7 +78,7 @@ def test_preempted_local_zero2_job_requeues_and_finishes_from_its_last_state(sha
     assert [r["step"] for r in steps] == list(range(1, total + 1))
     assert all(r["images_seen"] == r["step"] * 8 for r in steps)
     snap = rundir.newest_complete(run, "snapshots")
-    meta = rundir.read_json(rundir.join(snap[1], "meta.json"))
+    meta = storage.read_json(storage.join(snap[1], "meta.json"))
     assert (meta["step"], meta["images_seen"]) == (total, total * 8)
     assert rundir.newest_complete(run, "states")[0] == total
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 import torch
 
-from rin_scale import rundir
+from rin_scale import rundir, storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["model.latent_dim=64", "model.interface_dim=64", "model.latent_heads=4", "model.read_write_heads=4",
@@ -30,7 +30,7 @@ def train(run, nproc, *overrides, shards, check=True):
 
 
 def losses(run):
-    return {r["step"]: r["loss"] for r in rundir.read_jsonl(rundir.join(run, "train_log.jsonl"))}
+    return {r["step"]: r["loss"] for r in storage.read_jsonl(storage.join(run, "train_log.jsonl"))}
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +70,7 @@ def test_two_ranks_zero2_logs_snapshots_and_resumes_exactly(shards, tmp_path):
 
     snaps = rundir.list_complete(full, "snapshots")
     assert [s for s, _ in snaps] == [4, 8]
-    model, dcfg, meta = rundir.load_snapshot(snaps[-1][1])
+    model, dcfg, meta = rundir.load_snapshot_model(snaps[-1][1])
     assert meta["step"] == 8 and meta["images_seen"] == 64
     x = sample(model, (2, 3, 16, 16), dcfg, labels=torch.tensor([1, 2]), steps=3)
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all() and x.abs().max() <= 1
@@ -113,7 +113,7 @@ def test_zero_states_resume_at_a_new_world_size_with_their_optimizer_moments(sha
         assert "at step 4 " in out and "saved by 2 rank(s)" in out, out[-2000:]
         assert ("universal checkpoint" in out) == (stage > 0), out[-2000:]
         (_, at4), (_, at6) = rundir.list_complete(run, "snapshots")[-2:]
-        w4, w6 = (rundir.load_snapshot(u)[0].state_dict() for u in (at4, at6))
+        w4, w6 = (rundir.load_snapshot_model(u)[0].state_dict() for u in (at4, at6))
         update[stage] = torch.cat([(w6[k] - w4[k]).flatten() for k in w4])
     for stage in (2, 3):
         rel = ((update[stage] - update[0]).norm() / update[0].norm()).item()
@@ -140,11 +140,11 @@ def test_zero_stages_train_and_loss_falls(shards, tmp_path, stage, extra):
               "train.warmup_steps=5", "train.state_every=20", "train.snapshot_every=20", "train.sample_every=0",
               "train.log_every=10", "train.ema_decay=0", "train.ema_warmup=false",
               *[e for e in extra if "activation_checkpointing" not in e], shards=shards)
-        rows = {r["step"]: r for r in rundir.read_jsonl(rundir.join(run, "train_log.jsonl"))}
-        for r in rundir.read_jsonl(rundir.join(plain, "train_log.jsonl")):
+        rows = {r["step"]: r for r in storage.read_jsonl(storage.join(run, "train_log.jsonl"))}
+        for r in storage.read_jsonl(storage.join(plain, "train_log.jsonl")):
             assert math.isclose(r["loss"], rows[r["step"]]["loss"], rel_tol=1e-4), (r, rows[r["step"]])
             assert math.isclose(r["grad_norm"], rows[r["step"]]["grad_norm"], rel_tol=1e-3), (r, rows[r["step"]])
-    model, _, meta = rundir.load_snapshot(rundir.newest_complete(run, "snapshots")[1])
+    model, _, meta = rundir.load_snapshot_model(rundir.newest_complete(run, "snapshots")[1])
     assert meta["step"] == 20
     # With decay 0 the EMA is the weights themselves: the snapshot (under ZeRO-3 gathered from each
     # rank's slices) must equal DeepSpeed's own consolidation of the state's fp32 partitions.
@@ -199,7 +199,7 @@ def test_non_finite_steps_in_a_row_stop_the_run_with_one_line(shards, tmp_path, 
     assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert "3 steps in a row had a non-finite loss or gradient" in proc.stderr, proc.stderr[-2000:]
     assert "lower train.lr" in proc.stderr
-    skipped = [r["step"] for r in rundir.read_jsonl(rundir.join(run, "train_log.jsonl")) if r["skipped"]]
+    skipped = [r["step"] for r in storage.read_jsonl(storage.join(run, "train_log.jsonl")) if r["skipped"]]
     assert skipped == [2, 3], skipped  # counted until the stop; nothing reached the weights
 
 
@@ -216,12 +216,12 @@ def test_bucket_run_uploads_states_and_resumes_from_the_bucket(shards, gcs_bucke
     assert "at step 3 " in out, out[-2000:]
     assert [s for s, _ in rundir.list_complete(run, "states")] == [3, 6]
     assert sorted(losses(run)) == list(range(1, 7))
-    model, _, meta = rundir.load_snapshot(rundir.newest_complete(run, "snapshots")[1])
+    model, _, meta = rundir.load_snapshot_model(rundir.newest_complete(run, "snapshots")[1])
     assert meta["step"] == 6
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb = tmp_path / "tb"
-    fs, path = rundir.fs_path(f"{run}/tb")
+    fs, path = storage.fs_path(f"{run}/tb")
     fs.get(path + "/", str(tb), recursive=True)
     acc = EventAccumulator(str(tb))
     acc.Reload()

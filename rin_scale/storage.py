@@ -1,0 +1,229 @@
+"""Every URL the project reads or writes: local paths, file://, gs://, s3://, memory://, through fsspec.
+
+    fs, path = fs_path("gs://bucket/runs/x/config.yaml")
+    write_bytes(url, data)          # atomic: readers see the old bytes or the new, never a part
+    with open_read(url) as f: ...   # buffered for object stores (tar headers are many small reads)
+
+Filesystems are made once per process and protocol and never shared across fork (gcsfs is not
+fork-safe: gcsfs issue 379), so DataLoader workers and pool processes each make their own.
+Transient storage errors (connection refused, timeouts, HTTP 429 and 5xx) are retried with backoff
+by `retry`; everything else (missing objects, corrupt bytes, permissions) is raised at once.
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import random
+import time
+
+# gcsfs 2026.10 otherwise makes a gRPC/TLS call per bucket to learn its type, which stalls every
+# open for about 60 s against an emulator or with no route out; it must be set before the import.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import fsspec  # noqa: E402
+
+READ_BUFFER = 8 << 20  # bytes per ranged read when streaming from a bucket
+RETRY_SECONDS = 600.0  # default patience for transient errors: outages of minutes are waited out
+
+_FS_CACHE: dict = {}
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith(("file://", "local://"))
+
+
+def local_path(url: str) -> str:
+    """The POSIX path of a local URL."""
+    for prefix in ("file://", "local://"):
+        if url.startswith(prefix):
+            return url[len(prefix):]
+    return url
+
+
+def join(url: str, *parts: str) -> str:
+    return "/".join([url.rstrip("/")] + [p.strip("/") for p in parts])
+
+
+def dirname(url: str) -> str:
+    url = url.rstrip("/")
+    return url.rsplit("/", 1)[0] if "/" in url else "."
+
+
+def protocol(url: str) -> str:
+    return fsspec.core.split_protocol(url)[0] or "file"
+
+
+def fs_path(url: str):
+    """(filesystem, path) for a URL; one filesystem per process and protocol (fork-safe)."""
+    proto = protocol(url)
+    if proto == "local":
+        proto = "file"
+    key = (os.getpid(), proto)
+    fs = _FS_CACHE.get(key)
+    if fs is None:
+        kwargs = {"skip_instance_cache": True}
+        if proto in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST") and \
+                not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+            kwargs["token"] = "anon"  # an emulator needs no credentials; probing for them is slow
+        fs = fsspec.filesystem(proto, **kwargs)
+        _FS_CACHE[key] = fs
+    return fs, fs._strip_protocol(local_path(url) if proto == "file" else url)
+
+
+def open_read(url: str):
+    """A seekable binary stream; remote files get one large buffer in front, since each small read
+    of gcsfs's own cache is a round trip through its event loop (2.6 s instead of 0.05 s for a
+    1.4 MB shard read as tar headers and members)."""
+    fs, path = fs_path(url)
+    f = fs.open(path, "rb")
+    return f if is_local(url) else io.BufferedReader(f, READ_BUFFER)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole-object reads and atomic writes
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = fs_path(url)
+    return fs.cat_file(path)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+    """Atomic: a local file is written beside its name and renamed; an object store commits an
+    object only when its upload completes. Transient errors are retried."""
+    fs, path = fs_path(url)
+    if is_local(url):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    retry(lambda: fs.pipe_file(path, data), f"writing {url}")
+
+
+def read_json(url: str):
+    return json.loads(read_bytes(url))
+
+
+def write_json(url: str, obj) -> None:
+    write_bytes(url, json.dumps(obj, indent=1).encode())
+
+
+def exists(url: str) -> bool:
+    fs, path = fs_path(url)
+    return fs.exists(path)
+
+
+def makedirs(url: str) -> None:
+    fs, path = fs_path(url)
+    fs.makedirs(path, exist_ok=True)
+
+
+def put_dir(local_dir: str, url: str) -> None:
+    """Copy a local folder to `url` (recursive), retrying transient errors file by file."""
+    fs, root = fs_path(url)
+    for base, _, files in os.walk(local_dir):
+        for name in sorted(files):
+            src = os.path.join(base, name)
+            dst = join(root, os.path.relpath(src, local_dir))
+            retry(lambda: fs.put_file(src, dst), f"uploading {src} to {url}")
+
+
+def append_jsonl(url: str, row: dict) -> None:
+    """Append one JSON line. Object stores cannot append: those rewrite the whole (small) file."""
+    line = json.dumps(row) + "\n"
+    if is_local(url):
+        path = local_path(url)
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        return
+    fs, path = fs_path(url)
+    old = fs.cat_file(path).decode() if fs.exists(path) else ""
+    write_bytes(url, (old + line).encode())
+
+
+def read_jsonl(url: str) -> list[dict]:
+    try:
+        text = read_bytes(url).decode()
+    except FileNotFoundError:
+        return []
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # a torn last line from a killed writer
+                continue
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Transient errors
+
+
+class StorageUnavailable(RuntimeError):
+    """Storage did not answer for longer than the retry budget; the message names the endpoint."""
+
+
+_TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+                     errno.ENETUNREACH, errno.EPIPE, errno.ECONNABORTED}
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Connection failures, timeouts, HTTP 429 and 5xx: worth waiting out. Not: missing objects,
+    permission errors, corrupt bytes."""
+    for e in _chain(exc):
+        if isinstance(e, (FileNotFoundError, PermissionError)):
+            return False
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return True
+        if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
+            return True
+        code = getattr(e, "code", None) or getattr(e, "status", None)
+        if isinstance(code, int) and (code == 429 or 500 <= code < 600):
+            return True
+        name = type(e).__name__
+        if name in ("ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError",
+                    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
+            return True
+    return False
+
+
+def _chain(exc: BaseException):
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        exc = exc.__cause__ or exc.__context__
+
+
+def retry(fn, what: str, seconds: float = RETRY_SECONDS, log=print):
+    """fn() until it succeeds, waiting out transient errors with exponential backoff (1 s doubling
+    to 60 s, jittered) for up to `seconds`; then StorageUnavailable. Other errors raise at once."""
+    deadline, delay, warned = time.monotonic() + seconds, 1.0, False
+    while True:
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - classified just below
+            if not is_transient(e):
+                raise
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StorageUnavailable(f"storage unreachable for {seconds:.0f} s while {what} "
+                                         f"({type(e).__name__}: {str(e)[:200]}); re-run the same command "
+                                         f"once it answers") from None
+            if not warned:
+                log(f"[storage] waiting for storage while {what} ({type(e).__name__}); retrying for up to "
+                    f"{left:.0f} s")
+                warned = True
+            time.sleep(min(delay * (0.5 + random.random()), left))
+            delay = min(delay * 2, 60.0)
