@@ -28,7 +28,7 @@ setup(
             "rin-info=rin_scale.info:main",
             "rin-sample=rin_scale.sample:main",
             "rin-shard=data_tools.shard:main",
-            "rin-inspect=data_tools.inspect:main",
+            "rin-inspect=data_tools.check:main",
             "rin-submit=launch.submit:main",
             "rin-status=launch.status:main",
             "rin-demo=launch.demo:main",

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from data_tools.embedded import digits
-from data_tools.inspect import main as inspect_main
+from data_tools.check import main as check_main
 from data_tools.shard import main as shard_main
 from data_tools.shard import make_shards
 from rin_scale.config import load_config
@@ -33,7 +33,7 @@ class Ran:
 
 def run_cli(module, *args, check=True):
     """A CLI's main() in this process (the console scripts call the same function)."""
-    main = {"data_tools.shard": shard_main, "data_tools.inspect": inspect_main}[module]
+    main = {"data_tools.shard": shard_main, "data_tools.check": check_main}[module]
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(list(args))
@@ -145,8 +145,8 @@ def test_shard_resumes_after_crash_without_redoing_complete_shards(tmp_path):
     assert man["classes"] == [] and {y for _, y, _ in iter_samples(str(out), load_config("tiny").model)} == {-1}
 
 
-def test_inspect_reports_counts_and_damage(tmp_path, heldout):
-    p = run_cli("data_tools.inspect", heldout, "--json", "--preview", str(tmp_path / "grid.png"))
+def test_check_reports_counts_and_damage(tmp_path, heldout):
+    p = run_cli("data_tools.check", heldout, "--json", "--preview", str(tmp_path / "grid.png"))
     rep = json.loads(p.stdout)
     assert rep["shards"] == 4 and rep["samples"] == 360 and rep["errors"] == []
     assert sum(rep["classes"].values()) == 360 and Image.open(tmp_path / "grid.png").size[0] > 64
@@ -154,7 +154,7 @@ def test_inspect_reports_counts_and_damage(tmp_path, heldout):
     shutil.copytree(heldout, bad)
     tar = bad / "data-000002.tar"
     tar.write_bytes(tar.read_bytes()[: tar.stat().st_size // 2])
-    p = run_cli("data_tools.inspect", str(bad), "--json", check=False)
+    p = run_cli("data_tools.check", str(bad), "--json", check=False)
     rep = json.loads(p.stdout)
     assert p.returncode == 1 and rep["samples"] < 360
     assert any("data-000002.tar" in e for e in rep["errors"])
@@ -174,7 +174,7 @@ def test_shard_video_folder_into_clips_by_bytes(tmp_path):
     man = json.loads((tmp_path / "out" / "data-manifest.json").read_text())
     assert man["kind"] == "video" and man["total"] == 3 * 2 and man["skipped"] == 1  # 24 frames / 2 = 2 clips of 5
     assert len(man["shards"]) > 1 and all(s["bytes"] < 3000 + 4 * 10240 for s in man["shards"])
-    rep = json.loads(run_cli("data_tools.inspect", str(tmp_path / "out"), "--json").stdout)
+    rep = json.loads(run_cli("data_tools.check", str(tmp_path / "out"), "--json").stdout)
     assert rep["frames"] == {"5": 6} and rep["sizes"] == {"12x12": 6} and rep["errors"] == []
     meta = [json.loads(s["json"]) for _, s in read_tar_samples(str(tmp_path / "out" / "data-000000.tar"))]
     assert [m["start_frame"] for m in meta[:2]] == [0, 10] and meta[0]["frame_stride"] == 2
@@ -333,7 +333,7 @@ def test_video_clips_from_moving_digits(tmp_path):
     _, again = epoch_keys(cfg, 6, 0, 2, state={**state, "position": 1}, n=2)
     assert [b["key"] for b in again] == [b["key"] for b in batches[1:]]
     assert torch.equal(again[0]["x"], batches[1]["x"])  # same random clip start on resume
-    p = run_cli("data_tools.inspect", out, "--json", "--preview", str(tmp_path / "strip.gif"))
+    p = run_cli("data_tools.check", out, "--json", "--preview", str(tmp_path / "strip.gif"))
     assert json.loads(p.stdout)["frames"] == {"16": 360}
     assert Image.open(tmp_path / "strip.gif").n_frames == 16
 
@@ -350,7 +350,7 @@ def test_shard_to_gcs_and_stream_from_it_with_workers(gcs_bucket, heldout):
     fs, path = fs_path(url)
     names = sorted(n.rsplit("/", 1)[-1] for n in fs.ls(path))
     assert names == [f"data-{i:06d}.tar" for i in range(4)] + ["data-manifest.json"]
-    rep = json.loads(run_cli("data_tools.inspect", url, "--json").stdout)
+    rep = json.loads(run_cli("data_tools.check", url, "--json").stdout)
     assert rep["samples"] == 360 and rep["errors"] == []
     cfg = image_cfg(url, workers=2)
     keys = []

@@ -1,14 +1,12 @@
 """Check shards against their manifest, print statistics, and write a preview.
 
-    python -m data_tools.inspect URL [--json] [--preview grid.png] [--count 64]
+    python -m data_tools.check URL [--json] [--preview grid.png] [--count 64]
 
 URL: a shard folder, a manifest or a brace pattern (as data.shards). Every sample of every shard is
 read and decoded; counts are compared with the manifest. Exit status 1 when anything is wrong.
 Video previews are a GIF (or .mp4) strip: one row of clips, played frame by frame.
 """
 from __future__ import annotations
-
-
 
 import argparse
 import collections
@@ -36,8 +34,8 @@ def _decode(sample):
     raise ValueError(f"no media member in {sorted(k for k in sample if k != '__key__')}")
 
 
-def check(url: str, keep: int = 0) -> dict:
-    """Statistics and errors for the shards at url; keeps the first `keep` decoded samples for a preview."""
+def check(url: str, keep: int = 0) -> tuple[dict, list[np.ndarray]]:
+    """(report of statistics and errors for the shards at url, the first `keep` decoded samples for a preview)."""
     shards, counts, man = list_shards(url)
     report = {"url": url, "shards": len(shards), "samples": 0, "expected": sum(counts), "errors": [],
               "classes": {}, "sizes": {}, "frames": {}, "bytes": 0, "kind": man.get("kind", "")}
@@ -75,6 +73,11 @@ def check(url: str, keep: int = 0) -> dict:
             report["errors"].append(f"{shard}: unreadable after {n} samples ({type(e).__name__}: {e})")
         if n != expected:
             report["errors"].append(f"{shard}: {n} samples, manifest says {expected}")
+    if not report["expected"]:  # a job whose every input failed used to leave such a manifest
+        first = man.get("errors") or [{}]
+        report["errors"].append(f"{url}: empty dataset, {len(shards)} shards hold no samples" + (
+            f"; all {man.get('inputs', '?')} inputs were skipped when sharding "
+            f"(first: {first[0].get('source')}: {first[0].get('error')})" if man.get("errors") else ""))
     report["classes"], report["sizes"], report["frames"] = dict(classes), dict(sizes), dict(frames)
     report["skipped_at_write"] = man.get("skipped", 0)
     return report, kept
@@ -112,7 +115,7 @@ def write_preview(samples, path: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_tools.inspect", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m data_tools.check", description=__doc__.split("\n\n")[0])
     p.add_argument("url", help="shard folder, manifest or brace pattern")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--preview", help="write a preview: grid .png for images, .gif or .mp4 strip for video")
