@@ -41,7 +41,8 @@ class DropPath(nn.Module):
 
 
 class MLP(nn.Module):
-    """Residual pre-LN GELU MLP: x + drop_path(dropout(MLP(LN(x))))."""
+    """Residual pre-LN GELU MLP: x + drop_path(fc2(dropout(gelu(fc1(LN(x)))))); dropout once, on
+    the hidden layer, as the authors' MLP."""
 
     def __init__(self, dim: int, ratio: float, dropout: float = 0.0, drop_path: float = 0.0):
         super().__init__()
@@ -53,8 +54,7 @@ class MLP(nn.Module):
         self.drop_path = DropPath(drop_path)
 
     def forward(self, x):
-        h = self.fc2(self.dropout(F.gelu(self.fc1(self.norm(x)))))
-        return x + self.drop_path(self.dropout(h))
+        return x + self.drop_path(self.fc2(self.dropout(F.gelu(self.fc1(self.norm(x))))))
 
 
 class Attention(nn.Module):
@@ -62,11 +62,13 @@ class Attention(nn.Module):
 
     Only the queries are LayerNormed (by the caller's `norm`): for cross-attention the keys and
     values are the other stream as it is, as in the paper (ports that normalized them diverge).
+    No dropout on the attention probabilities (the authors' drop_att=0), which also keeps SDPA on
+    its fused kernels (flash on GPUs).
     """
 
-    def __init__(self, q_dim: int, kv_dim: int, inner: int, heads: int, dropout: float = 0.0):
+    def __init__(self, q_dim: int, kv_dim: int, inner: int, heads: int):
         super().__init__()
-        self.heads, self.dropout = heads, dropout
+        self.heads = heads
         self.q = nn.Linear(q_dim, inner)
         self.kv = nn.Linear(kv_dim, 2 * inner)
         self.out = nn.Linear(inner, q_dim)
@@ -74,7 +76,7 @@ class Attention(nn.Module):
     def forward(self, x, context):
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(self.kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
-        o = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        o = F.scaled_dot_product_attention(q, k, v)
         return self.out(rearrange(o, "b h n d -> b n (h d)"))
 
 
@@ -96,7 +98,7 @@ class SelfAttend(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float, dropout: float, drop_path: float):
         super().__init__()
         self.norm = layer_norm(dim)
-        self.attn = Attention(dim, dim, dim, heads, dropout)
+        self.attn = Attention(dim, dim, dim, heads)
         self.drop_path = DropPath(drop_path)
         self.mlp = MLP(dim, mlp_ratio, dropout, drop_path)
 
@@ -130,12 +132,12 @@ class Block(nn.Module):
 
 def sinusoidal(values: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal features of scalars (B,) -> (B, dim), normalized to zero mean and unit std per
-    example as in the authors' ScalarEmbedding(normalize=True)."""
+    example (population std) as in the authors' ScalarEmbedding(normalize=True)."""
     half = dim // 2
     freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=values.device, dtype=torch.float32) / half)
     ang = values.float()[:, None] * freqs[None]
     emb = torch.cat([torch.sin(ang), torch.cos(ang)], dim=-1)
-    return (emb - emb.mean(-1, keepdim=True)) / (emb.std(-1, keepdim=True) + 1e-6)
+    return (emb - emb.mean(-1, keepdim=True)) / (emb.std(-1, keepdim=True, correction=0) + 1e-6)
 
 
 class RIN(nn.Module):
@@ -186,10 +188,8 @@ class RIN(nn.Module):
         self.prev_mlp = MLP(dl, m.latent_mlp_ratio)
         self.prev_norm = layer_norm(dl)
 
-        n = m.num_blocks * m.latent_layers  # drop-path rises linearly with depth
-        rates = [m.drop_path * i / max(n - 1, 1) for i in range(n)]
-        self.blocks = nn.ModuleList(
-            Block(m, rates[i * m.latent_layers:(i + 1) * m.latent_layers]) for i in range(m.num_blocks))
+        # drop-path: the same rate on every latent layer, as the authors (no ramp over depth)
+        self.blocks = nn.ModuleList(Block(m, [m.drop_path] * m.latent_layers) for _ in range(m.num_blocks))
         self.out_norm = layer_norm(d)
         self.readout = nn.Linear(d, self.patch_dim)
 
