@@ -206,24 +206,34 @@ def _chain(exc: BaseException):
         exc = exc.__cause__ or exc.__context__
 
 
+class Backoff:
+    """Waits between attempts at something that failed transiently: 1 s doubling to 60 s, jittered,
+    for up to `seconds` in all; then StorageUnavailable. Logs once that the run is waiting."""
+
+    def __init__(self, what: str, seconds: float = RETRY_SECONDS, log=print):
+        self.what, self.seconds, self.log = what, seconds, log
+        self.deadline, self.delay = time.monotonic() + seconds, 1.0
+
+    def wait(self, exc: BaseException) -> None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise StorageUnavailable(f"storage unreachable for {self.seconds:.0f} s while {self.what} "
+                                     f"({type(exc).__name__}: {str(exc)[:200]}); re-run the same command "
+                                     f"once it answers") from None
+        if self.delay == 1.0:
+            self.log(f"[storage] waiting for storage while {self.what} ({type(exc).__name__}); retrying for "
+                     f"up to {left:.0f} s")
+        time.sleep(min(self.delay * (0.5 + random.random()), left))
+        self.delay = min(self.delay * 2, 60.0)
+
+
 def retry(fn, what: str, seconds: float = RETRY_SECONDS, log=print):
-    """fn() until it succeeds, waiting out transient errors with exponential backoff (1 s doubling
-    to 60 s, jittered) for up to `seconds`; then StorageUnavailable. Other errors raise at once."""
-    deadline, delay, warned = time.monotonic() + seconds, 1.0, False
+    """fn() until it succeeds, waiting out transient errors (Backoff); other errors raise at once."""
+    backoff = Backoff(what, seconds, log)
     while True:
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - classified just below
             if not is_transient(e):
                 raise
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise StorageUnavailable(f"storage unreachable for {seconds:.0f} s while {what} "
-                                         f"({type(e).__name__}: {str(e)[:200]}); re-run the same command "
-                                         f"once it answers") from None
-            if not warned:
-                log(f"[storage] waiting for storage while {what} ({type(e).__name__}); retrying for up to "
-                    f"{left:.0f} s")
-                warned = True
-            time.sleep(min(delay * (0.5 + random.random()), left))
-            delay = min(delay * 2, 60.0)
+            backoff.wait(e)
