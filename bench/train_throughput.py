@@ -20,8 +20,9 @@ import torch  # noqa: E402
 from rin_scale.config import load_config  # noqa: E402
 from rin_scale.diffusion import training_loss  # noqa: E402
 from rin_scale.engine import Precision, build_engine, init_distributed  # noqa: E402
+from rin_scale.flops import train_flops_per_example  # noqa: E402
 from rin_scale.model import RIN  # noqa: E402
-from rin_scale.perf import matmul_peak, train_flops_per_example  # noqa: E402
+from rin_scale.perf import matmul_peak  # noqa: E402
 
 
 def measure(precision: str, batch: int, steps: int) -> dict:

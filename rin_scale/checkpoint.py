@@ -4,7 +4,9 @@ COMPLETE only after every rank has written and a barrier; resume takes the newes
     STATE/step-N/step-N/...          DeepSpeed (model, ZeRO optimizer partitions, LR schedule)
     STATE/step-N/ema.safetensors     full fp32 EMA (rank 0)
     STATE/step-N/trainer.json        step, images seen, world size, wall time (rank 0)
-    STATE/step-N/rank-R.pt           RNG states + data position of rank R (weights_only loadable)
+    STATE/step-N/rank-R.pt           {"rng": torch/CUDA/numpy/python RNG states of rank R,
+                                      "loader": its data position (ShardLoader.state_dict, as JSON)}
+                                     (loadable with weights_only=True)
     STATE/step-N/COMPLETE
     STATE/step-N/universal/step-N/   DeepSpeed universal checkpoint, made when another world size resumes
 
@@ -19,6 +21,7 @@ import random
 import shutil
 import subprocess
 import sys
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -29,15 +32,15 @@ from .config import ConfigError
 
 
 def local_state_root(cfg) -> str:
-    t = cfg.train
-    if t.state_dir:
-        if not storage.is_local(t.state_dir):
-            raise ConfigError(f"train.state_dir={t.state_dir!r} must be a POSIX path shared by all ranks "
+    tc = cfg.train
+    if tc.state_dir:
+        if not storage.is_local(tc.state_dir):
+            raise ConfigError(f"train.state_dir={tc.state_dir!r} must be a POSIX path shared by all ranks "
                               f"(DeepSpeed writes there); states are uploaded to train.run_dir afterwards")
-        return storage.local_path(t.state_dir)
-    if storage.is_local(t.run_dir):
-        return os.path.join(storage.local_path(t.run_dir), "states")
-    raise ConfigError(f"train.run_dir={t.run_dir!r} is a bucket: set train.state_dir to a POSIX folder shared "
+        return storage.local_path(tc.state_dir)
+    if storage.is_local(tc.run_dir):
+        return os.path.join(storage.local_path(tc.run_dir), "states")
+    raise ConfigError(f"train.run_dir={tc.run_dir!r} is a bucket: set train.state_dir to a POSIX folder shared "
                       f"by all ranks (e.g. a cluster filesystem) where DeepSpeed writes states before upload")
 
 
@@ -70,8 +73,9 @@ def set_rng_state(s: dict) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
 
 
-def save_state(engine, cfg, step: int, ema, loader_state: dict, meta: dict) -> str:
-    """Collective: every rank calls it. Returns the RUN/states/step-N URL once marked COMPLETE."""
+def save_state(engine, cfg, step: int, ema_full: dict, loader_state: dict, meta: dict) -> str:
+    """Collective: every rank calls it. `ema_full` is EMA.full_state(), gathered by the caller
+    (rank 0 writes it). Returns the RUN/states/step-N URL once marked COMPLETE."""
     run, root = cfg.train.run_dir, local_state_root(cfg)
     tag = rundir.step_name(step)
     folder = os.path.join(root, tag)
@@ -80,11 +84,7 @@ def save_state(engine, cfg, step: int, ema, loader_state: dict, meta: dict) -> s
         os.remove(os.path.join(folder, rundir.COMPLETE))  # re-saving the same step: invalidate first
     _barrier()
     engine.save_checkpoint(folder, tag=tag, save_latest=False)
-    extra = {"rng": rng_state(), "loader": json.dumps(loader_state)}
-    if engine.lr_scheduler is not None:
-        extra["sched"] = json.dumps(engine.lr_scheduler.state_dict())
-    torch.save(extra, os.path.join(folder, f"rank-{rank}.pt"))
-    ema_full = ema.full_state()  # collective under ZeRO-3
+    torch.save({"rng": rng_state(), "loader": json.dumps(loader_state)}, os.path.join(folder, f"rank-{rank}.pt"))
     if rank == 0:
         from safetensors.torch import save_file
 
@@ -119,9 +119,15 @@ def _same_place(root: str, run: str) -> bool:
         os.path.join(storage.local_path(run), "states"))
 
 
-def find_resume(cfg):
-    """(step, local folder) of the newest complete state, fetched locally if needed; None for a
-    fresh run. Rank 0 decides and every rank gets the same answer (collective)."""
+class Resume(NamedTuple):
+    """The newest complete state: its step and the local folder holding it."""
+    step: int
+    folder: str
+
+
+def find_resume(cfg) -> Resume | None:
+    """The newest complete state, fetched locally if needed; None for a fresh run. Rank 0 decides
+    and every rank gets the same answer (collective)."""
     found = None
     if _rank() == 0:
         newest = rundir.newest_complete(cfg.train.run_dir, "states")
@@ -130,7 +136,7 @@ def find_resume(cfg):
             folder = os.path.join(local_state_root(cfg), rundir.step_name(step))
             if not _usable(folder):
                 _fetch(url, folder)
-            found = (step, folder)
+            found = Resume(step, folder)
     box = [found]
     if dist.is_initialized():
         dist.broadcast_object_list(box, src=0)
@@ -186,9 +192,16 @@ def universal_for(folder: str, zero_stage: int) -> str:
     return out
 
 
-def load_state(engine, folder: str, ema, universal: str = ""):
-    """Loads weights, optimizer, LR schedule into the engine and the EMA; returns (trainer meta,
-    this rank's RNG state or None, the data-loader state).
+class LoadedState(NamedTuple):
+    """What load_state gives back besides what it loads into the engine and the EMA."""
+    meta: dict  # trainer.json: step, images_seen, world_size, wall_time
+    rng: dict | None  # this rank's RNG states; None when the world size changed
+    loader: dict  # the data loader's position (ShardLoader.state_dict)
+
+
+def load_state(engine, folder: str, ema, universal: str = "") -> LoadedState:
+    """Loads weights, optimizer, LR schedule into the engine and the EMA; returns the trainer's
+    meta, this rank's RNG state and the data-loader state.
 
     Another world size (same global batch) loads from `universal` (see universal_for; the engine
     must have been built with load_universal) or, for ZeRO-0, from the state as it is. Each rank's
@@ -214,4 +227,4 @@ def load_state(engine, folder: str, ema, universal: str = ""):
     ema.load_full_state(load_file(os.path.join(folder, "ema.safetensors")))
     mine = os.path.join(folder, f"rank-{rank}.pt")
     extra = torch.load(mine if same else os.path.join(folder, "rank-0.pt"), weights_only=True)
-    return meta, (extra["rng"] if same else None), json.loads(extra["loader"])
+    return LoadedState(meta, extra["rng"] if same else None, json.loads(extra["loader"]))

@@ -1,4 +1,5 @@
-"""Throughput accounting: matmul peak probe, FLOPs of a training step, MFU, memory."""
+"""What the hardware gives: the measured matmul peak, a device's peak FLOP/s (for MFU), memory in use.
+The FLOPs a model needs are counted in rin_scale.flops."""
 from __future__ import annotations
 
 import os
@@ -49,38 +50,6 @@ def device_peak(dev: torch.device, dtype, configured_tflops: float = 0.0, probe_
             if key in name:
                 return tf * 1e12 * (0.5 if dtype == torch.float32 else 1.0), f"table ({name})"
     return matmul_peak(dtype, dev, probe_seconds), f"matmul probe ({str(dtype).replace('torch.', '')})"
-
-
-def train_flops_per_example(model_cfg, self_cond_rate: float) -> float:
-    """FLOPs of one example's training step: 3x the forward with gradients (forward + backward)
-    plus the no-grad self-conditioning forward, run on `self_cond_rate` of the examples. Counted
-    as if every example ran it, since the pass runs on the whole batch (zeroed latents for 10%)."""
-    fwd = forward_flops(model_cfg)
-    return 3 * fwd + (fwd if self_cond_rate > 0 else 0.0)
-
-
-def forward_flops(model_cfg) -> float:
-    """Forward FLOPs of one example: rin_scale.flops.count, or (if that fails on the meta device)
-    torch's FlopCounterMode over a real batch-1 forward on the CPU."""
-    from .flops import count
-
-    try:
-        return count(model_cfg)["gflops"] * 1e9
-    except NotImplementedError:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        from .model import RIN
-
-        m = model_cfg
-        model = RIN(m).eval()
-        s = m.image_size
-        x = torch.zeros(1, *m.sample_shape)
-        cond = torch.zeros(1, m.channels, m.cond_frames, s, s) if m.is_video and m.cond_frames else None
-        labels = torch.zeros(1, dtype=torch.long) if m.num_classes else None
-        counter = FlopCounterMode(display=False)
-        with counter, torch.no_grad():
-            model(x, torch.full((1,), 0.5), labels, None, cond)
-        return float(counter.get_total_flops())
 
 
 def memory_gb(dev: torch.device) -> dict:

@@ -17,13 +17,17 @@ import math
 import os
 import sys
 import time
-
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.distributed as dist
 
 from . import rundir, storage
 from .config import ConfigError, check_world, dump_yaml, load_config, to_dict
+
+if TYPE_CHECKING:
+    from .engine import Precision
 
 NOISE_BUCKETS = 4  # loss is also logged per quarter of t in [0, 1]
 
@@ -41,8 +45,7 @@ def parse_args(argv):
 
 def dry_run(cfg) -> None:
     from .engine import ds_config
-    from .flops import count
-    from .perf import train_flops_per_example
+    from .flops import count, train_flops_per_example
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     c = count(cfg.model)  # builds the model on the meta device: no memory, any size
@@ -113,17 +116,85 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. non-finite steps in a row); the message names the fix."""
 
 
-def train(cfg) -> int:
-    from .checkpoint import (find_resume, load_state, local_state_root, save_state, saved_world_size,
-                             set_rng_state, universal_for)
-    from .data import ShardLoader
-    from .diffusion import training_loss
-    from .ema import EMA
-    from .engine import Precision, build_engine, choose_precision, device, init_distributed
-    from .model import RIN
-    from .perf import device_peak, memory_gb, train_flops_per_example
+# --------------------------------------------------------------------------------------------
+# The loop: set up, then one train_step per optimizer step, a log line per window, saves when due
 
-    t, run = cfg.train, cfg.train.run_dir
+
+def train(cfg) -> int:
+    """Train (or resume) the run `cfg` describes up to train.total_steps; every rank calls it."""
+    tr, state = set_up(cfg)
+    tc = cfg.train
+    meter = Meter(state.step)
+    state.started = time.time()
+    while state.step < tc.total_steps:
+        result = train_step(tr, state, meter)
+        tr.train_log.append({"step": state.step, "loss": result.loss, "lr": result.lr,
+                             "images_seen": state.images_seen, "grad_norm": result.grad_norm,
+                             "skipped": result.skipped})
+        if state.step % tc.log_every == 0 or state.step == tc.total_steps:
+            log_window(tr, state, meter, result)
+        maybe_save(tr, state)
+    if tr.rank == 0:
+        tr.train_log.flush()
+        tr.tb.close()
+        log0(tr.rank, f"done: {state.step} steps, {state.images_seen} images, "
+                      f"{_hms(time.time() - state.started)} this job; loader {tr.loader.stats}")
+    dist.barrier()
+    return 0
+
+
+class Compute(NamedTuple):
+    """What rank 0 measured and every rank uses."""
+    precision: Precision
+    peak: float  # FLOP/s per device, for MFU
+    peak_source: str  # where the peak came from: the config, a GPU table or a matmul probe
+
+
+@dataclass
+class TrainState:
+    """Progress: what a training state saves and a resume restores, plus this job's counters."""
+    step: int = 0
+    images_seen: int = 0
+    wall_before: float = 0.0  # seconds trained by this run's earlier jobs
+    started: float = field(default_factory=time.time)  # when this job started training
+    skipped_in_a_row: int = 0  # optimizer steps skipped for a non-finite loss or gradient
+    skipped_total: int = 0
+
+    @property
+    def wall_time(self) -> float:
+        return self.wall_before + time.time() - self.started
+
+
+@dataclass
+class Trainer:
+    """What set_up builds: the engine, and what feeds, averages, logs and previews it."""
+    cfg: object
+    rank: int
+    world: int
+    accum: int  # micro-batches per optimizer step on each rank
+    dev: torch.device
+    compute: Compute
+    engine: object  # the DeepSpeed engine
+    ema: object
+    loader: object  # the ShardLoader (its state is saved)
+    batches: Batches
+    train_log: TrainLog
+    flops_per_example: float  # of one training step
+    tb: object = None  # rank 0: TensorBoard
+    preview: PreviewGrid | None = None  # rank 0, when train.sample_every
+
+
+def set_up(cfg) -> tuple[Trainer, TrainState]:
+    """Processes, precision, engine, EMA, loader and logs; resumed from the newest complete state
+    in RUN/states if there is one."""
+    from .checkpoint import find_resume, load_state, local_state_root, saved_world_size, universal_for
+    from .data import ShardLoader
+    from .ema import EMA
+    from .engine import build_engine, device, init_distributed
+    from .flops import train_flops_per_example
+    from .model import RIN
+
+    tc = cfg.train
     if not cfg.data.shards:
         raise ConfigError("data.shards is empty: point it at a shard folder or manifest, e.g. "
                           "data.shards=runs/demo/data/digits-train (make one with python -m data_tools.shard)")
@@ -131,172 +202,219 @@ def train(cfg) -> int:
     micro, accum = check_world(cfg, world)
     local_state_root(cfg)  # fail now, not at the first save, if the state folder is unusable
     dev = device()
-
-    # Precision and the peak for MFU: rank 0 measures, every rank uses its answer.
-    decision = [None]
-    if rank == 0:
-        prec = choose_precision(t.precision, dev)
-        peak, peak_src = device_peak(dev, prec.dtype, t.peak_tflops)
-        decision = [(prec.name, prec.reason, peak, peak_src)]
-    dist.broadcast_object_list(decision, src=0)
-    prec, peak, peak_src = Precision(*decision[0][:2]), decision[0][2], decision[0][3]
-    log0(rank, f"{world} rank(s) on {dev.type}, ZeRO-{t.zero_stage}, micro-batch {micro} x {accum} accumulation "
-               f"x {world} = {t.global_batch}; precision {prec.name} ({prec.reason}); "
-               f"peak {peak / 1e12:.2f} TFLOP/s per device ({peak_src})")
+    compute = measure_compute(tc, rank, dev)
+    log0(rank, f"{world} rank(s) on {dev.type}, ZeRO-{tc.zero_stage}, micro-batch {micro} x {accum} accumulation "
+               f"x {world} = {tc.global_batch}; precision {compute.precision.name} ({compute.precision.reason}); "
+               f"peak {compute.peak / 1e12:.2f} TFLOP/s per device ({compute.peak_source})")
 
     # The newest complete state, found first: one saved by another world size under ZeRO 1-3 is
     # loaded through DeepSpeed's universal checkpoint, which the engine must know of when built.
     resume = find_resume(cfg)
     universal = ""
-    if resume is not None and t.zero_stage > 0 and saved_world_size(resume[1]) != world:
-        universal = universal_for(resume[1], t.zero_stage)
+    if resume is not None and tc.zero_stage > 0 and saved_world_size(resume.folder) != world:
+        universal = universal_for(resume.folder, tc.zero_stage)
 
     # Model, engine, EMA. Same seed on every rank: identical initial weights.
-    torch.manual_seed(t.seed)
-    model = RIN(cfg.model).to(dev)
-    engine, _, _ = build_engine(model, cfg, world, load_universal=bool(universal))
-    ema = EMA(engine.module, t.ema_decay)
-    flops_per_example = train_flops_per_example(cfg.model, cfg.diffusion.self_cond_rate)
-
+    torch.manual_seed(tc.seed)
+    engine, _, _ = build_engine(RIN(cfg.model).to(dev), cfg, world, load_universal=bool(universal))
+    ema = EMA(engine.module, tc.ema_decay)
     if rank == 0:
-        fs, path = storage.fs_path(storage.join(run, "config.yaml"))
-        fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        if not fs.exists(path):
-            with fs.open(path, "w") as f:
-                f.write(dump_yaml(cfg))
-
-    # Built before the RNG is set or restored: its weight init must not shift rank 0's stream.
-    sampler = Sampler(cfg, dev) if rank == 0 and t.sample_every else None
-
-    # Resume from the newest complete state, or start fresh.
-    step, images_seen, wall_before, loader_state, rng = 0, 0, 0.0, None, None
+        write_config(cfg)
+    state, loaded = TrainState(), None
     if resume is not None:
-        meta, rng, loader_state = load_state(engine, resume[1], ema, universal)
-        step, images_seen, wall_before = meta["step"], meta["images_seen"], meta.get("wall_time", 0.0)
-        log0(rank, f"resumed from {resume[1]} at step {step} ({images_seen} images seen, "
-                   f"saved by {meta['world_size']} rank(s))")
-    if rng is not None:
-        set_rng_state(rng)
+        loaded = load_state(engine, resume.folder, ema, universal)
+        state = TrainState(loaded.meta["step"], loaded.meta["images_seen"], loaded.meta.get("wall_time", 0.0))
+        log0(rank, f"resumed from {resume.folder} at step {state.step} ({state.images_seen} images seen, "
+                   f"saved by {loaded.meta['world_size']} rank(s))")
+
+    loader = ShardLoader(cfg.data, cfg.model, micro, rank, world, state=loaded.loader if loaded else None)
+    tr = Trainer(cfg, rank, world, accum, dev, compute, engine, ema, loader, Batches(loader),
+                 TrainLog(tc.run_dir, rank, state.step), train_flops_per_example(cfg.model, cfg.diffusion.self_cond_rate))
+    if rank == 0:
+        tr.tb = open_tensorboard(cfg, state.step)
+        tr.preview = PreviewGrid(cfg, dev) if tc.sample_every else None  # its weight init draws random numbers
+    seed_or_restore_rng(tc, rank, state.step, loaded.rng if loaded else None)
+    return tr, state
+
+
+def seed_or_restore_rng(tc, rank: int, step: int, saved: dict | None) -> None:
+    """The RNG streams of the training itself (noise, t, dropouts), set last in set_up: from here
+    to the first step nothing else draws from the global generators (the preview model is built,
+    and the DataLoader seeds its workers from a generator of its own), so a resumed run draws
+    exactly what the uninterrupted run drew."""
+    from .checkpoint import set_rng_state
+
+    if saved is not None:
+        set_rng_state(saved)
     else:  # fresh, or a new world size: a seed per rank (and per resume point)
-        torch.manual_seed(t.seed + 1 + rank + 7919 * step)
-    train_log = TrainLog(run, rank, step)
+        torch.manual_seed(tc.seed + 1 + rank + 7919 * step)
 
-    loader = ShardLoader(cfg.data, cfg.model, micro, rank, world, state=loader_state)
-    batches = Batches(loader)
-    tb = None
+
+def measure_compute(tc, rank: int, dev: torch.device) -> Compute:
+    """Precision and the peak for MFU: rank 0 measures, every rank uses its answer (collective)."""
+    from .engine import choose_precision
+    from .perf import device_peak
+
+    box = [None]
     if rank == 0:
-        from .tblog import TBLog
-
-        tb = TBLog(run)
-        if step == 0:
-            flat = {f"{s}.{k}": v for s, d in to_dict(cfg).items() if isinstance(d, dict) for k, v in d.items()}
-            tb.hparams({k: v for k, v in flat.items() if k.split(".")[0] in ("model", "diffusion", "train")},
-                       {"hparam/final_loss": float("nan")})
-
-    # The loop: one iteration = one optimizer step over the global batch.
-    t_start = time.time()
-    last_log_time, last_log_step, skipped_in_a_row, skipped_total = time.perf_counter(), step, 0, 0
-    window = {"loss": 0.0, "n": 0, "bucket_sum": torch.zeros(NOISE_BUCKETS), "bucket_n": torch.zeros(NOISE_BUCKETS),
-              "step_time": 0.0, "wait": 0.0}
-    while step < t.total_steps:
-        t0 = time.perf_counter()
-        wait0 = batches.wait
-        losses = []
-        for _ in range(accum):
-            batch = batches.next()
-            x0, cond = split_clip(batch["x"].to(dev, non_blocking=True), cfg.model)
-            labels = batch["label"].to(dev) if cfg.model.num_classes else None
-            with prec.autocast(dev):
-                loss, details = training_loss(engine, x0, cfg.diffusion, labels=labels, cond=cond)
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.detach().float())
-            bucket = (details["t"].float().cpu() * NOISE_BUCKETS).long().clamp(max=NOISE_BUCKETS - 1)
-            window["bucket_sum"].index_add_(0, bucket, details["loss"].float().cpu())
-            window["bucket_n"].index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float32))
-        step += 1
-        images_seen += t.global_batch
-
-        skipped = not engine.was_step_applied()  # the optimizer (ZeRO-0) or ZeRO found a non-finite gradient
-        if skipped:
-            skipped_in_a_row += 1
-            skipped_total += 1
-            if skipped_in_a_row > t.max_nonfinite:
-                raise TrainingError(f"{skipped_in_a_row} steps in a row had a non-finite loss or gradient (step "
-                                    f"{step}): lower train.lr or set train.grad_clip"
-                                    + (", or use train.precision=fp32" if prec.name == "bf16" else ""))
-        else:
-            skipped_in_a_row = 0
-            ema.update(ema.decay_at(step, t.ema_warmup))
-
-        loss_mean = all_mean(torch.stack(losses).mean().cpu().reshape(1)).item()
-        lr = engine.get_lr()[0]
-        grad_norm = engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else None
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        step_time = time.perf_counter() - t0
-        window["loss"] += loss_mean
-        window["n"] += 1
-        window["step_time"] += step_time
-        window["wait"] += batches.wait - wait0
-        train_log.append({"step": step, "loss": loss_mean, "lr": lr, "images_seen": images_seen,
-                          "grad_norm": grad_norm, "skipped": skipped})
-
-        if step % t.log_every == 0 or step == t.total_steps:
-            bucket_n = all_mean(window["bucket_n"].clone())
-            buckets = all_mean(window["bucket_sum"].clone()) / bucket_n.clamp_min(1e-9)
-            now = time.perf_counter()
-            n = window["n"]
-            img_s = (step - last_log_step) * t.global_batch / max(now - last_log_time, 1e-9)
-            achieved = img_s * flops_per_example / world  # per device
-            mem = memory_gb(dev)
-            if rank == 0:
-                scalars = {"train/loss": window["loss"] / n, "train/lr": lr, "train/grad_norm": grad_norm,
-                           "perf/images_per_sec": img_s, "perf/step_time": window["step_time"] / n,
-                           "perf/data_wait": window["wait"] / n, "perf/tflops": achieved / 1e12,
-                           "perf/mfu": achieved / peak, "perf/memory_gb": mem["peak_gb"],
-                           "train/images_seen": images_seen, "train/skipped_steps": skipped_total}
-                scalars.update({f"loss_by_t/{i / NOISE_BUCKETS:.2f}-{(i + 1) / NOISE_BUCKETS:.2f}": buckets[i].item()
-                                for i in range(NOISE_BUCKETS) if bucket_n[i] > 0})
-                tb.scalars(scalars, step)
-                eta = (t.total_steps - step) * (now - last_log_time) / max(step - last_log_step, 1)
-                log0(rank, f"step {step}/{t.total_steps} loss {window['loss'] / n:.4f} lr {lr:.2e} "
-                           f"{img_s:.1f} img/s mfu {achieved / peak:.1%} data-wait {window['wait'] / n:.3f}s "
-                           f"mem {mem['peak_gb']:.2f}GB eta {_hms(eta)}")
-                train_log.flush()
-            last_log_time, last_log_step = now, step
-            window = {"loss": 0.0, "n": 0, "bucket_sum": torch.zeros(NOISE_BUCKETS),
-                      "bucket_n": torch.zeros(NOISE_BUCKETS), "step_time": 0.0, "wait": 0.0}
-
-        final = step == t.total_steps
-        want_samples = sampler is not None and (step % t.sample_every == 0 or final)
-        want_snapshot = step % t.snapshot_every == 0 or final
-        ema_full = ema.full_state() if (want_snapshot or (t.sample_every and (step % t.sample_every == 0 or final))) \
-            else None  # collective under ZeRO-3: every rank takes part
-        wall = wall_before + time.time() - t_start
-        if rank == 0 and want_samples:
-            tb.image("samples/ema", sampler.grid(ema_full), step)
-        if rank == 0 and want_snapshot:
-            rundir.write_snapshot(run, step, ema_full, cfg, {"images_seen": images_seen, "wall_time": wall})
-            rundir.prune(run, "snapshots", t.keep_last, t.milestone_every)
-        if step % t.state_every == 0 or final:
-            save_state(engine, cfg, step, ema, loader.state_dict(),
-                       {"images_seen": images_seen, "wall_time": wall})
-        if rank == 0 and (want_samples or want_snapshot):
-            tb.flush()
-
-    if rank == 0:
-        train_log.flush()
-        tb.close()
-        log0(rank, f"done: {step} steps, {images_seen} images, {_hms(time.time() - t_start)} this job; "
-                   f"loader {loader.stats}")
-    dist.barrier()
-    return 0
+        prec = choose_precision(tc.precision, dev)
+        box = [Compute(prec, *device_peak(dev, prec.dtype, tc.peak_tflops))]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
-class Sampler:
-    """EMA samples from fixed noise (and fixed labels / conditioning frames) for TensorBoard."""
+def write_config(cfg) -> None:
+    """RUN/config.yaml, once: a resumed run keeps the file its first job wrote."""
+    url = storage.join(cfg.train.run_dir, "config.yaml")
+    if not storage.exists(url):
+        storage.write_bytes(url, dump_yaml(cfg).encode())
+
+
+def open_tensorboard(cfg, step: int):
+    from .tblog import TBLog
+
+    tb = TBLog(cfg.train.run_dir)
+    if step == 0:
+        flat = {f"{s}.{k}": v for s, d in to_dict(cfg).items() if isinstance(d, dict) for k, v in d.items()}
+        tb.hparams({k: v for k, v in flat.items() if k.split(".")[0] in ("model", "diffusion", "train")},
+                   {"hparam/final_loss": float("nan")})
+    return tb
+
+
+class StepResult(NamedTuple):
+    loss: float  # mean over the global batch
+    lr: float
+    grad_norm: float | None
+    skipped: bool  # a non-finite loss or gradient: the optimizer did not step
+
+
+def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
+    """One optimizer step over the global batch (`accum` micro-batches on each rank), then the EMA."""
+    from .diffusion import training_loss
+
+    cfg, engine = tr.cfg, tr.engine
+    t0, wait0 = time.perf_counter(), tr.batches.wait
+    losses = []
+    for _ in range(tr.accum):
+        batch = tr.batches.next()
+        x0, cond = split_clip(batch["x"].to(tr.dev, non_blocking=True), cfg.model)
+        labels = batch["label"].to(tr.dev) if cfg.model.num_classes else None
+        with tr.compute.precision.autocast(tr.dev):
+            loss, details = training_loss(engine, x0, cfg.diffusion, labels=labels, cond=cond)
+        engine.backward(loss)
+        # DeepSpeed's gradient-accumulation contract: step() after every micro-batch's backward; the
+        # engine steps the optimizer and the LR schedule (and zeroes the gradients) only at the
+        # accumulation boundary, every gradient_accumulation_steps-th call.
+        engine.step()
+        losses.append(loss.detach().float())
+        meter.add_noise_levels(details["t"], details["loss"])
+    state.step += 1
+    state.images_seen += cfg.train.global_batch
+
+    skipped = not engine.was_step_applied()  # the optimizer (ZeRO-0) or ZeRO found a non-finite gradient
+    state.skipped_in_a_row = state.skipped_in_a_row + 1 if skipped else 0
+    state.skipped_total += int(skipped)
+    if state.skipped_in_a_row > cfg.train.max_nonfinite:
+        raise TrainingError(f"{state.skipped_in_a_row} steps in a row had a non-finite loss or gradient (step "
+                            f"{state.step}): lower train.lr or set train.grad_clip"
+                            + (", or use train.precision=fp32" if tr.compute.precision.name == "bf16" else ""))
+    if not skipped:
+        tr.ema.update(tr.ema.decay_at(state.step, cfg.train.ema_warmup))
+
+    grad_norm = engine.get_global_grad_norm()
+    result = StepResult(all_mean(torch.stack(losses).mean().cpu().reshape(1)).item(), engine.get_lr()[0],
+                        float(grad_norm) if grad_norm is not None else None, skipped)
+    if tr.dev.type == "cuda":
+        torch.cuda.synchronize()
+    meter.add_step(result.loss, time.perf_counter() - t0, tr.batches.wait - wait0)
+    return result
+
+
+class Meter:
+    """Sums over the logging window (the steps since the last log line): loss, loss by noise level,
+    step time, data wait; and where the window started, for images per second."""
+
+    def __init__(self, step: int):
+        self.reset(step, time.perf_counter())
+
+    def reset(self, step: int, now: float) -> None:
+        self.first_step, self.started = step, now
+        self.steps, self.loss, self.step_time, self.data_wait = 0, 0.0, 0.0, 0.0
+        self.bucket_sum, self.bucket_n = torch.zeros(NOISE_BUCKETS), torch.zeros(NOISE_BUCKETS)
+
+    def add_noise_levels(self, t: torch.Tensor, losses: torch.Tensor) -> None:
+        """Per-example losses, summed by the quarter of t in [0, 1] they were drawn in."""
+        bucket = (t.float().cpu() * NOISE_BUCKETS).long().clamp(max=NOISE_BUCKETS - 1)
+        self.bucket_sum.index_add_(0, bucket, losses.float().cpu())
+        self.bucket_n.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float32))
+
+    def add_step(self, loss: float, step_time: float, data_wait: float) -> None:
+        self.steps += 1
+        self.loss += loss
+        self.step_time += step_time
+        self.data_wait += data_wait
+
+    def loss_by_t(self) -> dict:
+        """{"loss_by_t/0.00-0.25": mean loss, ...} over all ranks (collective); empty quarters left out."""
+        n = all_mean(self.bucket_n.clone())
+        mean = all_mean(self.bucket_sum.clone()) / n.clamp_min(1e-9)
+        return {f"loss_by_t/{i / NOISE_BUCKETS:.2f}-{(i + 1) / NOISE_BUCKETS:.2f}": mean[i].item()
+                for i in range(NOISE_BUCKETS) if n[i] > 0}
+
+
+def log_window(tr: Trainer, state: TrainState, meter: Meter, last: StepResult) -> None:
+    """TensorBoard scalars and a log line for the window (collective), then a new window."""
+    from .perf import memory_gb
+
+    tc, step = tr.cfg.train, state.step
+    loss_by_t = meter.loss_by_t()
+    now = time.perf_counter()
+    img_s = (step - meter.first_step) * tc.global_batch / max(now - meter.started, 1e-9)
+    achieved = img_s * tr.flops_per_example / tr.world  # per device
+    mfu = achieved / tr.compute.peak
+    mem = memory_gb(tr.dev)
+    if tr.rank == 0:
+        n = meter.steps
+        tr.tb.scalars({"train/loss": meter.loss / n, "train/lr": last.lr, "train/grad_norm": last.grad_norm,
+                       "perf/images_per_sec": img_s, "perf/step_time": meter.step_time / n,
+                       "perf/data_wait": meter.data_wait / n, "perf/tflops": achieved / 1e12, "perf/mfu": mfu,
+                       "perf/memory_gb": mem["peak_gb"], "train/images_seen": state.images_seen,
+                       "train/skipped_steps": state.skipped_total, **loss_by_t}, step)
+        eta = (tc.total_steps - step) * (now - meter.started) / max(step - meter.first_step, 1)
+        log0(tr.rank, f"step {step}/{tc.total_steps} loss {meter.loss / n:.4f} lr {last.lr:.2e} {img_s:.1f} img/s "
+                      f"mfu {mfu:.1%} data-wait {meter.data_wait / n:.3f}s mem {mem['peak_gb']:.2f}GB eta {_hms(eta)}")
+        tr.train_log.flush()
+    meter.reset(step, now)
+
+
+def maybe_save(tr: Trainer, state: TrainState) -> None:
+    """What falls due at this step: the TensorBoard sample grid, the EMA snapshot, the full training
+    state. The EMA is gathered once for all three (collective under ZeRO-3: every rank takes part)."""
+    from .checkpoint import save_state
+
+    tc, step = tr.cfg.train, state.step
+    final = step == tc.total_steps
+    want_samples = bool(tc.sample_every) and (step % tc.sample_every == 0 or final)
+    want_snapshot = step % tc.snapshot_every == 0 or final
+    want_state = step % tc.state_every == 0 or final
+    if not (want_samples or want_snapshot or want_state):
+        return
+    ema_full = tr.ema.full_state()
+    meta = {"images_seen": state.images_seen, "wall_time": state.wall_time}
+    if tr.rank == 0 and want_samples:
+        tr.tb.image("samples/ema", tr.preview.grid(ema_full), step)
+    if tr.rank == 0 and want_snapshot:
+        rundir.write_snapshot(tc.run_dir, step, ema_full, tr.cfg, meta)
+        rundir.prune(tc.run_dir, "snapshots", tc.keep_last, tc.milestone_every)
+    if want_state:
+        tr.train_log.flush()  # the rows up to this step outlive the job with the state (buffered on a bucket)
+        save_state(tr.engine, tr.cfg, step, ema_full, tr.loader.state_dict(), meta)
+    if tr.rank == 0 and (want_samples or want_snapshot):
+        tr.tb.flush()
+
+
+class PreviewGrid:
+    """EMA samples from fixed noise (and fixed labels / conditioning frames): a TensorBoard image."""
 
     def __init__(self, cfg, dev):
         from .model import RIN
@@ -330,20 +448,21 @@ class Sampler:
         return sample_grid(x, nrow=self.cfg.model.num_classes or 0)
 
 
+def _jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
 class TrainLog:
     """RUN/train_log.jsonl from rank 0: one JSON line per step (step, loss, lr, images_seen, ...).
-    On resume, lines past the resumed step (work lost with the killed job) are dropped."""
+    On resume, lines past the resumed step (work lost with the killed job) are dropped. A local file
+    is appended at every step; a bucket's is rewritten at each flush (log lines and state saves)."""
 
     def __init__(self, run: str, rank: int, resume_step: int):
-        self.url, self.rank, self.pending = storage.join(run, "train_log.jsonl"), rank, []
+        self.url, self.rank, self.pending, self.rows = storage.join(run, "train_log.jsonl"), rank, [], []
         if rank != 0:
             return
-        rows = [r for r in storage.read_jsonl(self.url) if r.get("step", 0) <= resume_step]
-        fs, path = storage.fs_path(self.url)
-        fs.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        with fs.open(path, "w") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows))
-        self.rows = rows
+        self.rows = [r for r in storage.read_jsonl(self.url) if r.get("step", 0) <= resume_step]
+        storage.write_bytes(self.url, _jsonl(self.rows).encode())
 
     def append(self, row: dict) -> None:
         if self.rank != 0:
@@ -357,12 +476,10 @@ class TrainLog:
             return
         if storage.is_local(self.url):
             with open(storage.local_path(self.url), "a") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in self.pending))
+                f.write(_jsonl(self.pending))
         else:  # object stores cannot append: rewrite the whole file
             self.rows += self.pending
-            fs, path = storage.fs_path(self.url)
-            with fs.open(path, "w") as f:
-                f.write("".join(json.dumps(r) + "\n" for r in self.rows))
+            storage.write_bytes(self.url, _jsonl(self.rows).encode())
         self.pending = []
 
 

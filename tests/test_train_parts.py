@@ -7,8 +7,9 @@ import torch
 from rin_scale.config import load_config
 from rin_scale.diffusion import training_loss
 from rin_scale.ema import EMA
-from rin_scale.engine import AdamW, Lamb, WarmupCosine, configure_checkpointing
+from rin_scale.engine import configure_checkpointing
 from rin_scale.model import RIN
+from rin_scale.optim import AdamW, Lamb, WarmupCosine
 
 
 @pytest.fixture(scope="module")

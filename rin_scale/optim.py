@@ -1,0 +1,158 @@
+"""Optimizers and the LR schedule the trainer hands to DeepSpeed.
+
+    opt = make_optimizer(model, cfg)      # LAMB or AdamW, weight decay off for the no-decay set
+    sched = make_scheduler(opt, cfg)      # linear warmup, then cosine decay to lr * lr_floor
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from .config import Config
+
+
+# --------------------------------------------------------------------------------------------
+# Optimizers. Both skip a step whose gradients are not finite on any rank (all ranks agree), so a
+# NaN batch never reaches the weights. `overflow` is DeepSpeed's name: without ZeRO the engine reads
+# it to skip the LR step, as its ZeRO optimizers do for their own check, so that every stage
+# treats a skipped step alike (engine.was_step_applied()). Both keep a per-group
+# "step", which DeepSpeed's elastic ZeRO checkpoints need to re-partition for a new world size.
+
+
+def _count_step(optimizer) -> None:
+    for g in optimizer.param_groups:
+        g["step"] = g.get("step", 0) + 1
+
+
+def _all_finite(tensors) -> bool:
+    bad = torch.zeros(1)
+    for x in tensors:
+        if not torch.isfinite(x).all():
+            bad += 1
+            break
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad)
+    return bad.item() == 0
+
+
+class Lamb(torch.optim.Optimizer):
+    """LAMB (You et al. 2019): Adam direction plus decoupled decay, scaled per layer by the trust
+    ratio ||w|| / ||update||. With `partitioned=True` (ZeRO), every param group must hold one
+    parameter, of which this rank sees a slice: the norms are summed over all ranks so the trust
+    ratio is that of the whole layer, exactly as without ZeRO."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, partitioned=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, step=0))
+        self.partitioned = partitioned
+        self.overflow = False
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.overflow = not _all_finite(p.grad for p in params)
+        if self.overflow:
+            return None
+        updates, norms = [], []
+        for g in self.param_groups:
+            b1, b2 = g["betas"]
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
+                    st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
+                st["step"] += 1
+                k = st["step"].item()
+                grad = p.grad.float()
+                st["exp_avg"].lerp_(grad, 1 - b1)
+                st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                m_hat = st["exp_avg"] / (1 - b1 ** k)
+                v_hat = st["exp_avg_sq"] / (1 - b2 ** k)
+                u = m_hat / (v_hat.sqrt() + g["eps"])
+                if g["weight_decay"]:
+                    u.add_(p.float(), alpha=g["weight_decay"])
+                updates.append((g, p, u))
+                norms.append(torch.stack([p.float().pow(2).sum(), u.pow(2).sum()]))
+        _count_step(self)
+        if not updates:
+            return None
+        norms = torch.stack(norms)
+        if self.partitioned and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(norms)
+        norms = norms.sqrt()
+        for (g, p, u), (wn, un) in zip(updates, norms):
+            trust = (wn / un).item() if wn > 0 and un > 0 else 1.0
+            p.add_(u.to(p.dtype), alpha=-g["lr"] * trust)
+        return None
+
+
+class AdamW(torch.optim.AdamW):
+    """torch's AdamW that skips a step with non-finite gradients on any rank."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.overflow = False
+        for g in self.param_groups:
+            g.setdefault("step", 0)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        self.overflow = not _all_finite(grads)
+        if self.overflow:
+            return None
+        _count_step(self)
+        return super().step(closure)
+
+
+def param_groups(model, cfg: Config, one_per_param: bool) -> list[dict]:
+    """Weight decay off for the model's no-decay set (biases, LayerNorms, embeddings)."""
+    tc = cfg.train
+    no_decay = model.no_decay_param_names() if hasattr(model, "no_decay_param_names") else set()
+    if not tc.no_decay_embeddings:  # keep the embeddings' decay; still exempt biases and norms
+        no_decay = {n for n in no_decay if n.endswith("bias") or "norm" in n}
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if one_per_param:
+        return [{"params": [p], "weight_decay": 0.0 if n in no_decay else tc.weight_decay, "name": n} for n, p in named]
+    return [
+        {"params": [p for n, p in named if n not in no_decay], "weight_decay": tc.weight_decay, "name": "decay"},
+        {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0, "name": "no_decay"},
+    ]
+
+
+def make_optimizer(model, cfg: Config):
+    tc = cfg.train
+    if tc.optimizer == "lamb":
+        partitioned = tc.zero_stage >= 1
+        return Lamb(param_groups(model, cfg, one_per_param=partitioned), lr=tc.lr, betas=tuple(tc.betas),
+                    weight_decay=tc.weight_decay, partitioned=partitioned)
+    return AdamW(param_groups(model, cfg, one_per_param=False), lr=tc.lr, betas=tuple(tc.betas),
+                 weight_decay=tc.weight_decay)
+
+
+# --------------------------------------------------------------------------------------------
+# LR schedule: linear warmup, then cosine decay to lr * lr_floor at total_steps (RIN_SPEC.md)
+
+
+class WarmupCosine:
+    """Multiplier of the base LR at a step; a class (not a lambda) so LambdaLR can save it."""
+
+    def __init__(self, warmup: int, total: int, floor: float):
+        self.warmup, self.total, self.floor = warmup, total, floor
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min((step - self.warmup) / max(self.total - self.warmup, 1), 1.0)
+        return self.floor + (1 - self.floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def make_scheduler(optimizer, cfg: Config):
+    tc = cfg.train
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(tc.warmup_steps, tc.total_steps, tc.lr_floor))
+
+
