@@ -9,37 +9,45 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 from dataclasses import dataclass, field
 from typing import Optional
 
 import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 
 class ConfigError(ValueError):
     """A bad config value; the message names the key and the fix."""
 
 
+def _f(default, help: str):
+    """A field with its meaning, which reference_markdown() prints in the README's table."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    image_size: int = 32  # height = width, pixels
-    channels: int = 3  # image channels (RGB)
-    frames: int = 0  # video: total frames in a clip (conditioning + predicted); 0 = images
-    cond_frames: int = 0  # video: leading clean frames the model is conditioned on
-    patch_size: int = 2  # spatial patch of the tokenizer: interface tokens = (size / patch)^2
-    patch_frames: int = 1  # video: temporal extent of a 3-D patch
-    interface_dim: int = 256  # width d of the interface tokens X
-    interface_mlp_ratio: float = 2.0  # 0 = no MLP after *write*
-    latent_dim: int = 512  # width d' of the latents Z
-    num_latents: int = 128  # latent slots in all, including the time and class tokens
-    latent_mlp_ratio: float = 4.0  # MLP hidden width / latent_dim
-    num_blocks: int = 3  # read / compute / write blocks, no weight tying
-    latent_layers: int = 2  # compute layers per block
-    latent_heads: int = 16  # heads of the latent self-attention
-    read_write_heads: int = 8  # heads of read / write cross-attention (width min(d, d'))
-    dropout: float = 0.1  # in the compute layers only
-    drop_path: float = 0.1  # in the compute layers only
-    num_classes: int = 0  # 0 = unconditional
-    class_dropout: float = 0.1  # label dropout for classifier-free guidance (0 = off)
+    image_size: int = _f(32, "height = width, pixels")
+    channels: int = _f(3, "image channels (RGB)")
+    frames: int = _f(0, "video: total frames in a clip (conditioning + predicted); 0 = images")
+    cond_frames: int = _f(0, "video: leading clean frames the model is conditioned on")
+    patch_size: int = _f(2, "spatial patch of the tokenizer: interface tokens = (size / patch)^2")
+    patch_frames: int = _f(1, "video: temporal extent of a 3-D patch")
+    interface_dim: int = _f(256, "width d of the interface tokens X")
+    interface_mlp_ratio: float = _f(2.0, "0 = no MLP after *write*")
+    latent_dim: int = _f(512, "width d' of the latents Z")
+    num_latents: int = _f(128, "latent slots in all, including the time and class tokens")
+    latent_mlp_ratio: float = _f(4.0, "MLP hidden width / latent_dim")
+    num_blocks: int = _f(3, "read / compute / write blocks, no weight tying")
+    latent_layers: int = _f(2, "compute layers per block")
+    latent_heads: int = _f(16, "heads of the latent self-attention")
+    read_write_heads: int = _f(8, "heads of read / write cross-attention (width min(d, d'))")
+    dropout: float = _f(0.1, "in the compute layers only")
+    drop_path: float = _f(0.1, "in the compute layers only")
+    num_classes: int = _f(0, "0 = unconditional")
+    class_dropout: float = _f(0.1, "label dropout for classifier-free guidance (0 = off)")
 
     @property
     def is_video(self) -> bool:
@@ -58,85 +66,85 @@ class ModelConfig:
 
 @dataclass
 class DiffusionConfig:
-    schedule: str = "sigmoid"  # training schedule: sigmoid | cosine | linear
-    sigmoid_start: float = -3.0  # sigmoid schedule: start of the logistic's input range
-    sigmoid_end: float = 3.0  # sigmoid schedule: end of the range
-    sigmoid_tau: float = 0.9  # sigmoid schedule: temperature (CIFAR-10: -3, 3, 0.9)
-    target: str = "eps"  # eps | x0 | v
-    input_scale: float = 1.0  # b: data in [-1, 1] times b
-    self_cond_rate: float = 0.9  # per-example probability of the latent warm start in training
-    sampler: str = "ddpm"  # ddpm | ddim
-    sample_schedule: str = "cosine"  # schedule used by the samplers (the network sees gamma, so it may differ)
-    sample_steps: int = 100  # sampler steps (the paper's FIDs use 1000 DDPM steps)
-    guidance: float = 0.0  # classifier-free guidance weight w: (1 + w) cond - w uncond
+    schedule: str = _f("sigmoid", "training schedule: sigmoid | cosine | linear")
+    sigmoid_start: float = _f(-3.0, "sigmoid schedule: start of the logistic's input range")
+    sigmoid_end: float = _f(3.0, "sigmoid schedule: end of the range")
+    sigmoid_tau: float = _f(0.9, "sigmoid schedule: temperature (CIFAR-10: -3, 3, 0.9)")
+    target: str = _f("eps", "eps | x0 | v")
+    input_scale: float = _f(1.0, "b: data in [-1, 1] times b")
+    self_cond_rate: float = _f(0.9, "per-example probability of the latent warm start in training")
+    sampler: str = _f("ddpm", "ddpm | ddim")
+    sample_schedule: str = _f("cosine", "schedule used by the samplers (the network sees gamma, so it may differ)")
+    sample_steps: int = _f(100, "sampler steps (the paper's FIDs use 1000 DDPM steps)")
+    guidance: float = _f(0.0, "classifier-free guidance weight w: (1 + w) cond - w uncond")
 
 
 @dataclass
 class DataConfig:
-    shards: str = ""  # fsspec URL of a shard folder, a manifest, or a brace pattern
-    kind: str = "image"  # image | video (must agree with the model)
-    workers: int = 2  # DataLoader workers per rank
-    shuffle_buffer: int = 1000  # samples held in the shuffle buffer per worker
-    random_crop: bool = False  # random crop instead of a center crop to image_size
-    hflip: bool = True  # random horizontal flips
-    max_error_rate: float = 0.05  # stop the run when more than this fraction of samples fail
-    seed: int = 0  # random seed (data: shard order, shuffling, augmentation; train: init, noise)
+    shards: str = _f("", "fsspec URL of a shard folder, a manifest, or a brace pattern")
+    kind: str = _f("image", "image | video (must agree with the model)")
+    workers: int = _f(2, "DataLoader workers per rank")
+    shuffle_buffer: int = _f(1000, "samples held in the shuffle buffer per worker")
+    random_crop: bool = _f(False, "random crop instead of a center crop to image_size")
+    hflip: bool = _f(True, "random horizontal flips")
+    max_error_rate: float = _f(0.05, "stop the run when more than this fraction of samples fail")
+    seed: int = _f(0, "random seed (data: shard order, shuffling, augmentation; train: init, noise)")
 
 
 @dataclass
 class TrainConfig:
-    run_dir: str = "runs/default"  # local path or fsspec URL (gs://bucket/runs/NAME)
-    state_dir: str = ""  # POSIX path shared by all ranks for DeepSpeed states; "" = run_dir/states
-    global_batch: int = 256  # images per optimizer step over all ranks (fixed whatever the world size)
-    micro_batch: int = 0  # per rank; 0 = global_batch / world_size (no accumulation)
-    total_steps: int = 150_000  # optimizer steps of the whole run
-    zero_stage: int = 2  # 0 | 1 | 2 | 3
-    precision: str = "auto"  # auto | bf16 | fp32 (auto: bf16 on GPUs and on CPUs where it is fast)
-    optimizer: str = "lamb"  # lamb | adamw
-    lr: float = 3e-3  # peak learning rate, after warmup
-    betas: tuple = (0.9, 0.999)  # optimizer betas
-    weight_decay: float = 0.01  # decoupled weight decay (not on biases, LayerNorms, embeddings)
-    no_decay_embeddings: bool = True  # also exempt positional and token embeddings from decay
-    warmup_steps: int = 10_000  # linear warmup from 0 to lr
-    lr_floor: float = 0.1  # cosine decays to lr * lr_floor
-    grad_clip: float = 0.0  # 0 = off
-    max_nonfinite: int = 20  # consecutive skipped steps before the run stops
-    ema_decay: float = 0.9999  # EMA of the weights, updated every step in fp32
-    ema_warmup: bool = False  # decay min(ema_decay, (1+step)/(10+step)): for short runs (the paper: off)
-    activation_checkpointing: int = 0  # 0 = off, k = every k-th block (1 = every block)
-    checkpoint_cpu_offload: bool = False  # keep activation checkpoints in CPU memory (GPU memory saver)
-    state_every: int = 1000  # steps between full training states
-    snapshot_every: int = 1000  # steps between EMA snapshots
-    keep_last: int = 3  # newest states and snapshots kept
-    milestone_every: int = 0  # steps; every such state/snapshot is kept too (0 = none)
-    log_every: int = 50  # steps between log lines and TensorBoard scalars
-    sample_every: int = 1000  # steps between sample grids in TensorBoard (0 = never)
-    sample_count: int = 16  # images in the TensorBoard sample grid
-    peak_tflops: float = 0.0  # per device, for MFU; 0 = measured at start-up (CPU) or from a table
-    seed: int = 0  # random seed (data: shard order, shuffling, augmentation; train: init, noise)
+    run_dir: str = _f("runs/default", "local path or fsspec URL (gs://bucket/runs/NAME)")
+    state_dir: str = _f("", 'POSIX path shared by all ranks for DeepSpeed states; "" = run_dir/states')
+    global_batch: int = _f(256, "images per optimizer step over all ranks (fixed whatever the world size)")
+    micro_batch: int = _f(0, "per rank; 0 = global_batch / world_size (no accumulation)")
+    total_steps: int = _f(150_000, "optimizer steps of the whole run")
+    zero_stage: int = _f(2, "0 | 1 | 2 | 3")
+    precision: str = _f("auto", "auto | bf16 | fp32 (auto: bf16 on GPUs and on CPUs where it is fast)")
+    optimizer: str = _f("lamb", "lamb | adamw")
+    lr: float = _f(3e-3, "peak learning rate, after warmup")
+    betas: tuple[float, float] = _f((0.9, 0.999), "optimizer betas")
+    weight_decay: float = _f(0.01, "decoupled weight decay (not on biases, LayerNorms, embeddings)")
+    no_decay_embeddings: bool = _f(True, "also exempt positional and token embeddings from decay")
+    warmup_steps: int = _f(10_000, "linear warmup from 0 to lr")
+    lr_floor: float = _f(0.1, "cosine decays to lr * lr_floor")
+    grad_clip: float = _f(0.0, "0 = off")
+    max_nonfinite: int = _f(20, "consecutive skipped steps before the run stops")
+    ema_decay: float = _f(0.9999, "EMA of the weights, updated every step in fp32")
+    ema_warmup: bool = _f(False, "decay min(ema_decay, (1+step)/(10+step)): for short runs (the paper: off)")
+    activation_checkpointing: int = _f(0, "0 = off, k = every k-th block (1 = every block)")
+    checkpoint_cpu_offload: bool = _f(False, "keep activation checkpoints in CPU memory (GPU memory saver)")
+    state_every: int = _f(1000, "steps between full training states")
+    snapshot_every: int = _f(1000, "steps between EMA snapshots")
+    keep_last: int = _f(3, "newest states and snapshots kept")
+    milestone_every: int = _f(0, "steps; every such state/snapshot is kept too (0 = none)")
+    log_every: int = _f(50, "steps between log lines and TensorBoard scalars")
+    sample_every: int = _f(1000, "steps between sample grids in TensorBoard (0 = never)")
+    sample_count: int = _f(16, "images in the TensorBoard sample grid")
+    peak_tflops: float = _f(0.0, "per device, for MFU; 0 = measured at start-up (CPU) or from a table")
+    seed: int = _f(0, "random seed (data: shard order, shuffling, augmentation; train: init, noise)")
 
 
 @dataclass
 class EvalConfig:
-    metric: str = "auto"  # auto (fid for images, fvd for video) | fid | fvd
-    num_samples: int = 1000  # samples per evaluated snapshot (50,000 for published FIDs)
-    batch: int = 50  # samples per sampling batch
-    sampler: str = ""  # "" = diffusion.sampler
-    steps: int = 0  # 0 = diffusion.sample_steps
-    order: str = "all"  # all | newest | milestones
-    poll_seconds: float = 60.0  # seconds between looks for new snapshots
-    inception_weights: str = ""  # local file with the torch-fidelity InceptionV3 weights
-    i3d_weights: str = ""  # local TorchScript I3D file (StyleGAN-V's)
-    reference: str = ""  # URL of cached reference statistics; "" = computed from data.shards
-    cache_dir: str = "~/.cache/rin_scale"  # where reference statistics are cached (any fsspec URL)
-    classifier_data: str = ""  # held-out labelled shards: also report the class accuracy of samples
-    reference_samples: int = 0  # real samples in the reference statistics (0 = all of the shards)
-    claim_timeout: float = 7200.0  # seconds after which another service's unfinished claim is stale
+    metric: str = _f("auto", "auto (fid for images, fvd for video) | fid | fvd")
+    num_samples: int = _f(1000, "samples per evaluated snapshot (50,000 for published FIDs)")
+    batch: int = _f(50, "samples per sampling batch")
+    sampler: str = _f("", '"" = diffusion.sampler')
+    steps: int = _f(0, "0 = diffusion.sample_steps")
+    order: str = _f("all", "all | newest | milestones")
+    poll_seconds: float = _f(60.0, "seconds between looks for new snapshots")
+    inception_weights: str = _f("", "local file with the torch-fidelity InceptionV3 weights")
+    i3d_weights: str = _f("", "local TorchScript I3D file (StyleGAN-V's)")
+    reference: str = _f("", 'URL of cached reference statistics; "" = computed from data.shards')
+    cache_dir: str = _f("~/.cache/rin_scale", "where reference statistics are cached (any fsspec URL)")
+    classifier_data: str = _f("", "held-out labelled shards: also report the class accuracy of samples")
+    reference_samples: int = _f(0, "real samples in the reference statistics (0 = all of the shards)")
+    claim_timeout: float = _f(7200.0, "seconds after which another service's unfinished claim is stale")
 
 
 @dataclass
 class Config:
-    name: str = "custom"  # the preset this config started from
+    name: str = _f("custom", "the preset this config started from")
     model: ModelConfig = field(default_factory=ModelConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -145,84 +153,67 @@ class Config:
 
 
 # --------------------------------------------------------------------------------------------
-# Loading and overriding
+# Loading and overriding: OmegaConf types and stores the values; this module only words the errors
 
 
-def _coerce(value, current, key: str):
-    """Turn a YAML/CLI value into the type of the field it replaces."""
-    if isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
-            return value.lower() in ("true", "1", "yes")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-    elif isinstance(current, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                return int(float(value)) if float(value).is_integer() else None
-            except ValueError:
-                pass
-    elif isinstance(current, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif isinstance(current, str):
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif isinstance(current, tuple):
-        if isinstance(value, str):
-            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
-        if isinstance(value, (list, tuple)):
-            return tuple(_coerce(v, c, key) for v, c in zip(value, current)) if len(value) == len(current) else None
-    if value is None:
-        return None
-    raise ConfigError(f"{key}: expected {type(current).__name__}, got {value!r}")
+def _merge(cfg, items) -> None:
+    """Set (dotted key, value) pairs on the dataclass `cfg` in place, converted to the fields' types."""
+    key = value = None
+    try:
+        node = OmegaConf.structured(cfg)
+        for key, value in items:
+            # OmegaConf's int fields refuse 1e3 and "1e3", a common way to write step counts
+            if type(OmegaConf.select(node, key, default=None)) is int and _integral(value):
+                value = int(float(value))
+            OmegaConf.update(node, key, value)
+        key = None
+        new = OmegaConf.to_object(node)  # interpolations (${...}) resolve here
+    except OmegaConfBaseException as e:
+        raise ConfigError(_explain(e, key or e.full_key or "", value if key else e.value)) from None
+    _copy_into(cfg, new)
 
 
-def _set(cfg: Config, key: str, value) -> None:
-    parts = key.split(".")
-    obj = cfg
+def _copy_into(dst, src) -> None:
+    """Field by field, so that sections a caller already holds (cfg.train) see the new values."""
+    for f in dataclasses.fields(dst):
+        v = getattr(src, f.name)
+        if dataclasses.is_dataclass(v):
+            _copy_into(getattr(dst, f.name), v)
+        else:
+            setattr(dst, f.name, v)
+
+
+def _integral(v) -> bool:
+    try:
+        return isinstance(v, (float, str)) and float(v).is_integer()
+    except ValueError:
+        return False
+
+
+def _explain(e: Exception, key: str, value) -> str:
+    """One line for an OmegaConf error: its own messages span lines and name no valid keys."""
+    typ, parts = Config, key.split(".")
     for i, part in enumerate(parts):
-        names = [f.name for f in dataclasses.fields(obj)]
+        where = ".".join(parts[:i]) or "the top level"
+        if not dataclasses.is_dataclass(typ):
+            return f"unknown config key '{key}': '{where}' is not a section"
+        names = [f.name for f in dataclasses.fields(typ)]
         if part not in names:
-            where = ".".join(parts[:i]) or "the top level"
-            raise ConfigError(
-                f"unknown config key '{key}': {where} has no '{part}' (valid: {', '.join(names)})"
-            )
-        if i == len(parts) - 1:
-            current = getattr(obj, part)
-            if dataclasses.is_dataclass(current):
-                if not isinstance(value, dict):
-                    raise ConfigError(f"{key}: is a section; set its keys, e.g. {key}.<name>=...")
-                for k, v in value.items():
-                    _set(cfg, f"{key}.{k}", v)
-                return
-            new = _coerce(value, current, key)
-            if new is None:
-                raise ConfigError(f"{key}: cannot use {value!r} for a {type(current).__name__} value")
-            setattr(obj, part, new)
-        else:
-            obj = getattr(obj, part)
-            if not dataclasses.is_dataclass(obj):
-                raise ConfigError(f"unknown config key '{key}': '{'.'.join(parts[:i + 1])}' is not a section")
+            return f"unknown config key '{key}': {where} has no '{part}' (valid: {', '.join(names)})"
+        typ = typing.get_type_hints(typ)[part]
+    if dataclasses.is_dataclass(typ):
+        return f"{key}: is a section; set its keys, e.g. {key}.<name>=..."
+    if isinstance(e, ValidationError):
+        return f"{key}: expected {typ.__name__ if isinstance(typ, type) else typ}, got {value!r}"
+    return f"{key}: {str(e).splitlines()[0]}"
 
 
-def apply_dict(cfg: Config, d: dict, prefix: str = "") -> None:
+def _leaves(d: dict, prefix: str = ""):
     for k, v in d.items():
-        key = f"{prefix}{k}"
         if isinstance(v, dict):
-            apply_dict(cfg, v, key + ".")
+            yield from _leaves(v, f"{prefix}{k}.")
         else:
-            _set(cfg, key, v)
+            yield f"{prefix}{k}", v
 
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> None:
@@ -234,13 +225,11 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
                 continue
             raise ConfigError(f"override '{item}' has no '=': write it as section.key=value, e.g. train.lr=1e-4")
         key, raw = item.split("=", 1)
-        try:
+        try:  # a value that is not valid YAML, or is null, stays the string as typed
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        if value is None:
-            value = raw
-        _set(cfg, key.strip(), value)
+        _merge(cfg, [(key.strip(), raw if value is None else value)])
 
 
 def load_yaml_into(cfg: Config, path: str) -> None:
@@ -248,19 +237,25 @@ def load_yaml_into(cfg: Config, path: str) -> None:
 
     try:
         with fsspec.open(path, "r") as f:
-            d = yaml.safe_load(f) or {}
+            d = OmegaConf.load(f)  # PyYAML plus 1e3 as a float and duplicate keys refused
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
-    if not isinstance(d, dict):
+    except OSError as e:
+        raise ConfigError(f"config file '{path}' cannot be read: {e.strerror or e}") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file '{path}'{where}: not valid YAML: {what}") from None
+    if not isinstance(d, DictConfig):
         raise ConfigError(f"config file '{path}' must hold a mapping of sections (model:, train:, ...)")
+    d = OmegaConf.to_container(d)
     name = d.pop("preset", None)
     if name:  # a YAML may start from a preset and override it
         from .presets import get_preset
 
-        base = get_preset(name)
-        for f in dataclasses.fields(cfg):
-            setattr(cfg, f.name, getattr(base, f.name))
-    apply_dict(cfg, d)
+        _copy_into(cfg, get_preset(name))
+    _merge(cfg, _leaves(d))
 
 
 def load_config(preset: Optional[str] = None, overrides: list[str] = ()) -> Config:
@@ -277,44 +272,27 @@ def load_config(preset: Optional[str] = None, overrides: list[str] = ()) -> Conf
 
 
 def to_dict(cfg) -> dict:
-    d = dataclasses.asdict(cfg)
-
+    """Plain dicts and lists (tuples become lists), for YAML and JSON."""
     def fix(x):
         if isinstance(x, dict):
             return {k: fix(v) for k, v in x.items()}
-        if isinstance(x, tuple):
-            return list(x)
-        return x
+        return list(x) if isinstance(x, tuple) else x
 
-    return fix(d)
+    return fix(dataclasses.asdict(cfg))
 
 
 def from_dict(d: dict) -> Config:
     cfg = Config()
-    d = dict(d)
-    cfg.name = d.pop("name", cfg.name)
-    apply_dict(cfg, d)
+    _merge(cfg, _leaves(d))
     return cfg
 
 
 def model_config_from_dict(d: dict) -> ModelConfig:
-    m = ModelConfig()
-    for k, v in d.items():
-        _set_field(m, k, v, f"model.{k}")
-    return m
+    return from_dict({"model": d}).model
 
 
 def diffusion_config_from_dict(d: dict) -> DiffusionConfig:
-    m = DiffusionConfig()
-    for k, v in d.items():
-        _set_field(m, k, v, f"diffusion.{k}")
-    return m
-
-
-def _set_field(obj, k, v, key):
-    if k not in {f.name for f in dataclasses.fields(obj)}:
-        raise ConfigError(f"unknown config key '{key}'")
-    setattr(obj, k, _coerce(v, getattr(obj, k), key))
+    return from_dict({"diffusion": d}).diffusion
 
 
 SECRET_WORDS = ("token", "secret", "password", "credential", "key_id", "access_key")
@@ -442,22 +420,12 @@ def _divisor_near(n: int, p: int) -> int:
 
 
 def reference_markdown() -> str:
-    """The config reference for the README: every key, its default and the comment beside it."""
-    import inspect
-    import re
-
+    """The config reference for the README: every key, its default and its help text."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
-    for section, cls in (("model", ModelConfig), ("diffusion", DiffusionConfig), ("data", DataConfig),
-                         ("train", TrainConfig), ("eval", EvalConfig)):
-        comments = {}
-        for line in inspect.getsource(cls).splitlines():
-            m = re.match(r"\s+(\w+): [^=]+=\s*(.+?)(?:\s+#\s*(.*))?$", line)
-            if m:
-                comments[m.group(1)] = m.group(3) or ""
-        for f in dataclasses.fields(cls):
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            meaning = comments.get(f.name, "").replace("|", "\\|")  # a table cell cannot hold a bare |
-            rows.append(f"| `{section}.{f.name}` | `{default!r}` | {meaning} |")
+    for section in ("model", "diffusion", "data", "train", "eval"):
+        for f in dataclasses.fields(typing.get_type_hints(Config)[section]):
+            meaning = f.metadata["help"].replace("|", "\\|")  # a table cell cannot hold a bare |
+            rows.append(f"| `{section}.{f.name}` | `{f.default!r}` | {meaning} |")
     return "\n".join(rows)
 
 

@@ -1,8 +1,11 @@
 """The config system: presets, overrides from YAML and the command line, validation messages."""
+import dataclasses
+
 import pytest
 import yaml
 
-from rin_scale.config import ConfigError, check_world, dump_yaml, from_dict, load_config, to_dict
+from rin_scale.config import (ConfigError, Config, check_world, dump_yaml, from_dict, load_config, load_yaml_into,
+                              model_config_from_dict, reference_markdown, to_dict)
 from rin_scale.presets import PRESETS, get_preset
 
 
@@ -54,6 +57,14 @@ def test_overrides_are_typed_and_applied_in_order(tmp_path):
     (["data.kind=video"], ["data.kind", "model.frames=0", "use data.kind=image"]),
     (["model.num_classes=0", "diffusion.guidance=1"], ["guidance", "num_classes"]),
     (["train.lr"], ["no '='", "section.key=value"]),
+    (["train.lrr=1"], ["unknown config key 'train.lrr'", "(valid: run_dir,", " lr,"]),
+    (["nope.x=1"], ["unknown config key 'nope.x'", "the top level has no 'nope'", "train"]),
+    (["train.lr.x=1"], ["'train.lr' is not a section"]),
+    (["train=5"], ["train: is a section"]),
+    (["train.total_steps=1.5"], ["train.total_steps: expected int, got 1.5"]),
+    (["data.hflip=maybe"], ["data.hflip: expected bool"]),
+    (["train.betas=[0.9]"], ["train.betas: expected tuple[float, float]"]),
+    (["train.run_dir=${nope}"], ["train.run_dir", "nope"]),
 ])
 def test_bad_values_give_one_line_errors_naming_the_key(overrides, words):
     with pytest.raises(ConfigError) as e:
@@ -87,3 +98,47 @@ def test_check_world_splits_the_batch():
     assert check_world(cfg, 4) == (4, 4)
     with pytest.raises(ConfigError, match="not divisible by the world size 3"):
         check_world(cfg, 3)
+
+
+def test_int_fields_take_integral_floats_and_bools_take_words():
+    cfg = load_config("tiny", ["train.total_steps=1e3", "train.warmup_steps=20.0", "data.hflip=yes",
+                               "data.random_crop=1", "train.betas=[0.8, 0.9]"])
+    assert cfg.train.total_steps == 1000 and isinstance(cfg.train.warmup_steps, int)
+    assert cfg.data.hflip is True and cfg.data.random_crop is True and cfg.train.betas == (0.8, 0.9)
+    assert load_config("tiny", ["data.hflip=no"]).data.hflip is False
+
+
+def test_yaml_syntax_error_and_missing_file_are_one_line(tmp_path):
+    f = tmp_path / "bad.yaml"
+    f.write_text("train:\n  lr: 1.0e-4\n   warmup_steps: : 10\n")
+    with pytest.raises(ConfigError) as e:
+        load_config("tiny", [str(f)])
+    assert "\n" not in str(e.value) and str(f) in str(e.value) and "line 3" in str(e.value)
+    f.write_text("train:\n  lr: 1.0\ntrain:\n  lr: 2.0\n")
+    with pytest.raises(ConfigError, match="line 3.*duplicate key train"):
+        load_config("tiny", [str(f)])
+    with pytest.raises(ConfigError, match=r"^config file '\S+missing.yaml' does not exist$"):
+        load_yaml_into(Config(), str(tmp_path / "missing.yaml"))
+
+
+def test_dump_load_round_trip(tmp_path):
+    cfg = load_config("kinetics600", ["train.lr=1e-4", "train.betas=[0.8, 0.95]", "data.shards=gs://b/k/{0..9}.tar",
+                                      "eval.metric=fvd", "diffusion.sampler=ddim"])
+    f = tmp_path / "config.yaml"
+    f.write_text(dump_yaml(cfg))
+    again = Config()
+    load_yaml_into(again, str(f))
+    assert again == cfg and isinstance(again.train.betas, tuple)
+    assert model_config_from_dict(to_dict(cfg)["model"]) == cfg.model
+    with pytest.raises(ConfigError, match="unknown config key 'model.width'"):
+        model_config_from_dict({"width": 3})
+
+
+def test_every_field_has_help_in_the_reference():
+    rows = reference_markdown().splitlines()[2:]
+    sections = [f for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)]
+    assert len(rows) == sum(len(dataclasses.fields(f.default_factory)) for f in sections) > 50
+    for row in rows:
+        key, default, meaning = (c.strip() for c in row.strip("|").split(" | "))
+        assert key.startswith("`") and default.startswith("`") and len(meaning) > 3, row
+    assert "| `train.betas` | `(0.9, 0.999)` | optimizer betas |" in rows
