@@ -8,6 +8,11 @@ I3D is the TorchScript port StyleGAN-V uses for FVD (Kinetics-400, logits as fea
 
 Where no file is given, "random" builds the same architectures from a fixed seed: the numbers then
 move with sample quality but do not compare with published ones, and the extractor id says so.
+
+torch-fidelity's InceptionV3 is used directly, not through torchmetrics' FrechetInceptionDistance
+(which wraps the same network): evals.frechet computes the distance itself, from kept feature rows
+when they are fewer than the dimensions and from cached reference statistics, which that metric
+object cannot give without reading its internal sums.
 """
 from __future__ import annotations
 
@@ -21,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from rin_scale.media import to_uint8
+
+from .frechet import FeatureStats
 
 INCEPTION_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                  "weights-inception-2015-12-05-6726825d.pth")
@@ -63,10 +70,10 @@ def _resolve(path: str, cache: str, what: str, key: str, url: str) -> str:
 
 
 class InceptionFeatures(nn.Module):
-    """uint8 images (B,3,H,W) -> 2048-d pool features (B,2048), float32.
+    """Images (B,C,H,W) in [-1, 1] -> 2048-d pool features (B,2048), float32.
 
-    torch-fidelity resizes to 299x299 with TF1's bilinear kernel (no antialiasing), which is what
-    makes the numbers match published FIDs. Usable as torchmetrics' `feature=` module.
+    Images are rounded to uint8 as image files are; torch-fidelity then resizes to 299x299 with
+    TF1's bilinear kernel (no antialiasing), which is what makes the numbers match published FIDs.
     """
 
     num_features = 2048
@@ -89,8 +96,10 @@ class InceptionFeatures(nn.Module):
             raise ExtractorError(f"eval.inception_weights: {path} is not torch-fidelity's InceptionV3 state dict "
                                  f"({type(e).__name__}: {str(e).splitlines()[0][:200]}); get it from {INCEPTION_URL}") from None
 
+    @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)[0]
+        u8 = to_uint8(x)
+        return self.net(u8.expand(-1, 3, *u8.shape[2:]) if u8.shape[1] == 1 else u8)[0]
 
 
 def save_random_inception(path: str, seed: int = 0) -> str:
@@ -114,13 +123,30 @@ def save_random_inception(path: str, seed: int = 0) -> str:
     return path
 
 
-def _random_inception_file() -> str:
-    path = os.path.join(tempfile.gettempdir(), f"rin_scale-inception-random-seed0-{os.getuid()}.pth")
+def user_cache_file(name: str, make) -> str:
+    """~/.cache/rin_scale/NAME, made by make(path) once and renamed into place. The folder is the
+    user's alone (0700): torch-fidelity unpickles the Inception file with weights_only=False and a
+    TorchScript file is code, so nobody else may swap them (anyone can, at a fixed path in /tmp)."""
+    folder = os.path.expanduser(os.path.join("~", ".cache", "rin_scale"))
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    if os.stat(folder).st_uid != os.getuid():
+        raise ExtractorError(f"{folder} belongs to another user: it cannot hold generated weights")
+    os.chmod(folder, 0o700)
+    path = os.path.join(folder, name)
     if not os.path.isfile(path):
-        tmp = f"{path}.{os.getpid()}"
-        save_random_inception(tmp, seed=0)
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        os.close(fd)
+        try:
+            make(tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     return path
+
+
+def _random_inception_file() -> str:
+    return user_cache_file("inception-random-seed0.pth", lambda p: save_random_inception(p, seed=0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,10 +166,7 @@ class I3DFeatures(nn.Module):
         super().__init__()
         path = _resolve(weights, I3D_CACHE, "I3D", "eval.i3d_weights", I3D_URL)
         if path == "random":
-            path = os.path.join(tempfile.gettempdir(), f"rin_scale-i3d-standin-seed0-{os.getuid()}.pt")
-            if not os.path.isfile(path):
-                save_standin_i3d(f"{path}.{os.getpid()}", seed=0)
-                os.replace(f"{path}.{os.getpid()}", path)
+            path = user_cache_file("i3d-standin-seed0.pt", lambda p: save_standin_i3d(p, seed=0))
             self.extractor_id = "i3d-standin-seed0"
         else:
             self.extractor_id = f"i3d-torchscript-{file_digest(path)}"
@@ -206,66 +229,15 @@ def save_standin_i3d(path: str, seed: int = 0) -> str:
 # Accumulating statistics of a set of images or videos
 
 
-class FIDStats:
-    """Features of a set of images, accumulated by torchmetrics' FrechetInceptionDistance (float64)."""
+class SampleStats(FeatureStats):
+    """Float64 statistics of the extractor's features of a set of samples in [-1, 1]."""
 
-    def __init__(self, inception: InceptionFeatures):
-        from torchmetrics.image.fid import FrechetInceptionDistance
-
-        self.metric = FrechetInceptionDistance(feature=inception, normalize=False)
-        self.metric.to(next(inception.parameters()).device)
-        self.kept = []
-
-    @torch.no_grad()
-    def update(self, x: torch.Tensor) -> None:
-        """x: images (B,C,H,W) in [-1, 1]."""
-        from .frechet import keep_rows
-
-        seen = []
-        hook = self.metric.inception.register_forward_hook(lambda m, i, out: seen.append(out))
-        try:
-            u8 = to_uint8(x)  # rounded as image files are
-            self.metric.update((u8.expand(-1, 3, *u8.shape[2:]) if u8.shape[1] == 1 else u8).to(self.metric.device),
-                               real=False)
-        finally:
-            hook.remove()
-        feats = seen[0].detach().to("cpu", torch.float64)
-        self.kept = keep_rows(self.kept, feats, self.n, InceptionFeatures.num_features)
-
-    def rows(self):
-        return torch.cat(self.kept).numpy() if self.kept else None
-
-    @property
-    def n(self) -> int:
-        return int(self.metric.fake_features_num_samples)
-
-    def mean_cov(self):
-        from .frechet import mean_cov
-
-        m = self.metric
-        return mean_cov(m.fake_features_sum, m.fake_features_cov_sum, int(m.fake_features_num_samples))
-
-
-class FVDStats:
-    """I3D features of a set of videos (B,C,T,H,W) in [-1, 1], accumulated in float64."""
-
-    def __init__(self, i3d: I3DFeatures):
-        from .frechet import FeatureStats
-
-        self.i3d, self.stats = i3d, FeatureStats(I3DFeatures.num_features)
+    def __init__(self, extractor: "Extractor"):
+        super().__init__(extractor.net.num_features)
+        self.extractor = extractor
 
     def update(self, x: torch.Tensor) -> None:
-        self.stats.update(self.i3d(x))
-
-    @property
-    def n(self) -> int:
-        return self.stats.n
-
-    def rows(self):
-        return self.stats.rows()
-
-    def mean_cov(self):
-        return self.stats.mean_cov()
+        super().update(self.extractor.net(x.to(self.extractor.device)))
 
 
 class Extractor:
@@ -285,8 +257,8 @@ class Extractor:
                 self.net = I3DFeatures(eval_cfg.i3d_weights, device=self.device)
         self.id = self.net.extractor_id
 
-    def new_stats(self):
-        return FIDStats(self.net) if self.metric == "fid" else FVDStats(self.net)
+    def new_stats(self) -> SampleStats:
+        return SampleStats(self)
 
 
 def metric_for(cfg) -> str:

@@ -8,18 +8,27 @@ so each dataset is featurised once per extractor. The cache may be any fsspec UR
 """
 from __future__ import annotations
 
-import os
-
-
 import hashlib
 import json
+import os
 import sys
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from rin_scale import storage
+
+
+class Reference(NamedTuple):
+    """Feature statistics of real data, and the URL they are stored at."""
+
+    mu: np.ndarray
+    sigma: np.ndarray
+    n: int
+    url: str
+    rows: Optional[np.ndarray]  # the features themselves, kept while fewer than the dimensions
 
 
 def dataset_fingerprint(url: str) -> str:
@@ -43,25 +52,19 @@ def _cache_url(cache_dir: str, key: str, metric: str) -> str:
     return storage.join(base, "reference", f"{metric}-{key}.safetensors")
 
 
-def save_stats(url: str, mu, sigma, n: int, meta: dict, rows=None) -> None:
-    """Statistics as safetensors; the feature rows too when fewer than the dimensions (cheap distances)."""
+def save_stats(ref: Reference, meta: dict) -> None:
+    """Statistics as safetensors at ref.url; the feature rows too when kept (cheap distances)."""
     from safetensors.numpy import save
 
-    fs, path = storage.fs_path(url)
-    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-    tensors = {"mu": np.ascontiguousarray(mu, np.float64), "sigma": np.ascontiguousarray(sigma, np.float64),
-               "n": np.array([n], np.int64)}
-    if rows is not None:
-        tensors["rows"] = np.ascontiguousarray(rows, np.float64)
-    data = save(tensors, metadata={**{k: str(v) for k, v in meta.items()}})
-    tmp = f"{path}.tmp{os.getpid()}"
-    with fs.open(tmp, "wb") as f:  # write then move, so a killed run leaves no half file under the key
-        f.write(data)
-    fs.mv(tmp, path)
+    tensors = {"mu": np.ascontiguousarray(ref.mu, np.float64), "sigma": np.ascontiguousarray(ref.sigma, np.float64),
+               "n": np.array([ref.n], np.int64)}
+    if ref.rows is not None:
+        tensors["rows"] = np.ascontiguousarray(ref.rows, np.float64)
+    storage.write_bytes(ref.url, save(tensors, metadata={k: str(v) for k, v in meta.items()}))
 
 
-def load_stats(url: str):
-    """(mu, sigma, n, rows or None) from a statistics file, or None when it does not exist."""
+def load_stats(url: str) -> Optional[Reference]:
+    """The statistics stored at url, or None when there are none."""
     from safetensors.numpy import load
 
     fs, path = storage.fs_path(url)
@@ -71,13 +74,13 @@ def load_stats(url: str):
         return None
     try:
         t = load(raw)
-        return t["mu"], t["sigma"], int(t["n"][0]), t.get("rows")
+        return Reference(t["mu"], t["sigma"], int(t["n"][0]), url, t.get("rows"))
     except Exception as e:
         raise ValueError(f"reference statistics {url} are unreadable ({e}): delete the file to recompute") from None
 
 
 def compute_stats(url: str, extractor, model_cfg, limit: int = 0, batch: int = 50, progress: bool = True):
-    """(mu, sigma, n) of the extractor's features over the shards at `url` (all, or the first `limit`)."""
+    """The extractor's feature statistics (SampleStats) over the shards at `url` (all, or the first `limit`)."""
     from rin_scale.data import iter_samples
 
     stats = extractor.new_stats()
@@ -100,35 +103,31 @@ def compute_stats(url: str, extractor, model_cfg, limit: int = 0, batch: int = 5
     bar.close()
     if stats.n < 2:
         raise ValueError(f"{url} gave {stats.n} readable samples: the reference needs at least 2")
-    mu, sigma = stats.mean_cov()
-    return mu, sigma, stats.n, stats.rows()
+    return stats
 
 
-def reference_stats(cfg, extractor, progress: bool = True):
-    """(mu, sigma, n, source, rows or None) for cfg: eval.reference if set, else cached statistics
-    of data.shards."""
+def reference_stats(cfg, extractor, progress: bool = True) -> Reference:
+    """eval.reference if set, else the cached statistics of data.shards (computed and cached once)."""
     e = cfg.eval
     if e.reference:
         found = load_stats(e.reference)
         if found is None:
             raise FileNotFoundError(f"eval.reference={e.reference!r} does not exist: compute it with "
                                     f"python -m evals.reference, or leave eval.reference empty")
-        mu, sigma, n, rows = found
-        return mu, sigma, n, e.reference, rows
+        return found
     if not cfg.data.shards:
         raise ValueError("no reference statistics: set data.shards (the real data) or eval.reference=URL")
     key = cache_key(cfg.data.shards, extractor.id, cfg.model, e.reference_samples)
     url = _cache_url(e.cache_dir, key, extractor.metric)
     found = load_stats(url)
     if found is not None:
-        mu, sigma, n, rows = found
-        return mu, sigma, n, url, rows
+        return found
     print(f"[evals] computing reference statistics of {cfg.data.shards} with {extractor.id} -> {url}",
           file=sys.stderr, flush=True)
-    mu, sigma, n, rows = compute_stats(cfg.data.shards, extractor, cfg.model, e.reference_samples, e.batch,
-                                       progress)
-    save_stats(url, mu, sigma, n, {"data": cfg.data.shards, "extractor": extractor.id}, rows)
-    return mu, sigma, n, url, rows
+    stats = compute_stats(cfg.data.shards, extractor, cfg.model, e.reference_samples, e.batch, progress)
+    ref = Reference(*stats.mean_cov(), stats.n, url, stats.rows())
+    save_stats(ref, {"data": cfg.data.shards, "extractor": extractor.id})
+    return ref
 
 
 def main(argv=None) -> int:
@@ -145,11 +144,11 @@ def main(argv=None) -> int:
         cfg = load_config(None, args.config)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         extractor = Extractor(metric_for(cfg), cfg.eval, device)
-        mu, _, n, url, _ = reference_stats(cfg, extractor)
+        ref = reference_stats(cfg, extractor)
     except (ConfigError, ExtractorError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"reference statistics: {n} samples, {mu.shape[0]} features, {extractor.id} -> {url}")
+    print(f"reference statistics: {ref.n} samples, {ref.mu.shape[0]} features, {extractor.id} -> {ref.url}")
     return 0
 
 

@@ -4,25 +4,26 @@
 
 Polls RUN/snapshots/ for complete snapshots the ledger does not hold yet, loads the EMA weights
 (no DeepSpeed), samples eval.num_samples with the configured sampler, scores them against the real
-data's reference statistics, appends a row to RUN/eval/ledger.jsonl and writes TensorBoard scalars
+data's reference statistics, adds a row to the ledger (evals.ledger) and writes TensorBoard scalars
 and a sample grid under RUN/eval/tb. A class-conditional model with eval.classifier_data set also
 gets a `class_accuracy` row. Claims (RUN/eval/claims/step-N.json, created exclusively) keep two
-services on one run from scoring the same snapshot; an unrefreshed claim older than
-eval.claim_timeout is taken over. Snapshots deleted by retention, incomplete or corrupt ones leave
-a ledger row or a log line, never a crash.
+services on one run from scoring the same snapshot; the holder renews its claim's heartbeat while
+scoring, and a claim is taken over when its heartbeat stops (a few periods, at most
+eval.claim_timeout) or, on the same host, when its process is gone. Snapshots deleted by
+retention, incomplete or corrupt ones, and non-finite samples or features leave a ledger row or a
+log line, never a crash or a score.
 """
 from __future__ import annotations
 
-import os
-
-
 import argparse
 import contextlib
+import functools
 import json
-import shutil
+import math
+import os
 import socket
 import sys
-import tempfile
+import threading
 import time
 import traceback
 import uuid
@@ -34,11 +35,29 @@ from rin_scale import rundir, storage
 from rin_scale.config import ConfigError
 from rin_scale.rundir import load_run_config
 
+from . import ledger
+
 MAX_FAILURES = 3  # unexpected errors on one snapshot before it gets an error row and is left alone
+HEARTBEAT = 30.0  # seconds between renewals of a claim while its snapshot is scored
+STALE_BEATS = 4  # missed heartbeats after which a claim's holder counts as dead
 
 
 def log(msg: str) -> None:
     print(f"[evals {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def _why(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}".splitlines()[0][:500]
+
+
+def _alive(pid) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, TypeError, ValueError):  # another user's process, or no pid recorded
+        return True
+    return True
 
 
 class Service:
@@ -50,12 +69,14 @@ class Service:
         self.metric = metric_for(self.cfg)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.progress = progress
-        self.ledger = storage.join(self.run, "eval", "ledger.jsonl")
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.host = socket.gethostname()
+        self.owner = f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.stale_after = min(self.cfg.eval.claim_timeout, STALE_BEATS * HEARTBEAT)
         self.failures: dict[int, int] = {}
+        self.failed: list[str] = []  # the last pass's failures, one line each
         self.reported_incomplete: set[int] = set()
-        self._extractor = self._reference = self._frechet = self._writer = None
-        self._tb_local = None
+        self._ledger_cache: dict = {}
+        self._frechet = self._tb = None
         e = self.cfg.eval
         if e.order == "milestones" and not self.cfg.train.milestone_every:
             raise ConfigError("eval.order=milestones needs train.milestone_every > 0 in the run's config")
@@ -63,7 +84,7 @@ class Service:
     # ---------------------------------------------------------------- what to score
 
     def scored_steps(self) -> set[int]:
-        return {int(r["step"]) for r in storage.read_jsonl(self.ledger) if r.get("metric") == self.metric}
+        return {int(r["step"]) for r in ledger.read(self.run, self._ledger_cache) if r.get("metric") == self.metric}
 
     def pending(self) -> list[tuple[int, str]]:
         """Complete snapshots without a ledger row, in eval.order."""
@@ -93,8 +114,10 @@ class Service:
     def _claim_url(self, step: int) -> str:
         return storage.join(self.run, "eval", "claims", f"{rundir.step_name(step)}.json")
 
+    def _claim_body(self) -> bytes:
+        return json.dumps({"owner": self.owner, "host": self.host, "pid": os.getpid(), "time": time.time()}).encode()
+
     def _create_exclusive(self, url: str, body: bytes) -> bool:
-        fs, path = storage.fs_path(url)
         if storage.is_local(url):
             path = storage.local_path(url)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -105,6 +128,7 @@ class Service:
             with os.fdopen(fd, "wb") as f:
                 f.write(body)
             return True
+        fs, path = storage.fs_path(url)
         try:
             # gcsfs sends ifGenerationMatch=0, s3fs If-None-Match: the store refuses a second create.
             # (open(path, "xb") is not exclusive in gcsfs for small files: it was seen overwriting.)
@@ -122,26 +146,54 @@ class Service:
                 return False
             raise
 
+    def _stale(self, claim: dict) -> str:
+        """Why a claim's holder is gone, or "" while it may be alive."""
+        age = time.time() - float(claim.get("time", 0))
+        if age > self.stale_after:
+            return f"no heartbeat for {age:.0f} s"
+        # Another pid namespace with the same host name would look dead here: hosts, not
+        # containers sharing a UTS namespace, are what runs the service.
+        if claim.get("host") == self.host and not _alive(claim.get("pid")):
+            return f"its process {claim.get('pid')} is gone"
+        return ""
+
     def claim(self, step: int) -> bool:
-        """True when this service now owns the snapshot; stale claims of dead services are taken over."""
+        """True when this service now owns the snapshot; claims of dead services are taken over."""
         url = self._claim_url(step)
-        body = json.dumps({"owner": self.owner, "time": time.time()}).encode()
-        if self._create_exclusive(url, body):
+        if self._create_exclusive(url, self._claim_body()):
             return True
         try:
             other = storage.read_json(url)
         except (FileNotFoundError, ValueError):
-            other = {"time": 0}  # released meanwhile, or torn: try once more
-        age = time.time() - float(other.get("time", 0))
-        if age < self.cfg.eval.claim_timeout:
-            log(f"step {step}: claimed by {other.get('owner')} {age:.0f} s ago; left to it")
+            other = {}  # released meanwhile, or torn: try once more
+        why = self._stale(other)
+        if not why:
+            log(f"step {step}: claimed by {other.get('owner')}, alive; left to it")
             return False
-        log(f"step {step}: taking over a stale claim ({age:.0f} s old) of {other.get('owner')}")
+        log(f"step {step}: taking over the claim of {other.get('owner')}: {why}")
         self.release(step)
-        return self._create_exclusive(url, body)
+        return self._create_exclusive(url, self._claim_body())
 
-    def refresh_claim(self, step: int) -> None:
-        storage.write_json(self._claim_url(step), {"owner": self.owner, "time": time.time()})
+    @contextlib.contextmanager
+    def holding(self, step: int):
+        """Renews the claim on `step` (already taken) until the block ends, then releases it."""
+        stop = threading.Event()
+
+        def beat():
+            while not stop.wait(self.stale_after / STALE_BEATS):
+                try:
+                    storage.write_bytes(self._claim_url(step), self._claim_body())
+                except Exception as e:  # the next beat tries again; one miss does not make it stale
+                    log(f"step {step}: renewing the claim failed ({_why(e)})")
+
+        t = threading.Thread(target=beat, name=f"claim-{step}", daemon=True)
+        t.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            t.join()
+            self.release(step)
 
     def release(self, step: int) -> None:
         fs, path = storage.fs_path(self._claim_url(step))
@@ -150,46 +202,48 @@ class Service:
 
     # ---------------------------------------------------------------- scoring
 
-    @property
+    @functools.cached_property
     def extractor(self):
-        if self._extractor is None:
-            from .extractors import Extractor
+        from .extractors import Extractor
 
-            self._extractor = Extractor(self.metric, self.cfg.eval, self.device)
-        return self._extractor
+        return Extractor(self.metric, self.cfg.eval, self.device)
 
-    @property
+    @functools.cached_property
     def reference(self):
-        if self._reference is None:
-            from .reference import reference_stats
+        from .reference import reference_stats
 
-            self._reference = reference_stats(self.cfg, self.extractor, self.progress)
-        return self._reference
+        return reference_stats(self.cfg, self.extractor, self.progress)
+
+    @functools.cached_property
+    def cond_frames(self) -> torch.Tensor:
+        """Real clips' leading frames, one per sample: what video samples are conditioned on."""
+        from rin_scale.data import leading_frames
+
+        if not self.cfg.data.shards:
+            raise ConfigError("video evaluation needs data.shards (real clips give the conditioning frames)")
+        return leading_frames(self.cfg.data.shards, self.cfg.model, self.cfg.eval.num_samples)
 
     def run_once(self, pending=None, limit: int = 0) -> int:
         """Score what is pending (or the given [(step, url)]), at most `limit` snapshots (0 = all);
-        returns how many ledger rows were written."""
-        rows = 0
+        returns how many ledger rows were written. Failures of this pass are in self.failed."""
+        rows, self.failed = 0, []
         todo = self.pending() if pending is None else pending
         todo = todo[:limit] if limit else todo
-        if todo:
-            self.reference  # a missing extractor or real data is the service's error, not a snapshot's
+        if todo:  # missing weights or real data are the service's error, not a snapshot's
+            self.reference
+            if self.cfg.model.is_video:
+                self.cond_frames
         for step, url in todo:
             try:
                 rows += self.score(step, url)
-            except KeyboardInterrupt:
-                self.release(step)
-                raise
             except Exception as e:
-                self.release(step)
                 n = self.failures[step] = self.failures.get(step, 0) + 1
-                log(f"step {step}: scoring failed ({type(e).__name__}: {e}); attempt {n} of {MAX_FAILURES}")
+                log(f"step {step}: scoring failed ({_why(e)}); attempt {n} of {MAX_FAILURES}")
+                self.failed.append(f"step {step}: {_why(e)}")
                 if os.environ.get("RIN_EVAL_DEBUG"):
                     traceback.print_exc()
                 if n >= MAX_FAILURES:
-                    self._append({"step": step, "metric": self.metric, "value": None, "status": "error",
-                                  "error": f"{type(e).__name__}: {e}"[:500]})
-                    rows += 1
+                    rows += self._unscored(step, "error", e)
         return rows
 
     def score(self, step: int, url: str) -> int:
@@ -197,7 +251,7 @@ class Service:
 
         if not self.claim(step):
             return 0
-        try:
+        with self.holding(step):
             if step in self.scored_steps():  # another service finished it between listing and claiming
                 return 0
             t0 = time.time()
@@ -205,20 +259,19 @@ class Service:
                 model, dcfg, meta = load_snapshot_model(url, self.device)
             except SnapshotError as e:
                 fs, path = storage.fs_path(url)
-                status = "corrupt" if fs.exists(storage.join(path, rundir.COMPLETE)) else "deleted"
-                log(f"step {step}: not scored, {status}: {e}")
-                self._append({"step": step, "metric": self.metric, "value": None, "status": status,
-                              "error": str(e)[:500]})
-                return 1
+                return self._unscored(step, "corrupt" if fs.exists(storage.join(path, rundir.COMPLETE)) else "deleted", e)
             log(f"step {step}: sampling {self.cfg.eval.num_samples} with {self._sampler(dcfg)} "
                 f"({self._steps(dcfg)} steps) on {self.device}")
-            result = self._evaluate(step, model, dcfg)
+            try:
+                result = self._evaluate(step, model, dcfg)
+            except FloatingPointError as e:  # the same weights and noise give the same NaNs: not retried
+                return self._unscored(step, "error", e)
             seconds = time.time() - t0
             base = {"step": step, "images_seen": meta.get("images_seen"), "samples": result["samples"],
                     "sampler": self._sampler(dcfg), "steps": self._steps(dcfg), "guidance": dcfg.guidance,
-                    "seconds": round(seconds, 2), "status": "ok", "time": time.time()}
+                    "seconds": round(seconds, 2), "status": "ok"}
             out = [{**base, "metric": self.metric, "value": result["value"], "extractor": self.extractor.id,
-                    "reference": self.reference[3], "reference_samples": self.reference[2]}]
+                    "reference": self.reference.url, "reference_samples": self.reference.n}]
             if "class_accuracy" in result:
                 out.append({**base, "metric": "class_accuracy", "value": result["class_accuracy"],
                             "classifier": "sklearn SVC(C=10) on pixels",
@@ -232,8 +285,6 @@ class Service:
             log(f"step {step}: {self.metric.upper()} {result['value']:.4f} from {result['samples']} samples "
                 f"in {seconds:.0f} s{extra}")
             return len(out)
-        finally:
-            self.release(step)
 
     def _sampler(self, dcfg) -> str:
         return self.cfg.eval.sampler or dcfg.sampler
@@ -249,15 +300,15 @@ class Service:
 
         e, m = self.cfg.eval, model.cfg
         if self._frechet is None:
-            self._frechet = FrechetReference(self.reference[0], self.reference[1], rows=self.reference[4])
-        stats = self.extractor.new_stats()
+            self._frechet = FrechetReference(self.reference.mu, self.reference.sigma, rows=self.reference.rows)
+        stats = self.extractor.new_stats()  # raises FloatingPointError on non-finite features
         classifier = None
         if e.classifier_data and m.num_classes > 0 and not m.is_video:
             classifier = get_classifier(e.classifier_data, self.cfg.model)
         labels = balanced_labels(e.num_samples, m.num_classes) if m.num_classes > 0 else None
-        conds = self._cond_clips() if m.is_video else None
+        conds = self.cond_frames if m.is_video else None
         gen = torch.Generator(self.device).manual_seed(self.cfg.train.seed)  # same noise for every snapshot
-        correct, grid, last_refresh = 0, [], time.time()
+        correct, grid, shown = 0, [], 16 if m.is_video else 64
         bar = tqdm(total=e.num_samples, desc=f"step {step}", unit="sample", disable=not self.progress,
                    file=sys.stderr)
         autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda"
@@ -265,84 +316,57 @@ class Service:
         for start in range(0, e.num_samples, e.batch):
             b = min(e.batch, e.num_samples - start)
             lb = labels[start:start + b].to(self.device) if labels is not None else None
-            cond = torch.stack([next(conds) for _ in range(b)]).to(self.device) if conds is not None else None
+            cond = conds[start:start + b].to(self.device) if conds is not None else None
             with torch.no_grad(), autocast:
                 x = sample(model, (b, *m.sample_shape), dcfg, labels=lb, cond=cond, steps=self._steps(dcfg),
                            sampler=self._sampler(dcfg), generator=gen)
-            x = x.float().clamp(-1, 1)
+            x = x.float()
+            if not torch.isfinite(x).all():  # clamped and rounded to uint8, NaNs would score as black
+                raise FloatingPointError("non-finite samples (NaN or inf): the snapshot's weights are broken")
+            x = x.clamp(-1, 1)
             if cond is not None:  # FVD scores the whole clip: given frames, then predicted ones
                 x = torch.cat([cond.float(), x], dim=2)
             stats.update(x)
             if classifier is not None:
                 correct += int((classifier.predict(x) == lb.cpu().numpy()).sum())
-            if sum(len(g) for g in grid) < 64:
-                grid.append(x[: 64 - sum(len(g) for g in grid)].cpu())
+            if sum(len(g) for g in grid) < shown:
+                grid.append(x[: shown - sum(len(g) for g in grid)].cpu())
             bar.update(b)
-            if time.time() - last_refresh > e.claim_timeout / 4:  # long evals keep their claim alive
-                self.refresh_claim(step)
-                last_refresh = time.time()
         bar.close()
-        mu, sigma = stats.mean_cov()
-        out = {"value": self._frechet.distance(mu, sigma, stats.rows()), "samples": stats.n,
-               "grid": torch.cat(grid)}
+        value = self._frechet.distance(*stats.mean_cov(), stats.rows())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{self.metric} came out {value}")
+        out = {"value": value, "samples": stats.n, "grid": torch.cat(grid)}
         if classifier is not None:
             out["class_accuracy"] = correct / e.num_samples
             out["classifier_real_accuracy"] = classifier.real_accuracy
         return out
 
-    def _cond_clips(self):
-        """Real clips' leading frames, cycled: the frames video samples are conditioned on."""
-        from rin_scale.data import iter_samples
-
-        if not self.cfg.data.shards:
-            raise ConfigError("video evaluation needs data.shards (real clips give the conditioning frames)")
-        tc = self.cfg.model.cond_frames
-        while True:
-            n = 0
-            for x, _, _ in iter_samples(self.cfg.data.shards, self.cfg.model):
-                n += 1
-                yield x[:, :tc]
-            if n == 0:
-                raise ValueError(f"data.shards={self.cfg.data.shards!r} gave no readable clips")
-
     # ---------------------------------------------------------------- outputs
 
     def _append(self, row: dict) -> None:
-        storage.append_jsonl(self.ledger, row)
+        ledger.append(self.run, {**row, "time": time.time()}, self.owner)
+
+    def _unscored(self, step: int, status: str, e: Exception) -> int:
+        """A row saying why the snapshot has no score; it is not tried again."""
+        log(f"step {step}: not scored, {status}: {_why(e)}")
+        self._append({"step": step, "metric": self.metric, "value": None, "status": status, "error": _why(e)})
+        return 1
 
     def _tensorboard(self, step: int, result: dict, rows: list[dict]) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-        from torchvision.utils import make_grid
+        from rin_scale.tblog import TBLog, sample_grid
 
-        tb_url = storage.join(self.run, "eval", "tb")
-        if self._writer is None:
-            # Torch's writer cannot append to object stores (TESTING.md): write locally, then copy.
-            self._tb_local = (storage.local_path(tb_url) if storage.is_local(tb_url)
-                              else tempfile.mkdtemp(prefix="rin-eval-tb-"))
-            self._writer = SummaryWriter(self._tb_local)
-        w = self._writer
-        for row in rows:
-            w.add_scalar(f"eval/{row['metric']}", row["value"], step)
-        if "classifier_real_accuracy" in result:
-            w.add_scalar("eval/classifier_real_accuracy", result["classifier_real_accuracy"], step)
-        g = (result["grid"] + 1) / 2
-        if g.dim() == 5:  # video: one row per clip, frames left to right
-            nrow = g.shape[2]
-            g = g.permute(0, 2, 1, 3, 4).reshape(-1, *g.shape[1:2], *g.shape[3:])[: 16 * nrow]
-        else:
-            nrow = max(1, int(len(g) ** 0.5))
-        w.add_image("eval/samples", make_grid(g, nrow=nrow, padding=1).clamp(0, 1), step)
-        w.flush()
-        if not storage.is_local(tb_url):
-            fs, root = storage.fs_path(tb_url)
-            for name in os.listdir(self._tb_local):
-                fs.put_file(os.path.join(self._tb_local, name), f"{root}/{name}")
+        if self._tb is None:
+            self._tb = TBLog(self.run, subdir="eval/tb")
+        scalars = {f"eval/{r['metric']}": r["value"] for r in rows}
+        scalars["eval/classifier_real_accuracy"] = result.get("classifier_real_accuracy")  # None: skipped
+        self._tb.scalars(scalars, step)
+        self._tb.image("eval/samples", sample_grid(result["grid"]), step)
+        self._tb.flush()
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            if not storage.is_local(self.run) and self._tb_local:
-                shutil.rmtree(self._tb_local, ignore_errors=True)
+        if self._tb is not None:
+            self._tb.close()
 
 
 def main(argv=None) -> int:
@@ -373,8 +397,12 @@ def main(argv=None) -> int:
             f"order={svc.cfg.eval.order}, device={svc.device}")
         while True:
             n = svc.run_once(limit=args.limit)
+            if args.once and svc.failed:
+                print(f"error: {len(svc.failed)} snapshot(s) failed to score ({n} ledger row(s) written); "
+                      f"{svc.failed[0]}", file=sys.stderr)
+                return 1
             if args.once:
-                log(f"done: {n} ledger row(s) written to {svc.ledger}")
+                log(f"done: {n} ledger row(s) written")
                 return 0
             time.sleep(svc.cfg.eval.poll_seconds)
     except (ConfigError, ExtractorError, DataError, FileNotFoundError, ValueError) as e:

@@ -2,7 +2,7 @@
 
 Jobs and their states (RUN/launch.jsonl, plus the scheduler when it can be asked), the last
 step and images seen (RUN/train_log.jsonl, else the newest snapshot), the newest complete state
-and snapshot, and the newest evaluation (RUN/eval/ledger.jsonl).
+and snapshot, and the evaluation of the newest step scored (the eval ledger, evals.ledger).
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import subprocess
 import sys
 import typing as tp
 
+from evals import ledger
 from rin_scale import rundir, storage
 
 from .job import read_log
@@ -106,7 +107,6 @@ def status(run: str) -> dict:
     """Everything `launch.status` prints, as one JSON-able dict."""
     state = rundir.newest_complete(run, "states")
     snap = rundir.newest_complete(run, "snapshots")
-    evals = storage.read_jsonl(storage.join(run, "eval", "ledger.jsonl"))
     return {
         "run": run,
         "jobs": jobs(run),
@@ -114,7 +114,7 @@ def status(run: str) -> dict:
         "total_steps": total_steps(run),
         "newest_state": {"step": state[0], "url": state[1]} if state else None,
         "newest_snapshot": {"step": snap[0], "url": snap[1]} if snap else None,
-        "newest_eval": evals[-1] if evals else None,
+        "newest_eval": ledger.newest(ledger.read(run)),
     }
 
 

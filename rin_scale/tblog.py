@@ -1,8 +1,10 @@
-"""TensorBoard for training: events are written to a local folder and, when the run is a bucket,
-copied whole to RUN/tb on every flush (torch's writer pointed at gs:// loses data: TESTING.md)."""
+"""TensorBoard for the trainer (RUN/tb) and the eval service (RUN/eval/tb): events are written to a
+local folder and, when the run is a bucket, copied whole to RUN/SUBDIR on every flush (torch's
+writer pointed at gs:// loses data: TESTING.md)."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 import torch
@@ -32,18 +34,16 @@ class TBLog:
         flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
         self.writer.add_hparams(flat, metrics, run_name=".")
 
-    def text(self, tag: str, s: str, step: int = 0) -> None:
-        self.writer.add_text(tag, s, step)
-
     def flush(self) -> None:
         self.writer.flush()
-        if self.remote is None:
-            return
-        storage.put_dir(self.local, self.remote)
+        if self.remote is not None:
+            storage.put_dir(self.local, self.remote)
 
     def close(self) -> None:
         self.flush()
         self.writer.close()
+        if self.remote is not None:  # a temporary copy of what is now in the bucket
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 def sample_grid(x: torch.Tensor, nrow: int = 0) -> torch.Tensor:

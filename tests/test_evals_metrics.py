@@ -5,12 +5,29 @@ Stand-in: pretrained Inception weights cannot be downloaded here, so the Incepti
 torch-fidelity's architecture with weights saved from a random initialisation to a file and loaded
 through the same path (eval.inception_weights) that loads the released weights file.
 """
+import argparse
+
 import numpy as np
 import pytest
 import scipy.linalg
 import torch
 
 from evals.frechet import FeatureStats, FrechetReference, frechet_distance
+
+
+def make_shards(out: str, dataset: str, n: int, frames: int = 16, shard_size: int = 1000) -> str:
+    """The first n samples of an embedded dataset's held-out split, sharded by data_tools.shard."""
+    from data_tools import embedded
+    from data_tools.shard import build_items, make_shards as _make
+
+    args = argparse.Namespace(embedded=dataset, split="heldout", resize=0, clip_frames=frames, kind="auto",
+                              source=None)
+    items, classes, kind = build_items(args)
+    opts = {"kind": kind, "shard_size": shard_size, "shard_bytes": 0, "resize": 0, "format": None,
+            "clip_frames": frames if dataset == "moving_digits" else 0, "frame_stride": 1,
+            "source": f"embedded:{dataset}:heldout"}
+    _make(items[:n], out, opts, embedded.CLASSES, "data", 1, progress=False)
+    return out
 
 
 def test_matches_closed_form_for_diagonal_gaussians():
@@ -105,7 +122,7 @@ def test_fid_is_near_zero_for_the_same_set_and_grows_with_a_shift(inception_file
     real = digit_images(4)
 
     def stats(x):
-        s = ext.new_stats()  # torchmetrics' FrechetInceptionDistance accumulating 2048-d pool features
+        s = ext.new_stats()  # float64 statistics of InceptionV3's 2048-d pool features
         s.update(x[:2])
         s.update(x[2:])
         return s
@@ -117,7 +134,7 @@ def test_fid_is_near_zero_for_the_same_set_and_grows_with_a_shift(inception_file
     small, large = (ref.distance(*s.mean_cov(), s.rows()) for s in shifted)
     assert abs(same) < 1e-3 * small
     assert 0 < small < large
-    # The kept rows are exactly what torchmetrics accumulated.
+    # The kept rows are exactly what the statistics accumulated.
     mu, sigma = shifted[0].mean_cov()
     rows = shifted[0].rows()
     assert rows.shape == (4, 2048) and np.allclose(rows.mean(0), mu) and np.allclose(np.cov(rows.T), sigma)
@@ -147,8 +164,6 @@ def test_stand_in_i3d_has_the_stylegan_v_interface(tmp_path):
 
 
 def test_reference_statistics_are_cached_by_data_and_extractor(tmp_path, inception_file):
-    from test_evals_helpers import make_shards
-
     from evals.extractors import Extractor
     from evals.reference import main as reference_main
     from rin_scale.config import load_config
@@ -163,15 +178,14 @@ def test_reference_statistics_are_cached_by_data_and_extractor(tmp_path, incepti
     from evals.reference import reference_stats
 
     cfg = load_config(None, args)
-    mu, sigma, n, url, rows = reference_stats(cfg, Extractor("fid", cfg.eval), progress=False)
+    mu, sigma, n, url, rows = ref = reference_stats(cfg, Extractor("fid", cfg.eval), progress=False)
+    assert (ref.n, ref.url) == (n, url)
     assert url == str(files[0]) and files[0].stat().st_mtime_ns == stamp  # read, not recomputed
     assert n == 4 and mu.dtype == np.float64 and sigma.shape == (2048, 2048)
     assert np.allclose(sigma, sigma.T) and rows.shape == (4, 2048)  # rows kept: fewer than dimensions
 
 
 def test_a_subset_of_a_shard_folder_has_its_own_reference_key(tmp_path):
-    from test_evals_helpers import make_shards
-
     from evals.reference import cache_key
     from rin_scale.config import load_config
 
@@ -183,8 +197,6 @@ def test_a_subset_of_a_shard_folder_has_its_own_reference_key(tmp_path):
 
 
 def test_classifier_recognises_real_digits_and_not_mislabelled_ones(tmp_path):
-    from test_evals_helpers import make_shards
-
     from evals.classifier import SampleClassifier, balanced_labels
     from rin_scale.config import load_config
 

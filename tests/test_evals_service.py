@@ -12,12 +12,41 @@ import shutil
 import threading
 
 import pytest
+import torch
 
 from rin_scale import rundir, storage
-from test_evals_helpers import ledger, make_run, make_shards, snapshot, tb_scalars
+from rin_scale.config import dump_yaml, load_config
+from test_evals_metrics import make_shards
 
 from evals.extractors import save_random_inception, save_standin_i3d
+from evals.ledger import read as ledger
 from evals.service import Service, main
+
+
+def make_run(run: str, preset: str, overrides: list[str]):
+    """RUN/config.yaml as the trainer writes it; returns (cfg, a fresh RIN)."""
+    from rin_scale.model import RIN
+
+    cfg = load_config(preset, [f"train.run_dir={run}"] + overrides)
+    storage.write_bytes(storage.join(run, "config.yaml"), dump_yaml(cfg).encode())
+    torch.manual_seed(0)
+    return cfg, RIN(cfg.model)
+
+
+def snapshot(run: str, cfg, model, step: int) -> str:
+    return rundir.write_snapshot(run, step, model.state_dict(), cfg, {"images_seen": step * cfg.train.global_batch,
+                                                                      "wall_time": float(step)})
+
+
+def tb_scalars(logdir: str) -> dict:
+    """{tag: [(step, value)]} read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(logdir, size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    out = {t: [(e.step, e.value) for e in acc.Scalars(t)] for t in acc.Tags()["scalars"]}
+    out["_images"] = acc.Tags()["images"]
+    return out
 
 
 @pytest.fixture(scope="module")
