@@ -166,7 +166,7 @@ class Service:
             other = storage.read_json(url)
         except (FileNotFoundError, ValueError):
             other = {}  # released meanwhile, or torn: try once more
-        why = self._stale(other)
+        why = self._stale(other) if other else "released meanwhile, or torn"
         if not why:
             log(f"step {step}: claimed by {other.get('owner')}, alive; left to it")
             return False
@@ -258,8 +258,8 @@ class Service:
             try:
                 model, dcfg, meta = load_snapshot_model(url, self.device)
             except SnapshotError as e:
-                fs, path = storage.fs_path(url)
-                return self._unscored(step, "corrupt" if fs.exists(storage.join(path, rundir.COMPLETE)) else "deleted", e)
+                complete = storage.exists(storage.join(url, rundir.COMPLETE))
+                return self._unscored(step, "corrupt" if complete else "deleted", e)
             log(f"step {step}: sampling {self.cfg.eval.num_samples} with {self._sampler(dcfg)} "
                 f"({self._steps(dcfg)} steps) on {self.device}")
             try:

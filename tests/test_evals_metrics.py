@@ -211,3 +211,26 @@ def test_classifier_recognises_real_digits_and_not_mislabelled_ones(tmp_path):
     assert clf.accuracy(x, y) > 0.85  # unseen real digits, right labels
     assert clf.accuracy(x, (y + 1) % 10) < 0.1  # the same images "conditioned" on the wrong class
     assert balanced_labels(25, 10).bincount().tolist() == [3] * 5 + [2] * 5
+
+
+def test_generated_weights_live_in_the_users_own_cache(tmp_path, monkeypatch):
+    import os
+    import stat
+
+    from evals import extractors
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    made = []
+
+    def make(path):
+        made.append(path)
+        torch.save({}, path)
+
+    path = extractors.user_cache_file("w.pth", make)
+    folder = tmp_path / ".cache" / "rin_scale"
+    assert path == str(folder / "w.pth") and os.path.isfile(path)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+    assert os.listdir(folder) == ["w.pth"]  # written beside it under a temporary name, then renamed
+    assert extractors.user_cache_file("w.pth", make) == path and len(made) == 1  # made once
+    monkeypatch.setattr(extractors, "save_random_inception", lambda p, seed: make(p))
+    assert extractors._random_inception_file() == str(folder / "inception-random-seed0.pth")

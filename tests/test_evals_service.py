@@ -19,7 +19,8 @@ from rin_scale.config import dump_yaml, load_config
 from test_evals_metrics import make_shards
 
 from evals.extractors import save_random_inception, save_standin_i3d
-from evals.ledger import read as ledger
+from evals.ledger import append, read as ledger
+from launch import status as launch_status
 from evals.service import Service, main
 
 
@@ -205,6 +206,12 @@ def test_fid_and_class_accuracy_for_a_class_conditional_model(tmp_path, image_da
     # The reference statistics were cached under eval.cache_dir, keyed by data and extractor.
     cached = os.listdir(os.path.join(image_data["cache"], "reference"))
     assert len(cached) == 1 and cached[0].startswith("fid-")
+    # Weights full of NaN sample NaNs, which as uint8 images would be black and get a FID: an error row.
+    rundir.write_snapshot(run, 500, {k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()},
+                          cfg, {"images_seen": 0})
+    assert main(["--run", run, "--once", "--quiet"]) == 0
+    last = ledger(run)[-1]
+    assert (last["step"], last["metric"], last["status"], last["value"]) == (500, "fid", "error", None)
 
 
 def test_a_run_in_a_bucket(gcs_bucket, video_data, tmp_path):
@@ -221,6 +228,18 @@ def test_a_run_in_a_bucket(gcs_bucket, video_data, tmp_path):
     assert main(["--run", run, "--once", "--quiet"]) == 0
     assert [(r["step"], r["status"]) for r in ledger(run)] == [(100, "ok")]
     fs = fsspec.filesystem("gs", token="anon", skip_instance_cache=True)
+    # One object per ledger row: services adding rows at once cannot drop each other's.
+    (row,) = fs.ls(f"{run[5:]}/eval/ledger")
+    assert row.rsplit("/", 1)[-1].startswith(f"{rundir.step_name(100)}-fvd-")
+    assert not fs.exists(f"{run[5:]}/eval/ledger.jsonl")
+    writers = [threading.Thread(target=lambda o: [append(run, {"step": s, "metric": "fvd", "status": "ok"}, o)
+                                                  for s in range(200, 210)], args=(o,)) for o in ("a", "b")]
+    for t in writers:
+        t.start()
+    for t in writers:
+        t.join()
+    assert len(ledger(run)) == 21
+    assert launch_status.status(run)["newest_eval"]["step"] == 209
     events = fs.ls(f"{run[5:]}/eval/tb")
     assert events and any("tfevents" in e for e in events)
     local = tmp_path / "tb"
@@ -228,3 +247,85 @@ def test_a_run_in_a_bucket(gcs_bucket, video_data, tmp_path):
     for e in events:
         fs.get(e, str(local / e.rsplit("/", 1)[-1]))
     assert [s for s, _ in tb_scalars(str(local))["eval/fvd"]] == [100]
+
+
+def _claim_file(run, step, **body):
+    storage.write_json(storage.join(run, "eval", "claims", f"{rundir.step_name(step)}.json"), body)
+
+
+def test_claims_of_dead_services_are_taken_over(tmp_path, video_data):
+    import json
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    run, cfg, model = video_run(str(tmp_path / "run"), video_data)  # eval.claim_timeout: 2 h
+    for step in (10, 20, 30):
+        snapshot(run, cfg, model, step)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    host = socket.gethostname()
+    # Killed mid-scoring on this host: its pid is gone, so the claim is taken over at once.
+    _claim_file(run, 10, owner="killed", host=host, pid=dead.pid, time=time.time())
+    # Killed on another host: its heartbeat stopped 10 minutes ago.
+    _claim_file(run, 20, owner="elsewhere", host="other-node", pid=1, time=time.time() - 600)
+    # Alive on another host, heartbeat fresh: left to it.
+    _claim_file(run, 30, owner="busy", host="other-node", pid=1, time=time.time())
+    assert main(["--run", run, "--once", "--quiet"]) == 0
+    assert [r["step"] for r in ledger(run)] == [10, 20]
+    claims = os.path.join(run, "eval", "claims")
+    assert os.listdir(claims) == [f"{rundir.step_name(30)}.json"]
+    assert json.load(open(os.path.join(claims, os.listdir(claims)[0])))["owner"] == "busy"
+
+
+def test_the_claim_heartbeat_is_renewed_while_scoring(tmp_path, video_data):
+    import time
+
+    run, cfg, model = video_run(str(tmp_path / "run"), video_data, extra=["eval.claim_timeout=0.4"])
+    snapshot(run, cfg, model, 10)
+    a, b = Service(run, progress=False), Service(run, progress=False)
+    assert a.claim(10)
+    url = storage.join(run, "eval", "claims", f"{rundir.step_name(10)}.json")
+    with a.holding(10):
+        first = storage.read_json(url)["time"]
+        time.sleep(0.6)  # longer than the claim lives without its heartbeat (0.1 s beats)
+        assert storage.read_json(url)["time"] > first
+        assert not b.claim(10)  # alive: same host, our pid, a fresh heartbeat
+    assert not storage.exists(url)  # released at the end
+
+
+def test_once_fails_in_one_line_when_a_snapshot_fails(tmp_path, video_data, capsys, monkeypatch):
+    run, cfg, model = video_run(str(tmp_path / "run"), video_data)
+    snapshot(run, cfg, model, 10)
+
+    def broken(self, *a):
+        raise RuntimeError("sampler exploded\nsecond line")
+
+    monkeypatch.setattr(Service, "_evaluate", broken)
+    assert main(["--run", run, "--once", "--quiet"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == ("error: 1 snapshot(s) failed to score (0 ledger row(s) written); "
+                       "step 10: RuntimeError: sampler exploded")
+    assert ledger(run) == [] and not os.listdir(os.path.join(run, "eval", "claims"))
+
+
+def test_non_finite_samples_or_features_give_error_rows(tmp_path, video_data):
+    import math
+
+    run, cfg, model = video_run(str(tmp_path / "run"), video_data)
+    snapshot(run, cfg, model, 10)
+    broken = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    rundir.write_snapshot(run, 20, broken, cfg, {"images_seen": 0})
+    svc = Service(run, progress=False)
+    assert svc.run_once() == 2 and svc.failed == []
+    rows = {r["step"]: r for r in ledger(run)}
+    assert rows[10]["status"] == "ok"
+    assert rows[20]["status"] == "error" and rows[20]["value"] is None and "non-finite samples" in rows[20]["error"]
+    # Finite samples, but an extractor that gives NaNs: an error row too, not a score.
+    snapshot(run, cfg, model, 30)
+    svc.extractor.net.forward = lambda x: torch.full((x.shape[0], 400), math.nan)
+    assert svc.run_once() == 1
+    last = ledger(run)[-1]
+    assert (last["step"], last["status"]) == (30, "error") and "non-finite features" in last["error"]
+    assert Service(run, progress=False).run_once() == 0  # not retried

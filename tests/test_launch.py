@@ -196,3 +196,17 @@ def test_requeue_reason_tells_the_time_limit_from_a_preemption():
     assert j._reason() == "preempted"
     j._started = time.time() - (3600 - 120)  # when sbatch --signal=USR2@120 fires
     assert j._reason() == "timeout"
+
+
+def test_status_reports_the_newest_step_scored_not_the_last_row(tmp_path):
+    from evals import ledger
+
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    # eval.order=newest and a second service: rows land out of step order; class_accuracy rides along
+    for step, metric, value in ((300, "fid", 12.5), (300, "class_accuracy", 0.9), (100, "fid", 40.0),
+                                (200, "fid", None)):
+        ledger.append(run, {"step": step, "metric": metric, "value": value, "status": "ok", "time": time.time()}, "o")
+    e = launch_status.status(run)["newest_eval"]
+    assert (e["step"], e["metric"], e["value"]) == (300, "fid", 12.5)
+    assert "newest eval: step 300, metric fid, value 12.5" in launch_status.render(launch_status.status(run))
