@@ -19,7 +19,7 @@ from PIL import Image
 
 from rin_scale.media import IMAGE_EXTS, VIDEO_EXTS, encode_mp4, read_video
 from rin_scale.shards import DataError, list_shards, read_tar_samples
-from rin_scale.storage import write_bytes
+from rin_scale.storage import fs_path, write_bytes
 
 
 def _decode(sample):
@@ -32,6 +32,14 @@ def _decode(sample):
         if e in sample:
             return "video", np.stack(read_video(sample[e])[0])
     raise ValueError(f"no media member in {sorted(k for k in sample if k != '__key__')}")
+
+
+def _ends_cleanly(url: str) -> bool:
+    """Whether a tar ends with its two zero end-of-archive blocks: cut at a 512-byte boundary, it
+    otherwise reads as a shorter valid tar, and without a manifest no count gives it away."""
+    fs, path = fs_path(url)
+    tail = fs.cat_file(path, start=-1024)
+    return len(tail) == 1024 and not tail.strip(b"\0")
 
 
 def check(url: str, keep: int = 0) -> tuple[dict, list[np.ndarray]]:
@@ -71,6 +79,9 @@ def check(url: str, keep: int = 0) -> tuple[dict, list[np.ndarray]]:
             continue
         except Exception as e:  # noqa: BLE001 - truncated or corrupt tar
             report["errors"].append(f"{shard}: unreadable after {n} samples ({type(e).__name__}: {e})")
+        else:
+            if not _ends_cleanly(shard):
+                report["errors"].append(f"{shard}: truncated after {n} samples (no end-of-archive blocks)")
         if n != expected:
             report["errors"].append(f"{shard}: {n} samples, manifest says {expected}")
     if not report["expected"]:  # a job whose every input failed used to leave such a manifest

@@ -8,21 +8,20 @@ of videos, or a text file listing files or URLs (one a line, optionally "<TAB>cl
 OUT gets PREFIX-000000.tar, ... and PREFIX-manifest.json. Deterministic: the same input gives the
 same bytes and keys. A shard appears under its final name only when complete (rin_scale.storage's
 atomic writes); PREFIX-progress.json records finished shards, so re-running after a crash carries on
-after the last complete shard. Unreadable files are skipped and listed in the manifest.
+after the last complete shard. Unreadable files are skipped and listed in the manifest; so are the
+few files without a class when most have one (a stray README.jpg beside the class folders).
 """
 from __future__ import annotations
-
-import os
-
 
 import argparse
 import io
 import json
 import multiprocessing
+import os
 import sys
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from rin_scale.media import encode_image, encode_mp4, read_video, resize_crop
 from rin_scale.shards import tar_bytes
@@ -36,8 +35,12 @@ class ShardError(RuntimeError):
     pass
 
 
+class Skip(str):
+    """An item's data that says why it is left out: listed in the manifest's errors, not encoded."""
+
+
 # --------------------------------------------------------------------------------------------
-# Sources: lists of (source, label-name or None)
+# Sources: lists of (source, label-name, None or Skip)
 
 
 def _scheme(url: str) -> str:
@@ -62,10 +65,10 @@ def list_folder(url: str, kind: str = "auto"):
     if not files:
         raise ShardError(f"no {kind} files under {url} (looked for {', '.join(suffixes)})")
     rel = [p[len(root) + 1:] for p in files]
-    labelled = all("/" in r for r in rel)  # a flat folder (or a mix) is unlabelled
-    names = [r.split("/", 1)[0] if labelled else None for r in rel]
     scheme = _scheme(url)
-    return kind, [(scheme + p, n) for p, n in zip(files, names)], sorted(set(names)) if labelled else []
+    pairs = [(scheme + p, r.split("/", 1)[0] if "/" in r else None) for p, r in zip(files, rel)]
+    return (kind, *_labels(pairs, f"{kind} files under {url}", "are in class subfolders",
+                           "at the top, outside the class subfolders"))
 
 
 def list_file(url: str, kind: str = "auto"):
@@ -85,9 +88,27 @@ def list_file(url: str, kind: str = "auto"):
         raise ShardError(f"{url} lists no files")
     if kind == "auto":
         kind = "video" if all(s.lower().endswith(VIDEO_SUFFIXES) for s, _ in items) else "image"
-    labelled = all(n is not None for _, n in items)
-    classes = sorted({n for _, n in items}) if labelled else []
-    return kind, [(s, n if labelled else None) for s, n in items], classes
+    return (kind, *_labels(items, f"lines of {url}", "have a <TAB>class", "without a <TAB>class"))
+
+
+def _labels(pairs, where, have, lacking):
+    """(pairs, class names) for [(src, class or None)]: labelled when most items have a class.
+
+    The few without one get a Skip for a class (a stray file must not drop every label); the classes
+    of a few are dropped when most have none; either way with a one-line warning, never silently.
+    """
+    n, total = sum(c is not None for _, c in pairs), len(pairs)
+    if 2 * n <= total:
+        if n:
+            print(f"warning: only {n} of {total} {where} {have}: writing all {total} unlabelled", file=sys.stderr)
+        return [(s, None) for s, _ in pairs], []
+    stray = [s.rsplit("/", 1)[-1] for s, c in pairs if c is None]
+    if stray:
+        print(f"warning: skipped {len(stray)} of {total} {where} {lacking} ({', '.join(stray[:3])}"
+              f"{', ...' if len(stray) > 3 else ''}): they have no class; listed under 'errors' in the manifest",
+              file=sys.stderr)
+    skip = Skip(f"no class: {lacking}")
+    return [(s, skip if c is None else c) for s, c in pairs], sorted({c for _, c in pairs if c is not None})
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,15 +121,31 @@ def _read(src: str) -> bytes:
         return f.read()
 
 
+def _upright_8bit(img: Image.Image) -> tuple[Image.Image, bool]:
+    """(the image as a viewer shows it, in 8 bits; whether that differs from the stored pixels).
+
+    Decoders (Pillow's included) ignore EXIF orientation, and convert() clips 16-bit grey to 255,
+    which turns a 16-bit PNG all white.
+    """
+    changed = img.getexif().get(0x0112, 1) != 1  # the EXIF Orientation tag
+    if changed:
+        img = ImageOps.exif_transpose(img)
+    if img.mode.startswith("I"):  # "I;16", "I;16B", "I": 16-bit grey
+        arr = np.asarray(img).astype(np.float64) * (255 / 65535)
+        img, changed = Image.fromarray(np.round(arr).clip(0, 255).astype(np.uint8), "L"), True
+    return img, changed
+
+
 def encode_image_item(key, src, data, label, opts):
     """-> list of samples. `data`: raw bytes, or an HxWx3 uint8 array (embedded sets)."""
     if isinstance(data, np.ndarray):
         img, src_ext, raw = Image.fromarray(data), None, None
     else:
-        raw = data
-        img = Image.open(io.BytesIO(raw))
+        img = Image.open(io.BytesIO(data))
         img.load()  # raises on truncated or corrupt files
         src_ext = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}.get(img.format)
+        img, changed = _upright_8bit(img)
+        raw = None if changed else data
     ext = opts.get("format") or src_ext or "png"
     w, h = img.size
     if opts.get("resize"):
@@ -158,6 +195,8 @@ def _work(args):
     """(index, samples or None, error or None); never raises, so one bad file cannot stop the job."""
     index, src, data, label, opts = args
     key = f"{index:08d}"
+    if isinstance(data, Skip):
+        return index, None, str(data)
     try:
         if data is None:
             data = _read(src)
@@ -179,7 +218,7 @@ def _json_read(url):
 
 
 def make_shards(items, out: str, opts: dict, classes=(), prefix="data", workers=1, progress=True) -> dict:
-    """Encode items [(src, data or None, label)] into shards under `out`; returns the manifest."""
+    """Encode items [(src, data or None or Skip, label)] into shards under `out`; returns the manifest."""
     from tqdm import tqdm
 
     fs, root = fs_path(out)
@@ -237,6 +276,9 @@ def make_shards(items, out: str, opts: dict, classes=(), prefix="data", workers=
         bar.close()
         if pool:
             pool.terminate()
+    if not shards:  # an empty manifest would read as a finished, valid dataset
+        first = f" (first error: {errors[0]['source']}: {errors[0]['error']})" if errors else ""
+        raise ShardError(f"none of the {len(items)} inputs could be read{first}")
     manifest = {
         "shards": [{"name": s["name"], "samples": s["samples"], "bytes": s["bytes"]} for s in shards],
         "total": sum(s["samples"] for s in shards), "classes": list(classes), "kind": opts["kind"],
@@ -272,7 +314,8 @@ def build_items(args):
     else:
         kind, pairs, classes = list_folder(src, args.kind)
     index = {c: i for i, c in enumerate(classes)}
-    return [(s, None, index[n] if n is not None else None) for s, n in pairs], classes, kind
+    return [(s, n, None) if isinstance(n, Skip) else (s, None, index[n] if n is not None else None)
+            for s, n in pairs], classes, kind
 
 
 def main(argv=None) -> int:
@@ -312,7 +355,7 @@ def main(argv=None) -> int:
     except (ShardError, FileNotFoundError, PermissionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    skipped = f"; skipped {man['skipped']} unreadable file(s), listed under 'errors' in the manifest" \
+    skipped = f"; skipped {man['skipped']} input file(s), listed under 'errors' in the manifest" \
         if man["skipped"] else ""
     print(f"wrote {man['total']} {kind} samples from {man['inputs']} inputs in {len(man['shards'])} shards "
           f"to {out} ({args.prefix}-manifest.json){skipped}")

@@ -92,7 +92,7 @@ def test_shard_folder_labels_resize_skip_and_determinism(tmp_path):
     _image_folder(src)
     p = run_cli("data_tools.shard", str(src), str(tmp_path / "a"), "--shard-size", "10", "--resize", "16",
                 "--workers", "2", "--quiet")
-    assert "skipped 1 unreadable" in p.stdout
+    assert "skipped 1 input file(s)" in p.stdout
     run_cli("data_tools.shard", str(src), str(tmp_path / "b"), "--shard-size", "10", "--resize", "16",
             "--workers", "1", "--quiet")
     man = json.loads((tmp_path / "a" / "data-manifest.json").read_text())
@@ -106,6 +106,64 @@ def test_shard_folder_labels_resize_skip_and_determinism(tmp_path):
     assert img.size == (16, 16)
     src_name = json.loads(samples[0]["json"])["source"]
     assert man["classes"][int(samples[0]["cls"])] in src_name
+
+
+def test_shard_16bit_png_and_exif_orientation(tmp_path):
+    import numpy as np
+
+    src = tmp_path / "src"
+    src.mkdir()
+    grad = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
+    Image.fromarray(grad).save(src / "grad16.png")  # mode I;16
+    stored = np.zeros((20, 40, 3), np.uint8)  # 40 wide, 20 high as stored
+    stored[:5, :5] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # display rotated 90 degrees clockwise: 20 wide, 40 high
+    Image.fromarray(stored).save(src / "rotated.jpg", exif=exif, quality=95)
+    p = run_cli("data_tools.shard", str(src), str(tmp_path / "out"), "--workers", "1", "--quiet")
+    assert p.stdout.startswith("wrote 2 image samples from 2 inputs") and p.stdout.count("\n") == 1
+    samples = {json.loads(s["json"])["source"].rsplit("/", 1)[-1]: s
+               for _, s in read_tar_samples(str(tmp_path / "out" / "data-000000.tar"))}
+    g = Image.open(io.BytesIO(samples["grad16.png"]["png"]))
+    assert g.mode == "L" and np.abs(np.asarray(g, float) - grad / 257).max() <= 0.5  # 8-bit gradient, not white
+    r = Image.open(io.BytesIO(samples["rotated.jpg"]["jpg"]))
+    assert r.size == (20, 40) and r.getexif().get(0x0112, 1) == 1
+    assert np.asarray(r)[:5, -5:, 0].mean() > 200 and np.asarray(r)[:5, :5, 0].mean() < 50  # marker top right
+    assert {k: json.loads(samples["rotated.jpg"]["json"])[k] for k in ("width", "height")} == {"width": 20, "height": 40}
+
+
+def test_shard_stray_top_level_files_keep_the_class_folders(tmp_path):
+    src = tmp_path / "src"
+    for i, (_, arr, _) in enumerate(list(digits("train"))[:8]):
+        d = src / ("cat", "dog")[i % 2] if i < 6 else src
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(arr).save(d / ("README.jpg", "notes.png")[i - 6] if i >= 6 else d / f"{i}.png")
+    p = run_cli("data_tools.shard", str(src), str(tmp_path / "out"), "--workers", "1", "--quiet")
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("warning: skipped 2 of 8 image files")
+    assert "(README.jpg, notes.png)" in p.stderr and "outside the class subfolders" in p.stderr
+    assert "wrote 6 image samples from 8 inputs" in p.stdout and "skipped 2 input file(s)" in p.stdout
+    man = json.loads((tmp_path / "out" / "data-manifest.json").read_text())
+    assert man["classes"] == ["cat", "dog"] and man["total"] == 6 and man["skipped"] == 2
+    assert sorted(e["source"].rsplit("/", 1)[-1] for e in man["errors"]) == ["README.jpg", "notes.png"]
+    assert all("cls" in s for _, s in read_tar_samples(str(tmp_path / "out" / "data-000000.tar")))
+    # mostly flat: unlabelled, and said so
+    for i in range(4):
+        shutil.move(src / ("cat", "dog")[i % 2] / f"{i}.png", src / f"{i}.png")
+    p = run_cli("data_tools.shard", str(src), str(tmp_path / "flat"), "--workers", "1", "--quiet")
+    assert p.stderr.count("\n") == 1 and p.stderr.startswith("warning: only 2 of 8 image files")
+    assert p.stderr.endswith("are in class subfolders: writing all 8 unlabelled\n") and "wrote 8" in p.stdout
+    assert json.loads((tmp_path / "flat" / "data-manifest.json").read_text())["classes"] == []
+
+
+def test_shard_where_every_input_fails_is_an_error(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"{i}.jpg").write_bytes(b"\xff\xd8\xff not a jpeg")
+    p = run_cli("data_tools.shard", str(src), str(tmp_path / "out"), "--workers", "1", "--quiet", check=False)
+    assert p.returncode == 2 and p.stderr.count("\n") == 1
+    assert p.stderr.startswith("error: none of the 3 inputs could be read (first error: ") and "0.jpg" in p.stderr
+    assert not (tmp_path / "out" / "data-manifest.json").exists()
 
 
 def test_shard_resumes_after_crash_without_redoing_complete_shards(tmp_path):
@@ -158,6 +216,34 @@ def test_check_reports_counts_and_damage(tmp_path, heldout):
     rep = json.loads(p.stdout)
     assert p.returncode == 1 and rep["samples"] < 360
     assert any("data-000002.tar" in e for e in rep["errors"])
+
+
+def test_check_calls_an_empty_dataset_an_error(tmp_path):
+    # the manifest that a job whose every input failed used to leave
+    (tmp_path / "data-manifest.json").write_text(json.dumps({
+        "shards": [], "total": 0, "classes": [], "kind": "image", "skipped": 2, "inputs": 2,
+        "errors": [{"source": "a.jpg", "error": "UnidentifiedImageError: cannot identify"}] * 2}))
+    p = run_cli("data_tools.check", str(tmp_path), check=False)
+    errors = [ln for ln in p.stdout.splitlines() if "ERROR" in ln]
+    assert p.returncode == 1 and len(errors) == 1 and "empty dataset" in errors[0]
+    assert "all 2 inputs were skipped when sharding (first: a.jpg: UnidentifiedImageError" in errors[0]
+
+
+def test_check_names_a_damaged_tar_in_a_folder_without_manifest(tmp_path, heldout):
+    bad = tmp_path / "bad"
+    shutil.copytree(heldout, bad, ignore=shutil.ignore_patterns("*.json"))
+    tar = bad / "data-000001.tar"
+    whole = tar.read_bytes()
+    with tarfile.open(tar) as tf:
+        member = tf.getmembers()[99]  # the first of sample 33 (cls, json, png)
+    tar.write_bytes(whole[: member.offset_data + 10])  # inside a member's data
+    p = run_cli("data_tools.check", str(bad), check=False)
+    assert p.returncode == 2 and p.stdout == "" and p.stderr.count("\n") == 1
+    assert p.stderr.startswith("error: ") and "data-000001.tar is not a readable tar" in p.stderr
+    tar.write_bytes(whole[: member.offset + 100])  # inside a header: tarfile reads a shorter, valid tar
+    p = run_cli("data_tools.check", str(bad), check=False)
+    errors = [ln for ln in p.stdout.splitlines() if "ERROR" in ln]
+    assert p.returncode == 1 and len(errors) == 1 and "data-000001.tar: truncated after" in errors[0]
 
 
 def test_shard_video_folder_into_clips_by_bytes(tmp_path):
