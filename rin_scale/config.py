@@ -88,6 +88,8 @@ class DataConfig:
     random_crop: bool = _f(False, "random crop instead of a center crop to image_size")
     hflip: bool = _f(True, "random horizontal flips")
     max_error_rate: float = _f(0.05, "stop the run when more than this fraction of samples fail")
+    storage_retry_seconds: float = _f(600.0, "seconds a storage outage (refused, timeouts, 429/5xx) is waited out "
+                                             "before the run stops; corrupt bytes are never retried")
     seed: int = _f(0, "random seed (data: shard order, shuffling, augmentation; train: init, noise)")
 
 
@@ -139,7 +141,8 @@ class EvalConfig:
     cache_dir: str = _f("~/.cache/rin_scale", "where reference statistics are cached (any fsspec URL)")
     classifier_data: str = _f("", "held-out labelled shards: also report the class accuracy of samples")
     reference_samples: int = _f(0, "real samples in the reference statistics (0 = all of the shards)")
-    claim_timeout: float = _f(7200.0, "seconds after which another service's unfinished claim is stale")
+    claim_timeout: float = _f(7200.0, "upper bound (seconds) on how long another service's claim counts while its "
+                                   "heartbeat is fresh; a dead holder's claim is taken over at once")
 
 
 @dataclass
@@ -372,6 +375,7 @@ def validate(cfg: Config) -> Config:
            f"use data.kind={'video' if m.is_video else 'image'}")
     _check(data.workers >= 0, "data.workers must be 0 or more")
     _check(0 <= data.max_error_rate <= 1, "data.max_error_rate must lie in [0, 1]")
+    _check(data.storage_retry_seconds >= 0, "data.storage_retry_seconds must be 0 or more (seconds)")
 
     _one_of("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
     _one_of("train.precision", t.precision, ("auto", "bf16", "fp32"))

@@ -29,6 +29,7 @@ with a DataError.
 """
 from __future__ import annotations
 
+import sys
 import tarfile
 
 import numpy as np
@@ -36,6 +37,7 @@ import torch
 
 from .media import IMAGE_EXTS, VIDEO_EXTS, decode_image, decode_video, to_unit
 from .shards import DataError, list_shards, read_tar_samples
+from .storage import Backoff, is_transient
 
 MIN_SAMPLES_FOR_RATE = 200  # error-rate check waits for this many samples (one bad shard up front)
 
@@ -180,26 +182,39 @@ class _EpochStream(torch.utils.data.IterableDataset):
                 xs, labels, keys, errors = xs[B:], labels[B:], keys[B:], 0
         if owed:  # nothing decodable at all in this worker's share
             raise DataError(f"no decodable sample in {len(todo)} samples of {self.d.shards}: check the shards "
-                            f"with python -m data_tools.inspect {self.d.shards}")
+                            f"with python -m data_tools.check {self.d.shards}")
 
     def _reader(self, segs, needed):
-        """Yields (local index, raw sample or None if unreadable) for every needed local index."""
+        """Yields (local index, raw sample or None if unreadable) for every needed local index.
+
+        Corrupt bytes end the shard there: the rest counts as errors. A storage outage does not:
+        the shard is reopened past the samples already read, with backoff, for up to
+        data.storage_retry_seconds; then the run stops with StorageUnavailable."""
         for s, lo, hi, off in segs:
             url = self.shards[s]
             got = set()
-            want = lambda i: lo <= i < hi and (i - lo + off) in needed  # noqa: E731
+            want = lambda i: lo <= i < hi and (i - lo + off) in needed and i not in got  # noqa: E731
             if not any((i + off) in needed for i in range(hi - lo)):
                 continue  # whole segment consumed before the resume point: not even opened
-            try:
-                for i, sample in read_tar_samples(url, want, stop=hi):
-                    if sample is not None:
-                        got.add(i)
-                        yield i - lo + off, sample
-            except Exception:
-                pass  # truncated or corrupt from here: the missing samples count as errors below
+            backoff = Backoff(f"reading {url}", self.d.storage_retry_seconds, log=_log)
+            while True:
+                try:
+                    for i, sample in read_tar_samples(url, want, stop=hi):
+                        if sample is not None:
+                            got.add(i)
+                            yield i - lo + off, sample
+                    break
+                except Exception as e:  # noqa: BLE001 - classified here
+                    if not is_transient(e):
+                        break  # truncated or corrupt from here: the missing samples count as errors below
+                    backoff.wait(e)
             for i in range(lo, hi):
                 if i not in got and (i - lo + off) in needed:
                     yield i - lo + off, None
+
+
+def _log(msg: str) -> None:
+    print(f"[data] {msg}", file=sys.stderr, flush=True)
 
 
 class ShardLoader:
@@ -252,6 +267,9 @@ class ShardLoader:
             return iter(ds)
         return iter(torch.utils.data.DataLoader(
             ds, batch_size=None, num_workers=self.d.workers, pin_memory=torch.cuda.is_available(),
+            # its own generator: starting the iterator must not draw the workers' base seed from the
+            # global one, or a resumed run's noise stream would differ from the uninterrupted run's
+            generator=torch.Generator().manual_seed(self.d.seed),
             multiprocessing_context="fork" if "fork" in torch.multiprocessing.get_all_start_methods() else None,
         ))
 
@@ -276,7 +294,7 @@ class ShardLoader:
         if s >= MIN_SAMPLES_FOR_RATE and e > self.d.max_error_rate * s:
             raise DataError(f"{e} of {s} samples from {self.d.shards} failed to read or decode "
                             f"({e / s:.1%} > data.max_error_rate={self.d.max_error_rate}): check them with "
-                            f"python -m data_tools.inspect {self.d.shards}, or raise data.max_error_rate")
+                            f"python -m data_tools.check {self.d.shards}, or raise data.max_error_rate")
 
 
 def iter_samples(url: str, model_cfg):
