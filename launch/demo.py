@@ -81,7 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[demo] 3/3 score the snapshots with the eval service ({metric.upper()})")
     run([py, "-m", "evals.service", "--run", run_url, "--once"])
 
-    ledger = storage.read_jsonl(storage.join(run_url, "eval", "ledger.jsonl"))
+    from evals import ledger as eval_ledger
+
+    ledger = eval_ledger.read(run_url)
     print("\n" + "=" * 72)
     print(f"[demo] finished in {(time.time() - t_start) / 60:.1f} min")
     print(f"run directory : {run_url}")

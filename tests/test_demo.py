@@ -9,7 +9,8 @@ import os
 import subprocess
 import sys
 
-from rin_scale import rundir, storage
+from evals import ledger as eval_ledger
+from rin_scale import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["model.latent_dim=64", "model.interface_dim=64", "model.latent_heads=4", "model.read_write_heads=4",
@@ -43,7 +44,7 @@ def test_shortened_demo_leaves_every_stage_output(tmp_path):
     assert "2 rank(s) on cpu, ZeRO-2" in proc.stdout
 
     # 3. evaluation: a FID and a class-accuracy row per snapshot, the same in TensorBoard
-    ledger = storage.read_jsonl(os.path.join(run, "eval", "ledger.jsonl"))
+    ledger = eval_ledger.read(run)
     for metric in ("fid", "class_accuracy"):
         rows = [r for r in ledger if r["metric"] == metric]
         assert [r["step"] for r in rows] == [6, 12] and all(r["status"] == "ok" for r in rows), ledger
