@@ -162,9 +162,14 @@ def _fetch(url: str, folder: str) -> None:
     os.replace(tmp, folder)
 
 
-def saved_world_size(folder: str) -> int:
+def saved_meta(folder: str) -> dict:
+    """trainer.json of a state: step, images seen, world size, precision, wall time."""
     with open(os.path.join(folder, "trainer.json")) as f:
-        return json.load(f)["world_size"]
+        return json.load(f)
+
+
+def saved_world_size(folder: str) -> int:
+    return saved_meta(folder)["world_size"]
 
 
 def universal_for(folder: str, zero_stage: int) -> str:

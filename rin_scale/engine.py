@@ -128,8 +128,25 @@ def configure_checkpointing(model, cfg: Config) -> None:
     deepspeed.checkpointing.configure(None, partition_activations=False, contiguous_checkpointing=False,
                                       checkpoint_in_cpu=cfg.train.checkpoint_cpu_offload, synchronize=False,
                                       profile=False)
-    model.checkpoint_fn = deepspeed.checkpointing.checkpoint
+    model.checkpoint_fn = _keep_autocast(deepspeed.checkpointing.checkpoint)
     model.checkpoint_every = k
+
+
+def _keep_autocast(checkpoint):
+    """DeepSpeed's checkpoint recomputes the forward inside backward(), outside the caller's
+    autocast context: a bf16 forward would be recomputed in fp32 (twice the cost, and gradients of
+    other activations than the loss saw). The recompute re-enters the autocast state of the forward."""
+    def run(fn, *args):
+        dev = args[0].device.type
+        enabled, dtype = torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev)
+
+        def fn_in_autocast(*a):
+            with torch.autocast(dev, dtype=dtype, enabled=enabled):
+                return fn(*a)
+
+        return checkpoint(fn_in_autocast, *args)
+
+    return run
 
 
 def build_engine(model, cfg: Config, world_size: int, load_universal: bool = False):

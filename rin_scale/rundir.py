@@ -19,21 +19,25 @@ def step_name(step: int) -> str:
     return f"step-{step:09d}"
 
 
-def list_complete(run: str, kind: str) -> list[tuple[int, str]]:
-    """[(step, url)] of complete `kind` directories ("states" or "snapshots"), oldest first."""
+def _step_dirs(run: str, kind: str):
+    """(filesystem, [(step, path)]) of the step-N directories under RUN/kind, complete or not."""
     fs, root = fs_path(join(run, kind))
     try:
         entries = fs.ls(root, detail=False)
     except FileNotFoundError:
-        return []
+        return fs, []
+    found = [(STEP_RE.search(e.rstrip("/")), e) for e in entries]
+    return fs, [(int(m.group(1)), e) for m, e in found if m]
+
+
+def list_complete(run: str, kind: str) -> list[tuple[int, str]]:
+    """[(step, url)] of complete `kind` directories ("states" or "snapshots"), oldest first."""
+    fs, dirs = _step_dirs(run, kind)
     out = []
-    for entry in entries:
-        m = STEP_RE.search(entry.rstrip("/"))
-        if not m:
-            continue
+    for step, path in dirs:
         try:
-            if fs.exists(join(entry, COMPLETE)):
-                out.append((int(m.group(1)), join(run, kind, step_name(int(m.group(1))))))
+            if fs.exists(join(path, COMPLETE)):
+                out.append((step, join(run, kind, step_name(step))))
         except FileNotFoundError:  # deleted by retention while we looked
             continue
     fs.invalidate_cache()
@@ -49,41 +53,39 @@ def mark_complete(url: str, info: Optional[dict] = None) -> None:
     write_json(join(url, COMPLETE), {"time": time.time(), **(info or {})})
 
 
-def prune(run: str, kind: str, keep_last: int, milestone_every: int = 0) -> list[int]:
-    """Delete all but the newest `keep_last` complete dirs and the milestones; returns deleted steps.
-
-    The COMPLETE marker goes first so that a concurrent reader never sees a half-deleted directory
-    as complete. Incomplete directories older than the newest complete one are leftovers of killed
-    writers and go too.
-    """
-    found = list_complete(run, kind)
-    keep = {s for s, _ in found[-keep_last:]}
-    if milestone_every:
-        keep |= {s for s, _ in found if s % milestone_every == 0}
+def _delete(run: str, kind: str, doomed) -> list[int]:
+    """Delete the step directories for which doomed(step) is true; returns their steps. The COMPLETE
+    marker goes first, so a concurrent reader never sees a half-deleted directory as complete."""
+    fs, dirs = _step_dirs(run, kind)
     deleted = []
-    fs, root = fs_path(join(run, kind))
-    newest = found[-1][0] if found else -1
-    try:
-        entries = fs.ls(root, detail=False)
-    except FileNotFoundError:
-        return deleted
-    for entry in entries:
-        m = STEP_RE.search(entry.rstrip("/"))
-        if not m:
-            continue
-        step = int(m.group(1))
-        complete = any(s == step for s, _ in found)
-        if step in keep or (not complete and step >= newest):
+    for step, path in dirs:
+        if not doomed(step):
             continue
         try:
-            if complete:
-                fs.rm(join(entry, COMPLETE))
-            fs.rm(entry, recursive=True)
+            if fs.exists(join(path, COMPLETE)):
+                fs.rm(join(path, COMPLETE))
+            fs.rm(path, recursive=True)
             deleted.append(step)
-        except FileNotFoundError:
+        except FileNotFoundError:  # another reader or writer got there first
             pass
     fs.invalidate_cache()
     return sorted(deleted)
+
+
+def prune(run: str, kind: str, keep_last: int, milestone_every: int = 0) -> list[int]:
+    """Delete all but the newest `keep_last` complete dirs and the milestones; returns deleted steps.
+    Incomplete directories older than the newest complete one are leftovers of killed writers and
+    go too."""
+    complete = [s for s, _ in list_complete(run, kind)]
+    keep = set(complete[-keep_last:]) | {s for s in complete if milestone_every and s % milestone_every == 0}
+    newest = complete[-1] if complete else -1
+    return _delete(run, kind, lambda s: s not in keep and (s in complete or s < newest))
+
+
+def discard_after(run: str, kind: str, step: int) -> list[int]:
+    """Delete the `kind` directories past `step`. A resumed run calls it: what a killed job wrote
+    after the state it resumes from belongs to a trajectory the run will not take."""
+    return _delete(run, kind, lambda s: s > step)
 
 
 # --------------------------------------------------------------------------------------------

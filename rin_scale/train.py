@@ -187,7 +187,7 @@ class Trainer:
 def set_up(cfg) -> tuple[Trainer, TrainState]:
     """Processes, precision, engine, EMA, loader and logs; resumed from the newest complete state
     in RUN/states if there is one."""
-    from .checkpoint import find_resume, load_state, local_state_root, saved_world_size, universal_for
+    from .checkpoint import find_resume, load_state, local_state_root, saved_meta, universal_for
     from .data import ShardLoader
     from .ema import EMA
     from .engine import build_engine, device, init_distributed
@@ -202,16 +202,18 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
     micro, accum = check_world(cfg, world)
     local_state_root(cfg)  # fail now, not at the first save, if the state folder is unusable
     dev = device()
-    compute = measure_compute(tc, rank, dev)
+
+    # The newest complete state, found first: one saved by another world size under ZeRO 1-3 is
+    # loaded through DeepSpeed's universal checkpoint, which the engine must know of when built;
+    # and a resumed run keeps the precision its first job chose.
+    resume = find_resume(cfg)
+    saved = saved_meta(resume.folder) if resume is not None else {}
+    compute = measure_compute(tc, rank, dev, saved.get("precision"))
     log0(rank, f"{world} rank(s) on {dev.type}, ZeRO-{tc.zero_stage}, micro-batch {micro} x {accum} accumulation "
                f"x {world} = {tc.global_batch}; precision {compute.precision.name} ({compute.precision.reason}); "
                f"peak {compute.peak / 1e12:.2f} TFLOP/s per device ({compute.peak_source})")
-
-    # The newest complete state, found first: one saved by another world size under ZeRO 1-3 is
-    # loaded through DeepSpeed's universal checkpoint, which the engine must know of when built.
-    resume = find_resume(cfg)
     universal = ""
-    if resume is not None and tc.zero_stage > 0 and saved_world_size(resume.folder) != world:
+    if resume is not None and tc.zero_stage > 0 and saved["world_size"] != world:
         universal = universal_for(resume.folder, tc.zero_stage)
 
     # Model, engine, EMA. Same seed on every rank: identical initial weights.
@@ -226,6 +228,9 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
         state = TrainState(loaded.meta["step"], loaded.meta["images_seen"], loaded.meta.get("wall_time", 0.0))
         log0(rank, f"resumed from {resume.folder} at step {state.step} ({state.images_seen} images seen, "
                    f"saved by {loaded.meta['world_size']} rank(s))")
+        if rank == 0:  # snapshots a killed job wrote after this state belong to a trajectory now abandoned
+            for step in rundir.discard_after(tc.run_dir, "snapshots", state.step):
+                log0(rank, f"discarded snapshot step {step}: written after the state resumed from")
 
     loader = ShardLoader(cfg.data, cfg.model, micro, rank, world, state=loaded.loader if loaded else None)
     tr = Trainer(cfg, rank, world, accum, dev, compute, engine, ema, loader, Batches(loader),
@@ -250,14 +255,19 @@ def seed_or_restore_rng(tc, rank: int, step: int, saved: dict | None) -> None:
         torch.manual_seed(tc.seed + 1 + rank + 7919 * step)
 
 
-def measure_compute(tc, rank: int, dev: torch.device) -> Compute:
-    """Precision and the peak for MFU: rank 0 measures, every rank uses its answer (collective)."""
-    from .engine import choose_precision
+def measure_compute(tc, rank: int, dev: torch.device, saved_precision: str | None = None) -> Compute:
+    """Precision and the peak for MFU: rank 0 measures, every rank uses its answer (collective).
+    precision=auto decides once per run (the probe is timing, and may read otherwise on a busy
+    machine): a resumed run keeps what its state was trained in, so it resumes exactly."""
+    from .engine import Precision, choose_precision
     from .perf import device_peak
 
     box = [None]
     if rank == 0:
-        prec = choose_precision(tc.precision, dev)
+        if tc.precision == "auto" and saved_precision:
+            prec = Precision(saved_precision, "train.precision=auto, as chosen at the run's first start")
+        else:
+            prec = choose_precision(tc.precision, dev)
         box = [Compute(prec, *device_peak(dev, prec.dtype, tc.peak_tflops))]
     dist.broadcast_object_list(box, src=0)
     return box[0]
@@ -379,10 +389,12 @@ def log_window(tr: Trainer, state: TrainState, meter: Meter, last: StepResult) -
                        "perf/images_per_sec": img_s, "perf/step_time": meter.step_time / n,
                        "perf/data_wait": meter.data_wait / n, "perf/tflops": achieved / 1e12, "perf/mfu": mfu,
                        "perf/memory_gb": mem["peak_gb"], "train/images_seen": state.images_seen,
-                       "train/skipped_steps": state.skipped_total, **loss_by_t}, step)
+                       "train/skipped_steps": state.skipped_total, "data/errors": tr.loader.stats["errors"],
+                       **loss_by_t}, step)
         eta = (tc.total_steps - step) * (now - meter.started) / max(step - meter.first_step, 1)
         log0(tr.rank, f"step {step}/{tc.total_steps} loss {meter.loss / n:.4f} lr {last.lr:.2e} {img_s:.1f} img/s "
-                      f"mfu {mfu:.1%} data-wait {meter.data_wait / n:.3f}s mem {mem['peak_gb']:.2f}GB eta {_hms(eta)}")
+                      f"mfu {mfu:.1%} data-wait {meter.data_wait / n:.3f}s mem {mem['peak_gb']:.2f}GB eta {_hms(eta)}"
+                      + (f" data-errors {tr.loader.stats['errors']}" if tr.loader.stats["errors"] else ""))
         tr.train_log.flush()
     meter.reset(step, now)
 
@@ -400,7 +412,8 @@ def maybe_save(tr: Trainer, state: TrainState) -> None:
     if not (want_samples or want_snapshot or want_state):
         return
     ema_full = tr.ema.full_state()
-    meta = {"images_seen": state.images_seen, "wall_time": state.wall_time}
+    meta = {"images_seen": state.images_seen, "wall_time": state.wall_time,
+            "precision": tr.compute.precision.name}
     if tr.rank == 0 and want_samples:
         tr.tb.image("samples/ema", tr.preview.grid(ema_full), step)
     if tr.rank == 0 and want_snapshot:

@@ -45,8 +45,9 @@ def shards(tmp_path_factory):
 def test_two_ranks_zero2_logs_snapshots_and_resumes_exactly(shards, tmp_path):
     # Warmup longer than the run: the LR then does not depend on total_steps, so a run stopped at
     # step 4 and continued to 8 must see exactly the LRs, batches and noise of a run of 8. Two
-    # DataLoader workers, as every preset has: starting them must not shift the noise stream.
-    common = ["train.zero_stage=2", "train.precision=bf16", "train.global_batch=8", "train.warmup_steps=100", "train.lr=0.02",
+    # DataLoader workers, as every preset has: starting them must not shift the noise stream; and the
+    # precision train.precision=auto picks on this CPU (bf16 where it is fast, else fp32).
+    common = ["train.zero_stage=2", "train.global_batch=8", "train.warmup_steps=100", "train.lr=0.02",
               "train.state_every=2", "train.snapshot_every=4", "train.sample_every=4", "train.log_every=2",
               "data.workers=2"]
     full = str(tmp_path / "full")
@@ -77,18 +78,26 @@ def test_two_ranks_zero2_logs_snapshots_and_resumes_exactly(shards, tmp_path):
     x = sample(model, (2, 3, 16, 16), dcfg, labels=torch.tensor([1, 2]), steps=3)
     assert x.shape == (2, 3, 16, 16) and torch.isfinite(x).all() and x.abs().max() <= 1
 
-    # Stopped at step 4, whose COMPLETE marker is then lost (a job killed while saving): the
-    # rerun must ignore that state, resume at step 2, and reproduce the uninterrupted losses.
+    # Stopped at step 4, whose COMPLETE marker is then lost (a job killed while saving, after its
+    # snapshot): the rerun must ignore that state, resume at step 2, replace the snapshot of the
+    # abandoned step 4, and reproduce the uninterrupted run bit for bit: losses, EMA, snapshots.
     part = str(tmp_path / "part")
     train(part, 2, *common, "train.total_steps=4", shards=shards)
     assert [s for s, _ in rundir.list_complete(part, "states")] == [2, 4]
     os.remove(os.path.join(part, "states", rundir.step_name(4), rundir.COMPLETE))
+    with open(os.path.join(part, "snapshots", rundir.step_name(4), "ema.safetensors"), "r+b") as f:
+        f.seek(-8, 2)
+        f.write(b"\0" * 8)  # the abandoned trajectory's weights: must not survive the resume
     out = train(part, 2, *common, "train.total_steps=8", shards=shards).stdout
-    assert "at step 2 " in out, out[-2000:]
+    assert "at step 2 " in out and "discarded snapshot step 4" in out, out[-2000:]
+    assert "as chosen at the run's first start" in out, out[-2000:]
     a, b = losses(full), losses(part)
     assert sorted(b) == list(range(1, 9))
-    for step in range(1, 9):
-        assert math.isclose(a[step], b[step], rel_tol=1e-5, abs_tol=1e-6), (step, a, b)
+    assert [a[s] for s in range(1, 9)] == [b[s] for s in range(1, 9)], (a, b)
+    for step in (4, 8):
+        snap = os.path.join(rundir.step_name(step), "ema.safetensors")
+        assert open(os.path.join(full, "snapshots", snap), "rb").read() == \
+            open(os.path.join(part, "snapshots", snap), "rb").read(), step
 
     # The 2-rank state resumes in 1 process (same global batch: micro-batch 8, no accumulation).
     out = train(full, 1, *common, "train.total_steps=10", shards=shards).stdout
@@ -104,7 +113,10 @@ def test_zero_states_resume_at_a_new_world_size_with_their_optimizer_moments(sha
     # optimizer in one file; ZeRO-2 and 3 states are partitioned per rank and go through DeepSpeed's
     # universal checkpoint. All three must take the same steps 5-6 (decay-0 EMA = the weights); had the
     # moments or LAMB's step counts restarted, the updates would differ by far more than rounding.
-    common = ["train.global_batch=8", "train.optimizer=lamb", "train.lr=5e-3", "train.warmup_steps=2",
+    # fp32: in bf16, ZeRO-0/2/3 round their reductions differently and LAMB's first steps (tiny
+    # second moments) amplify that to a few percent, on CPUs with native bf16 as on GPUs. The exact
+    # bf16 checks are the resume test (same world size) and activation checkpointing's.
+    common = ["train.precision=fp32", "train.global_batch=8", "train.optimizer=lamb", "train.lr=5e-3", "train.warmup_steps=2",
               "train.state_every=4", "train.snapshot_every=2", "train.sample_every=0", "train.ema_decay=0",
               "train.ema_warmup=false"]
     update = {}
@@ -119,7 +131,8 @@ def test_zero_states_resume_at_a_new_world_size_with_their_optimizer_moments(sha
         update[stage] = torch.cat([(w6[k] - w4[k]).flatten() for k in w4])
     for stage in (2, 3):
         rel = ((update[stage] - update[0]).norm() / update[0].norm()).item()
-        assert rel < 1e-2, (stage, rel)  # measured: 2e-5 (ZeRO-2), 1e-3 (ZeRO-3)
+        print(f"ZeRO-{stage}: relative update difference {rel:.2e}")
+        assert rel < 1e-2, (stage, rel)  # measured in fp32: 2e-5 (ZeRO-2), 1e-3 (ZeRO-3); moments restarted: 0.62
 
 
 @pytest.mark.timeout(600)
@@ -144,8 +157,10 @@ def test_zero_stages_train_and_loss_falls(shards, tmp_path, stage, extra):
               *[e for e in extra if "activation_checkpointing" not in e], shards=shards)
         rows = {r["step"]: r for r in storage.read_jsonl(storage.join(run, "train_log.jsonl"))}
         for r in storage.read_jsonl(storage.join(plain, "train_log.jsonl")):
-            assert math.isclose(r["loss"], rows[r["step"]]["loss"], rel_tol=1e-4), (r, rows[r["step"]])
-            assert math.isclose(r["grad_norm"], rows[r["step"]]["grad_norm"], rel_tol=1e-3), (r, rows[r["step"]])
+            # bit-identical: the recompute runs the same kernels in the same precision (the forward's
+            # autocast state is re-entered), whatever precision auto chose on this CPU
+            assert (r["loss"], r["grad_norm"]) == (rows[r["step"]]["loss"], rows[r["step"]]["grad_norm"]), \
+                (r, rows[r["step"]])
     model, _, meta = rundir.load_snapshot_model(rundir.newest_complete(run, "snapshots")[1])
     assert meta["step"] == 20
     # With decay 0 the EMA is the weights themselves: the snapshot (under ZeRO-3 gathered from each
