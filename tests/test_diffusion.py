@@ -9,15 +9,13 @@ from rin_scale import diffusion as D
 from rin_scale.config import ConfigError, DiffusionConfig, ModelConfig
 from rin_scale.model import RIN
 
+from conftest import small_model_config
+
 torch.set_num_threads(1)
 
 
 def small_rin(**kw) -> RIN:
-    base = dict(image_size=8, channels=3, patch_size=2, interface_dim=32, interface_mlp_ratio=2, latent_dim=64,
-                num_latents=8, latent_mlp_ratio=2, num_blocks=2, latent_layers=1, latent_heads=4,
-                read_write_heads=4, dropout=0.0, drop_path=0.0, num_classes=0, class_dropout=0.0)
-    base.update(kw)
-    return RIN(ModelConfig(**base))
+    return RIN(small_model_config(**{"num_classes": 0, "class_dropout": 0.0, **kw}))
 
 
 class Recorder(torch.nn.Module):

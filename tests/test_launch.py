@@ -7,7 +7,6 @@ import sys
 import time
 
 import cloudpickle
-import pytest
 import yaml
 
 from launch import job as launch_job

@@ -5,19 +5,12 @@ import pytest
 import torch
 
 from rin_scale import flops, info
-from rin_scale.config import ConfigError, ModelConfig
 from rin_scale.model import RIN, sinusoidal
 from rin_scale.presets import get_preset
 
+from conftest import small_model_config as small
+
 torch.set_num_threads(1)
-
-
-def small(**kw) -> ModelConfig:
-    base = dict(image_size=8, channels=3, patch_size=2, interface_dim=32, interface_mlp_ratio=2, latent_dim=64,
-                num_latents=8, latent_mlp_ratio=2, num_blocks=2, latent_layers=1, latent_heads=4,
-                read_write_heads=4, dropout=0.0, drop_path=0.0, num_classes=5, class_dropout=0.1)
-    base.update(kw)
-    return ModelConfig(**base)
 
 
 def test_image_output_shapes():

