@@ -153,6 +153,12 @@ def test_cifar10_preset_has_31m_parameters():
     assert real == c["params"]
 
 
+def test_imagenet64_preset_has_the_released_size():
+    c = flops.count(get_preset("imagenet64").model)  # RIN_SPEC.md: about 158M parameters at patch 8
+    assert abs(c["params"] - 158e6) / 158e6 < 0.02 and c["interface_tokens"] == 64
+    assert flops.count(get_preset("imagenet64_p4").model)["interface_tokens"] == 256
+
+
 def test_flops_grow_with_resolution_and_batch():
     m = small(image_size=16)
     one, two = flops.count(m), flops.count(m, batch=2)
