@@ -6,6 +6,7 @@ import yaml
 
 from rin_scale.config import (ConfigError, Config, check_world, dump_yaml, from_dict, load_config, load_yaml_into,
                               model_config_from_dict, reference_markdown, to_dict)
+from rin_scale.presets import PRESETS
 
 
 def test_every_preset_validates_and_round_trips():
