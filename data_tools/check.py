@@ -19,7 +19,7 @@ from PIL import Image
 
 from rin_scale.media import IMAGE_EXTS, VIDEO_EXTS, encode_mp4, read_video
 from rin_scale.shards import DataError, list_shards, read_tar_samples
-from rin_scale.storage import fs_path, write_bytes
+from rin_scale.storage import StorageUnavailable, fs_path, write_bytes
 
 
 def _decode(sample):
@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         report, kept = check(args.url, keep=args.count or 64 if args.preview else 0)
-    except DataError as e:
+    except (DataError, StorageUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.preview and kept:

@@ -25,7 +25,7 @@ from PIL import Image, ImageOps
 
 from rin_scale.media import encode_image, encode_mp4, read_video, resize_crop
 from rin_scale.shards import tar_bytes
-from rin_scale.storage import fs_path, join, read_json, write_bytes, write_json
+from rin_scale.storage import StorageUnavailable, fs_path, join, read_json, write_bytes, write_json
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v")
@@ -352,7 +352,7 @@ def main(argv=None) -> int:
                 "frame_stride": args.frame_stride,
                 "source": f"embedded:{args.embedded}:{args.split}" if args.embedded else args.source}
         man = make_shards(items, out, opts, classes, args.prefix, max(1, args.workers), not args.quiet)
-    except (ShardError, FileNotFoundError, PermissionError) as e:
+    except (ShardError, FileNotFoundError, PermissionError, StorageUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     skipped = f"; skipped {man['skipped']} input file(s), listed under 'errors' in the manifest" \

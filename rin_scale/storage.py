@@ -26,6 +26,7 @@ import fsspec  # noqa: E402
 
 READ_BUFFER = 8 << 20  # bytes per ranged read when streaming from a bucket
 RETRY_SECONDS = 600.0  # default patience for transient errors: outages of minutes are waited out
+CONNECT_SECONDS = 20.0  # at the first contact of a process: an endpoint that never answered is a setup error
 
 _FS_CACHE: dict = {}
 
@@ -67,9 +68,48 @@ def fs_path(url: str):
         if proto in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST") and \
                 not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
             kwargs["token"] = "anon"  # an emulator needs no credentials; probing for them is slow
+        if proto in ("gs", "gcs"):
+            _check_gcs_reachable(url)
         fs = fsspec.filesystem(proto, **kwargs)
         _FS_CACHE[key] = fs
     return fs, fs._strip_protocol(local_path(url) if proto == "file" else url)
+
+
+def _check_gcs_reachable(url: str) -> None:
+    """One HTTP request to the GCS endpoint before gcsfs is made: with no route to it, gcsfs probes
+    for credentials, falls back to anonymous access and retries for about a minute, ending in a
+    chain of aiohttp tracebacks. Any HTTP answer (even 401) means the endpoint is there."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("STORAGE_EMULATOR_HOST") or "https://storage.googleapis.com"
+    if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+        creds = f"the key file in GOOGLE_APPLICATION_CREDENTIALS ({os.environ['GOOGLE_APPLICATION_CREDENTIALS']})"
+    elif os.environ.get("STORAGE_EMULATOR_HOST"):
+        creds = "anonymous (STORAGE_EMULATOR_HOST is set)"
+    else:
+        creds = "Google application-default credentials (gcloud auth application-default login, or the VM's)"
+
+    def probe():
+        try:
+            urllib.request.urlopen(endpoint.rstrip("/") + "/storage/v1/b?project=-", timeout=5).close()
+        except urllib.error.HTTPError:
+            pass  # an answer: reachable
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, socket.gaierror):  # a name that does not resolve will not start to
+                raise StorageUnavailable(f"cannot resolve the GCS endpoint {endpoint} for {url} ({e.reason}); "
+                                         f"credentials in use: {creds}") from None
+            raise ConnectionError(str(e.reason)) from None
+
+    try:
+        retry(probe, f"reaching {endpoint}", seconds=CONNECT_SECONDS, log=lambda m: None)
+    except StorageUnavailable as e:
+        if "cannot resolve" in str(e):
+            raise
+        raise StorageUnavailable(f"cannot reach the GCS endpoint {endpoint} for {url} (tried for "
+                                 f"{CONNECT_SECONDS:.0f} s); credentials in use: {creds}; check the network, "
+                                 f"or STORAGE_EMULATOR_HOST for an emulator") from None
 
 
 def open_read(url: str):

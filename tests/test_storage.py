@@ -99,3 +99,17 @@ def test_bucket_outage_mid_epoch_is_waited_out_with_no_sample_lost(tmp_path, mon
         if server.proc.poll() is None:
             server.stop()
         storage._FS_CACHE.clear()
+
+
+def test_unreachable_gcs_endpoint_is_one_line_naming_endpoint_and_credentials(tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "STORAGE_EMULATOR_HOST": "http://no-such-host.invalid:1"}
+    env.pop("GOOGLE_APPLICATION_CREDENTIALS", None)
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "data_tools.check", "gs://bucket/shards"], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and time.time() - t0 < 30 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    line = out.stderr.strip().splitlines()[-1]
+    assert "http://no-such-host.invalid:1" in line and "credentials in use: anonymous" in line, line
