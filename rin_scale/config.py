@@ -301,13 +301,37 @@ def diffusion_config_from_dict(d: dict) -> DiffusionConfig:
 SECRET_WORDS = ("token", "secret", "password", "credential", "key_id", "access_key")
 
 
+# query parameters that carry a secret (signed GCS/S3/Azure URLs, API tokens): by part, or whole name
+SECRET_PARAM_WORDS = ("token", "secret", "passw", "signature", "credential", "accesskey", "access_key",
+                      "apikey", "api_key", "auth")
+SECRET_PARAM_NAMES = ("sig", "key", "pwd", "pass", "code")
+
+
+def mask_secrets(s: str) -> str:
+    """s with the secrets of any URLs in it replaced by ***: the password of `user:password@`, and the
+    values of secret-looking query parameters (token, sig, X-Goog-Signature, AWSAccessKeyId, ...)."""
+    import re
+
+    s = re.sub(r"(://[^/?#@\s:]*):[^/?#@\s]*@", r"\1:***@", s)
+
+    def param(m):
+        name = m.group(2).lower()
+        secret = name in SECRET_PARAM_NAMES or any(w in name for w in SECRET_PARAM_WORDS)
+        return f"{m.group(1)}{m.group(2)}=***" if secret and m.group(3) else m.group(0)
+
+    return re.sub(r"([?&;])([^=&#?;\s]+)=([^&#;\s]*)", param, s) if "=" in s else s
+
+
 def dump_yaml(cfg: Config) -> str:
-    """Resolved config as YAML; values of secret-looking keys are masked."""
+    """Resolved config as YAML; values of secret-looking keys, and secrets inside URLs (see
+    mask_secrets), are masked: RUN/config.yaml and --dry-run output keep no credentials."""
 
     def mask(x):
         if isinstance(x, dict):
             return {k: ("***" if any(w in k.lower() for w in SECRET_WORDS) and v else mask(v)) for k, v in x.items()}
-        return x
+        if isinstance(x, list):
+            return [mask(v) for v in x]
+        return mask_secrets(x) if isinstance(x, str) else x
 
     return yaml.safe_dump(mask(to_dict(cfg)), sort_keys=False)
 

@@ -22,6 +22,11 @@ State = {"epoch", "position" (batches handed to the consumer this epoch by this 
 size, worker count or dataset restarts the current epoch at the same fraction of it: the order is
 re-derived for the new layout, so within that epoch some samples may repeat and others be missed.
 
+Labels. A conditional model (model.num_classes > 0) is checked against the manifest at start-up:
+more classes in it than the model has, or a manifest that lists none, is a DataError. A sample
+whose label lies outside [0, model.num_classes) is a sample error (it would index past the class
+embedding, or train as the "no label" row); a sample without a label trains as unlabelled (-1).
+
 Errors. An unreadable sample, or the rest of a truncated/corrupt shard, is counted in
 stats["errors"] and replaced by the worker's previous good sample (so batch counts stay equal on
 every rank); when errors exceed data.max_error_rate of the samples handed out, the loader stops
@@ -57,6 +62,28 @@ def decode_sample(sample: dict, model_cfg, rng=None, random_crop=False, hflip=Fa
         x = decode_image(sample[media], model_cfg.image_size, model_cfg.channels, rng, random_crop, hflip)
     label = int(sample["cls"]) if "cls" in sample else -1
     return x, label
+
+
+def check_label(label: int, sample: dict, model_cfg) -> None:
+    """Raises for a label a conditional model cannot take: one past its classes would index past the
+    class embedding, one equal to model.num_classes would silently train as "no label"."""
+    n = model_cfg.num_classes
+    if n > 0 and "cls" in sample and not 0 <= label < n:
+        raise ValueError(f"sample {sample.get('__key__')}: label {label} outside 0..{n - 1} (model.num_classes={n})")
+
+
+def check_labels(man: dict, model_cfg, url: str) -> None:
+    """A DataError when the manifest's classes do not fit a conditional model (see the module doc)."""
+    n = model_cfg.num_classes
+    if n <= 0 or not man or "classes" not in man:
+        return  # unconditional, or nothing to compare with: each sample's label is checked as read
+    classes = man.get("classes") or []
+    if not classes:
+        raise DataError(f"model.num_classes={n} but the manifest of {url} lists no classes (unlabelled data): "
+                        f"set model.num_classes=0 to train unconditionally, or shard a folder of class folders")
+    if len(classes) > n:
+        raise DataError(f"the manifest of {url} lists {len(classes)} classes but model.num_classes={n}: "
+                        f"set model.num_classes={len(classes)}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -162,6 +189,7 @@ class _EpochStream(torch.utils.data.IterableDataset):
                 rng_s = np.random.default_rng([self.d.seed, self.epoch, start + local, 13])
                 try:
                     x, y = decode_sample(sample, self.m, rng_s, self.d.random_crop, self.d.hflip)
+                    check_label(y, sample, self.m)
                     item = (x, y, sample["__key__"])
                 except Exception:
                     item = None
@@ -226,7 +254,8 @@ class ShardLoader:
         self.d, self.m = data_cfg, model_cfg
         self.batch, self.rank, self.world = int(batch_size), int(rank), int(world_size)
         self.workers = max(1, int(data_cfg.workers))
-        self.shards, self.counts, self.manifest = list_shards(data_cfg.shards)
+        self.shards, self.counts, self.manifest = list_shards(data_cfg.shards, check_ends=True)
+        check_labels(self.manifest, model_cfg, data_cfg.shards)
         self.total = sum(self.counts)
         self.batches_per_epoch = (self.total // self.world) // self.batch
         if self.batches_per_epoch == 0:

@@ -13,6 +13,9 @@ import tarfile
 from .storage import dirname, fs_path, join, open_read
 
 
+MASK = "***"  # what config.dump_yaml writes in place of a secret
+
+
 class DataError(RuntimeError):
     """Data that cannot be used; the message names the problem and the fix."""
 
@@ -72,14 +75,33 @@ def read_manifest(url: str) -> dict:
     return m
 
 
-def list_shards(url: str) -> tuple[list[str], list[int], dict]:
+def ends_cleanly(f) -> bool:
+    """Whether the tar open in the seekable binary stream f ends with the two zero blocks of its
+    end-of-archive marker. A tar cut inside a header or on a 512-byte boundary otherwise reads as
+    a shorter, valid tar (tarfile stops at the first header it cannot read), and without a
+    manifest no count gives it away. Writers pad a tar with zeros to a whole record, so the last
+    1024 bytes of any complete tar are zeros."""
+    size = f.seek(0, io.SEEK_END)
+    if size < 1024:
+        return False
+    f.seek(size - 1024)
+    tail = f.read(1024)
+    return len(tail) == 1024 and not tail.strip(b"\0")
+
+
+def list_shards(url: str, check_ends: bool = False) -> tuple[list[str], list[int], dict]:
     """(shard URLs, sample counts, manifest or {}) for a folder, a manifest URL or a brace pattern.
 
-    Without a manifest, counts come from reading every tar's headers once.
+    Without a manifest, counts come from reading every tar's headers once; with check_ends, a tar
+    without its end-of-archive blocks (truncated, yet readable as a shorter tar) is a DataError too,
+    as one that tarfile cannot read is.
     """
     if not url:
         raise DataError("data.shards is empty: set data.shards=URL of a shard folder "
                         "(make one with: python -m data_tools.shard --embedded digits OUT)")
+    if MASK in url:
+        raise DataError(f"{url!r} holds a masked secret ({MASK}), as a saved config.yaml writes it: give the "
+                        f"URL again (e.g. data.shards=URL), or put the credentials in the environment")
     wanted = None
     if url.endswith(".json"):
         man_url, base = url, dirname(url)
@@ -112,6 +134,9 @@ def list_shards(url: str) -> tuple[list[str], list[int], dict]:
             try:
                 with open_read(s) as f:
                     counts.append(len(tar_keys(f)))
+                    complete = ends_cleanly(f) if check_ends else True
+                if not complete:
+                    raise tarfile.ReadError(f"truncated after {counts[-1]} samples: no end-of-archive blocks")
             except (tarfile.TarError, EOFError) as e:
                 raise DataError(f"{s} is not a readable tar ({e}) and there is no manifest to skip it by: "
                                 f"remove it, or re-shard with data_tools.shard (which writes a manifest)") from None
