@@ -48,6 +48,8 @@ class ModelConfig:
     drop_path: float = _f(0.1, "in the compute layers only")
     num_classes: int = _f(0, "0 = unconditional")
     class_dropout: float = _f(0.1, "label dropout for classifier-free guidance (0 = off)")
+    rw_out_init: str = _f("zero", "output projections of read / write: zero (identity at init; for AdamW) | "
+                                  "glorot (the authors'; for LAMB, see bench/recipe_init.py)")
 
     @property
     def is_video(self) -> bool:
@@ -105,7 +107,9 @@ class TrainConfig:
     optimizer: str = _f("lamb", "lamb | adamw")
     lr: float = _f(3e-3, "peak learning rate, after warmup")
     betas: tuple[float, float] = _f((0.9, 0.999), "optimizer betas")
-    weight_decay: float = _f(0.01, "decoupled weight decay (not on biases, LayerNorms, embeddings)")
+    eps: float = _f(1e-8, "optimizer epsilon, added to sqrt(v_hat) (LAMB and AdamW; the authors' 1e-8)")
+    weight_decay: float = _f(0.01, "decoupled weight decay (never on biases and LayerNorms; LAMB's trust ratio "
+                                   "is not applied to them either)")
     no_decay_embeddings: bool = _f(True, "also exempt positional and token embeddings from decay")
     warmup_steps: int = _f(10_000, "linear warmup from 0 to lr")
     lr_floor: float = _f(0.1, "cosine decays to lr * lr_floor")
@@ -370,6 +374,7 @@ def validate(cfg: Config) -> Config:
            f"{' and class' if reserved == 2 else ''} token(s)")
     _check(0 <= m.dropout < 1 and 0 <= m.drop_path < 1, "model.dropout and model.drop_path must lie in [0, 1)")
     _check(m.num_classes >= 0, "model.num_classes must be 0 (unconditional) or the number of classes")
+    _one_of("model.rw_out_init", m.rw_out_init, ("zero", "glorot"))
     if m.frames:
         _check(0 <= m.cond_frames < m.frames,
                f"model.cond_frames={m.cond_frames} must be less than model.frames={m.frames}")
@@ -407,6 +412,7 @@ def validate(cfg: Config) -> Config:
     _check(t.global_batch >= 1, "train.global_batch must be at least 1")
     _check(t.micro_batch >= 0, "train.micro_batch must be 0 (derived) or positive")
     _check(t.lr > 0 and t.total_steps >= 1, "train.lr must be positive and train.total_steps at least 1")
+    _check(t.eps > 0, f"train.eps={t.eps} must be positive (the authors' 1e-8)")
     _check(0 <= t.lr_floor <= 1, "train.lr_floor is a fraction of train.lr in [0, 1]")
     _check(0 <= t.ema_decay < 1, "train.ema_decay must lie in [0, 1)")
     _check(t.activation_checkpointing >= 0, "train.activation_checkpointing: 0 = off, k = every k-th block")

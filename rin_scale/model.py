@@ -212,22 +212,40 @@ class RIN(nn.Module):
         nn.init.trunc_normal_(self.latent_init, std=0.02)
         nn.init.zeros_(self.prev_norm.weight)
         nn.init.zeros_(self.prev_norm.bias)
-        # Read and write start as identities (output projections zero; the authors' code uses
-        # Glorot). Otherwise the first read adds interface features of norm ~sqrt(d) to latents of
-        # norm ~0.3, the time and class tokens drown, and conditioning is learned very late:
-        # tiny on digits reached 89% class accuracy after 1,200 steps with this, 16% without.
-        for block in self.blocks:
-            for cross in (block.read, block.write):
-                nn.init.zeros_(cross.attn.out.weight)
+        # model.rw_out_init: "glorot" (the authors' code) keeps the Glorot output
+        # projections of read and write set above. "zero" starts read and write as identities: under
+        # AdamW (tiny) the first read otherwise adds interface features of norm ~sqrt(d) to latents
+        # of norm ~0.3, the time and class tokens drown, and conditioning is learned very late (tiny
+        # on digits: 89% class accuracy after 1,200 steps with zero, 16% with Glorot). Under LAMB a
+        # zero tensor grows by at most a factor (1 + lr) a step once it is non-zero, so zero output
+        # projections stay near zero for most of the warmup (bench/recipe_init.py).
+        if self.cfg.rw_out_init == "zero":
+            for block in self.blocks:
+                for cross in (block.read, block.write):
+                    nn.init.zeros_(cross.attn.out.weight)
+        elif self.cfg.rw_out_init != "glorot":
+            raise ConfigError(f"model.rw_out_init={self.cfg.rw_out_init!r} is not one of zero, glorot")
 
     def no_decay_param_names(self) -> set[str]:
-        """Biases, LayerNorm weights and embeddings (positional, latent, class): no weight decay."""
+        """Biases, LayerNorm weights and embeddings (positional, latent, class): no weight decay
+        when train.no_decay_embeddings; otherwise (the authors) only trust_ratio_exempt_names()."""
         names = set()
         for mname, mod in self.named_modules():
             for pname, _ in mod.named_parameters(recurse=False):
                 full = f"{mname}.{pname}" if mname else pname
                 if pname == "bias" or isinstance(mod, (nn.LayerNorm, nn.Embedding)) or mod is self:
                     names.add(full)
+        return names
+
+    def trust_ratio_exempt_names(self) -> set[str]:
+        """Biases and LayerNorm scales and offsets: LAMB takes a plain step on these (trust ratio 1)
+        and never decays them, as the authors' exclude_from_layer_adaptation / _weight_decay
+        (["layer_norm", "bias"]). Embeddings are neither: they get the trust ratio and decay."""
+        names = set()
+        for mname, mod in self.named_modules():
+            for pname, _ in mod.named_parameters(recurse=False):
+                if pname == "bias" or isinstance(mod, nn.LayerNorm):
+                    names.add(f"{mname}.{pname}" if mname else pname)
         return names
 
     # ---------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Optimizers and the LR schedule the trainer hands to DeepSpeed.
 
-    opt = make_optimizer(model, cfg)      # LAMB or AdamW, weight decay off for the no-decay set
+    opt = make_optimizer(model, cfg)      # LAMB or AdamW; no decay / no trust ratio on biases and norms
     sched = make_scheduler(opt, cfg)      # linear warmup, then cosine decay to lr * lr_floor
 """
 from __future__ import annotations
@@ -38,13 +38,19 @@ def _all_finite(tensors) -> bool:
 
 
 class Lamb(torch.optim.Optimizer):
-    """LAMB (You et al. 2019): Adam direction plus decoupled decay, scaled per layer by the trust
-    ratio ||w|| / ||update||. With `partitioned=True` (ZeRO), every param group must hold one
-    parameter, of which this rank sees a slice: the norms are summed over all ranks so the trust
-    ratio is that of the whole layer, exactly as without ZeRO."""
+    """LAMB (You et al. 2019) as tfa.optimizers.LAMB, which the authors use: the Adam direction plus
+    decoupled decay, u = m_hat / (sqrt(v_hat) + eps) + wd * w, scaled per tensor by the trust ratio
+    ||w|| / ||u||. A group with "adapt": False (the authors' exclude_from_layer_adaptation: biases
+    and LayerNorm scales and offsets) takes the plain step lr * u, and so does a tensor whose norm
+    or update norm is zero (tfa: where(||w|| > 0, where(||u|| > 0, ||w|| / ||u||, 1), 1)), so a
+    zero-initialized weight moves at step 1.
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.0, partitioned=False):
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, step=0))
+    With `partitioned=True` (ZeRO), every param group must hold one parameter, of which this rank
+    sees a slice: the norms are summed over all ranks so the trust ratio is that of the whole
+    layer, exactly as without ZeRO."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, partitioned=False):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adapt=True, step=0))
         self.partitioned = partitioned
         self.overflow = False
 
@@ -54,7 +60,7 @@ class Lamb(torch.optim.Optimizer):
         self.overflow = not _all_finite(p.grad for p in params)
         if self.overflow:
             return None
-        updates, norms = [], []
+        updates, norms, adapt = [], [], []
         for g in self.param_groups:
             b1, b2 = g["betas"]
             for p in g["params"]:
@@ -77,16 +83,19 @@ class Lamb(torch.optim.Optimizer):
                     u.add_(p.float(), alpha=g["weight_decay"])
                 updates.append((g, p, u))
                 norms.append(torch.stack([p.float().pow(2).sum(), u.pow(2).sum()]))
+                adapt.append(bool(g.get("adapt", True)))
         _count_step(self)
         if not updates:
             return None
         norms = torch.stack(norms)
         if self.partitioned and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(norms)
-        norms = norms.sqrt()
-        for (g, p, u), (wn, un) in zip(updates, norms):
-            trust = (wn / un).item() if wn > 0 and un > 0 else 1.0
-            p.add_(u.to(p.dtype), alpha=-g["lr"] * trust)
+            dist.all_reduce(norms)  # each group is one whole layer, sliced over the ranks
+        wn, un = norms.sqrt().unbind(1)
+        one = torch.ones_like(wn)
+        trust = torch.where((wn > 0) & (un > 0), wn / torch.where(un > 0, un, one), one)
+        trust = torch.where(torch.tensor(adapt, device=trust.device), trust, one)
+        for (g, p, u), r in zip(updates, trust):  # no .item(): no host sync per tensor on GPUs
+            p.add_(u.mul_(r * -g["lr"]).to(p.dtype))
         return None
 
 
@@ -109,19 +118,41 @@ class AdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def param_groups(model, cfg: Config, one_per_param: bool) -> list[dict]:
-    """Weight decay off for the model's no-decay set (biases, LayerNorms, embeddings)."""
-    tc = cfg.train
+def decay_and_adapt(model, cfg: Config) -> tuple[set[str], set[str]]:
+    """(names without weight decay, names without the LAMB trust ratio).
+
+    No trust ratio: the model's biases and LayerNorm scales and offsets (the authors'
+    exclude_from_layer_adaptation). No decay: the same, plus the embeddings (positional, learned
+    latents, class) when train.no_decay_embeddings; the authors decay the embeddings (their
+    exclude_from_weight_decay is biases and LayerNorms only), as the cifar10 / imagenet presets do."""
+    exempt = model.trust_ratio_exempt_names() if hasattr(model, "trust_ratio_exempt_names") else set()
     no_decay = model.no_decay_param_names() if hasattr(model, "no_decay_param_names") else set()
-    if not tc.no_decay_embeddings:  # keep the embeddings' decay; still exempt biases and norms
-        no_decay = {n for n in no_decay if n.endswith("bias") or "norm" in n}
+    if not cfg.train.no_decay_embeddings:  # keep the embeddings' decay; still exempt biases and norms
+        no_decay = {n for n in no_decay if n in exempt or n.endswith("bias") or "norm" in n}
+    return no_decay, exempt
+
+
+def param_groups(model, cfg: Config, one_per_param: bool, layer_adaptation: bool = True) -> list[dict]:
+    """Weight decay off for the no-decay set; "adapt": False (LAMB trust ratio 1) for biases and
+    LayerNorms when `layer_adaptation`. Empty groups are left out."""
+    tc = cfg.train
+    no_decay, exempt = decay_and_adapt(model, cfg)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    def key(n):
+        return (n not in no_decay, not (layer_adaptation and n in exempt))
+
     if one_per_param:
-        return [{"params": [p], "weight_decay": 0.0 if n in no_decay else tc.weight_decay, "name": n} for n, p in named]
-    return [
-        {"params": [p for n, p in named if n not in no_decay], "weight_decay": tc.weight_decay, "name": "decay"},
-        {"params": [p for n, p in named if n in no_decay], "weight_decay": 0.0, "name": "no_decay"},
-    ]
+        return [{"params": [p], "weight_decay": tc.weight_decay if key(n)[0] else 0.0, "adapt": key(n)[1], "name": n}
+                for n, p in named]
+    groups = []
+    for decay, adapt in ((True, True), (False, True), (True, False), (False, False)):
+        ps = [p for n, p in named if key(n) == (decay, adapt)]
+        if ps:
+            name = ("decay" if decay else "no_decay") + ("" if adapt else "_no_adapt")
+            groups.append({"params": ps, "weight_decay": tc.weight_decay if decay else 0.0, "adapt": adapt,
+                           "name": name})
+    return groups
 
 
 def make_optimizer(model, cfg: Config):
@@ -129,9 +160,9 @@ def make_optimizer(model, cfg: Config):
     if tc.optimizer == "lamb":
         partitioned = tc.zero_stage >= 1
         return Lamb(param_groups(model, cfg, one_per_param=partitioned), lr=tc.lr, betas=tuple(tc.betas),
-                    weight_decay=tc.weight_decay, partitioned=partitioned)
-    return AdamW(param_groups(model, cfg, one_per_param=False), lr=tc.lr, betas=tuple(tc.betas),
-                 weight_decay=tc.weight_decay)
+                    eps=tc.eps, weight_decay=tc.weight_decay, partitioned=partitioned)
+    return AdamW(param_groups(model, cfg, one_per_param=False, layer_adaptation=False), lr=tc.lr,
+                 betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
 
 
 # --------------------------------------------------------------------------------------------

@@ -78,7 +78,8 @@ def cifar10() -> Config:
         diffusion=DiffusionConfig(schedule="sigmoid", sigmoid_start=-3, sigmoid_end=3, sigmoid_tau=0.9,
                                   sampler="ddpm", sample_schedule="cosine", sample_steps=1000),
         train=TrainConfig(run_dir="runs/cifar10", global_batch=256, total_steps=150_000, optimizer="lamb",
-                          lr=3e-3, weight_decay=0.01, warmup_steps=10_000, lr_floor=0.1, ema_decay=0.9999),
+                          lr=3e-3, weight_decay=0.01, no_decay_embeddings=False, warmup_steps=10_000,
+                          lr_floor=0.1, ema_decay=0.9999),
         eval=EvalConfig(num_samples=50_000),
     )
 
@@ -103,7 +104,8 @@ def imagenet64() -> Config:
                           class_dropout=0.0),
         diffusion=DiffusionConfig(schedule="linear", sampler="ddpm", sample_schedule="cosine", sample_steps=1000),
         train=TrainConfig(run_dir="runs/imagenet64", global_batch=1024, total_steps=150_000, optimizer="lamb",
-                          lr=2e-3, weight_decay=0.01, warmup_steps=10_000, lr_floor=0.2, ema_decay=0.9999),
+                          lr=2e-3, weight_decay=0.01, no_decay_embeddings=False, warmup_steps=10_000,
+                          lr_floor=0.2, ema_decay=0.9999),
         eval=EvalConfig(num_samples=50_000),
     )
 

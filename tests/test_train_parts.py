@@ -63,10 +63,11 @@ def test_lamb_step_is_adam_direction_times_trust_ratio():
     w0 = w.detach().clone()
     g = torch.randn(8, 4)
     w.grad = g.clone()
-    opt = Lamb([w], lr=0.1, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+    opt = Lamb([w], lr=0.1, betas=(0.9, 0.999), weight_decay=0.01)
+    assert opt.defaults["eps"] == 1e-8  # the authors' LAMB epsilon
     opt.step()
     # First step: bias-corrected m = g, v = g^2.
-    u = g / (g.abs() + 1e-6) + 0.01 * w0
+    u = g / (g.abs() + 1e-8) + 0.01 * w0
     expected = w0 - 0.1 * (w0.norm() / u.norm()) * u
     assert torch.allclose(w.detach(), expected, atol=1e-6)
     assert opt.param_groups[0]["step"] == 1
