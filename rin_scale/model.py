@@ -73,9 +73,15 @@ class Attention(nn.Module):
         self.kv = nn.Linear(kv_dim, 2 * inner)
         self.out = nn.Linear(inner, q_dim)
 
-    def forward(self, x, context):
+    def project(self, x, context):
+        """(q, k, v), each (B, heads, N, head_dim). rin_scale.routing.record_attention computes
+        softmax(q k^T / sqrt(head_dim)) from these explicitly, to record it; forward never does."""
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(self.kv(context), "b n (two h d) -> two b h n d", two=2, h=self.heads)
+        return q, k, v
+
+    def forward(self, x, context):
+        q, k, v = self.project(x, context)
         o = F.scaled_dot_product_attention(q, k, v)
         return self.out(rearrange(o, "b h n d -> b n (h d)"))
 
