@@ -2,6 +2,8 @@
 
 `TrainJob(argv, run_dir)` exports the distributed environment DeepSpeed expects and calls
 `rin_scale.train.main(argv)` in-process; `EvalJob` does the same for `evals.service.main`.
+It also exports RIN_JOB_ID and RIN_JOB_ATTEMPT (the requeues so far), which the trainer's lease on
+the run records: a requeued attempt takes over the lease of an earlier attempt of its job at once.
 On preemption or timeout submitit calls `checkpoint()` on global rank 0 inside its signal
 handler: it only logs and returns the resubmission (the trainer saves states by itself, and a
 collective save cannot run in a signal handler); the requeued job resumes from the newest
@@ -83,6 +85,10 @@ class LaunchJob:
             dist.master_addr = self.master_addr
         # DeepSpeed picks the GPU by LOCAL_RANK: leave CUDA_VISIBLE_DEVICES with all of them.
         dist.export(set_cuda_visible_devices=False, overwrite=True)
+        # The trainer's lease on the run names this job and attempt: a requeued attempt takes over
+        # its earlier attempt's lease at once (rin_scale.lease), whatever executor runs it.
+        os.environ["RIN_JOB_ID"] = str(env.job_id)
+        os.environ["RIN_JOB_ATTEMPT"] = str(self.requeues)
         self._started = _PROCESS_START
         rank0 = dist.rank == 0
         # SLURM signals the whole process group: forked helpers (DataLoader workers) inherit

@@ -8,6 +8,10 @@ Arguments: [PRESET] [file.yaml ...] [section.key=value ...]. RANK / WORLD_SIZE /
 MASTER_ADDR / MASTER_PORT come from the launcher (torchrun, deepspeed, submitit); none means one
 process. Re-running the same command resumes from the newest complete state in RUN/states.
 Writes RUN/config.yaml, RUN/states/, RUN/snapshots/, RUN/tb/ and RUN/train_log.jsonl.
+
+One trainer per run: rank 0 holds RUN/lease.json (rin_scale.lease) while it trains, and a second
+trainer started on the run refuses in one line. A rank started by a launcher (torchrun, deepspeed,
+submitit) exits when that launcher is gone instead of training on without it.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, NamedTuple
@@ -30,6 +35,8 @@ if TYPE_CHECKING:
     from .engine import Precision
 
 NOISE_BUCKETS = 4  # loss is also logged per quarter of t in [0, 1]
+LAUNCHER_CHECK_S = 1.0  # how often a rank looks whether its launcher is still its parent
+ORPHANED_EXIT = 70  # the exit status of a rank whose launcher died
 
 
 def parse_args(argv):
@@ -104,6 +111,8 @@ def main(argv=None) -> int:
         return 0
     from .data import DataError
 
+    if "RANK" in os.environ:  # started by a launcher: do not outlive it
+        watch_launcher(os.getppid(), int(os.environ["RANK"]))
     try:
         return train(cfg)
     except ConfigError as e:
@@ -116,18 +125,123 @@ class TrainingError(RuntimeError):
     """The run cannot go on (e.g. non-finite steps in a row); the message names the fix."""
 
 
+_LEASE = None  # rank 0: the lease on RUN this process holds (rin_scale.lease.Lease)
+
+
+def watch_launcher(parent: int, rank: int, every: float = LAUNCHER_CHECK_S) -> threading.Thread:
+    """A daemon thread that ends this process, in one line, once its parent (the launcher: torchrun,
+    deepspeed, the submitit task's srun) is gone: torchrun starts each rank in a session of its own,
+    so killing the launcher leaves the ranks training on, and a re-run would meet them in the run.
+    An orphan is re-parented to init or to a subreaper: either way os.getppid() changes."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(every)
+        print(f"[train] rank {rank}: its launcher (pid {parent}) is gone; exiting instead of training on "
+              f"without it (re-run the same command to resume from the newest complete state)",
+              file=sys.stderr, flush=True)
+        if _LEASE is not None:  # best effort, bounded: storage may be what hangs
+            t = threading.Thread(target=_LEASE.release, args=(2.0,), daemon=True)
+            t.start()
+            t.join(5.0)
+        os._exit(ORPHANED_EXIT)
+
+    t = threading.Thread(target=watch, name="rin-launcher-watch", daemon=True)
+    t.start()
+    return t
+
+
+def check_writable(cfg) -> None:
+    """Fail in one line, before any process group or DeepSpeed start-up, when this rank cannot write
+    where it will: the run directory (every rank: a probe object, deleted again) and the local
+    folder DeepSpeed writes states to. Transient storage errors are waited out."""
+    from .checkpoint import local_state_root
+
+    tc = cfg.train
+    probe = f".write-probe-{os.uname().nodename}-{os.getpid()}"
+    places = [("train.run_dir", tc.run_dir)]
+    state_root = local_state_root(cfg)  # ConfigError for a bucket run without train.state_dir
+    if tc.state_dir:
+        places.append(("train.state_dir", state_root))
+    else:
+        places.append(("train.run_dir", state_root))
+    for key, url in places:
+        target = storage.join(url, probe)
+        try:
+            if storage.is_local(url):
+                path = storage.local_path(url)
+                os.makedirs(path, exist_ok=True)
+                fd = os.open(storage.local_path(target), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.close(fd)
+                os.unlink(storage.local_path(target))
+            else:
+                fs, path = storage.fs_path(target)
+                storage.retry(lambda: fs.pipe_file(path, b"probe"), f"checking that {url} is writable")
+                storage.retry(lambda: fs.rm(path), f"checking that {url} is writable")
+        except Exception as e:  # noqa: BLE001 - any failure to write there ends the start, in one line
+            if isinstance(e, storage.StorageUnavailable):
+                raise TrainingError(str(e)) from None
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            raise TrainingError(f"{key}={tc.run_dir if key == 'train.run_dir' else tc.state_dir!r} is not "
+                                f"writable here ({url}: {why[:300]}): point it at a folder or bucket this job "
+                                f"can write") from None
+
+
+def take_lease(cfg, rank: int) -> None:
+    """Rank 0 takes RUN/lease.json (and renews it from a thread); every rank learns the outcome, and
+    all of them stop in one line when another trainer holds the run (collective)."""
+    global _LEASE
+    from .lease import Lease, LeaseHeld
+
+    box = [""]
+    if rank == 0:
+        lease = Lease(cfg.train.run_dir, log=lambda m: log0(0, m))
+        try:
+            storage.retry(lease.acquire, f"taking the lease on {cfg.train.run_dir}")
+            _LEASE = lease
+            lease.start()
+        except LeaseHeld as e:
+            box = [str(e)]
+    dist.broadcast_object_list(box, src=0)
+    if box[0]:
+        raise TrainingError(box[0])
+
+
+def release_lease() -> None:
+    global _LEASE
+    if _LEASE is not None:
+        _LEASE.release()
+        _LEASE = None
+
+
+def lease_lost() -> bool:
+    return _LEASE is not None and _LEASE.lost.is_set()
+
+
 # --------------------------------------------------------------------------------------------
 # The loop: set up, then one train_step per optimizer step, a log line per window, saves when due
 
 
 def train(cfg) -> int:
-    """Train (or resume) the run `cfg` describes up to train.total_steps; every rank calls it."""
+    """Train (or resume) the run `cfg` describes up to train.total_steps; every rank calls it. Rank 0
+    holds the run's lease from set-up to the end (released however the trainer ends, except killed)."""
+    try:
+        return _train(cfg)
+    finally:
+        release_lease()
+
+
+def _train(cfg) -> int:
     tr, state = set_up(cfg)
     tc = cfg.train
     meter = Meter(state.step)
     state.started = time.time()
     while state.step < tc.total_steps:
         result = train_step(tr, state, meter)
+        if result.stop:  # rank 0's lease was taken over: the run has another trainer now
+            why = _LEASE.lost_reason if _LEASE is not None else "rank 0 lost the lease on the run"
+            raise TrainingError(f"this trainer no longer holds {storage.join(tc.run_dir, 'lease.json')} ({why}); "
+                                f"stopped at step {state.step} without writing it")
         tr.train_log.append({"step": state.step, "loss": result.loss, "lr": result.lr,
                              "images_seen": state.images_seen, "grad_norm": result.grad_norm,
                              "skipped": result.skipped})
@@ -187,7 +301,7 @@ class Trainer:
 def set_up(cfg) -> tuple[Trainer, TrainState]:
     """Processes, precision, engine, EMA, loader and logs; resumed from the newest complete state
     in RUN/states if there is one."""
-    from .checkpoint import find_resume, load_state, local_state_root, saved_meta, universal_for
+    from .checkpoint import find_resume, load_state, saved_meta, universal_for
     from .data import ShardLoader
     from .ema import EMA
     from .engine import build_engine, device, init_distributed
@@ -198,9 +312,12 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
     if not cfg.data.shards:
         raise ConfigError("data.shards is empty: point it at a shard folder or manifest, e.g. "
                           "data.shards=runs/demo/data/digits-train (make one with python -m data_tools.shard)")
+    check_writable(cfg)  # one line now, not a traceback after DeepSpeed's start-up
     rank, world, _ = init_distributed()
     micro, accum = check_world(cfg, world)
-    local_state_root(cfg)  # fail now, not at the first save, if the state folder is unusable
+    take_lease(cfg, rank)  # before anything is written to the run
+    if rank == 0:
+        write_config(cfg)
     dev = device()
 
     # The newest complete state, found first: one saved by another world size under ZeRO 1-3 is
@@ -220,8 +337,6 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
     torch.manual_seed(tc.seed)
     engine, _, _ = build_engine(RIN(cfg.model).to(dev), cfg, world, load_universal=bool(universal))
     ema = EMA(engine.module, tc.ema_decay)
-    if rank == 0:
-        write_config(cfg)
     state, loaded = TrainState(), None
     if resume is not None:
         loaded = load_state(engine, resume.folder, ema, universal)
@@ -273,11 +388,36 @@ def measure_compute(tc, rank: int, dev: torch.device, saved_precision: str | Non
     return box[0]
 
 
-def write_config(cfg) -> None:
-    """RUN/config.yaml, once: a resumed run keeps the file its first job wrote."""
-    url = storage.join(cfg.train.run_dir, "config.yaml")
-    if not storage.exists(url):
-        storage.write_bytes(url, dump_yaml(cfg).encode())
+def write_config(cfg) -> str:
+    """RUN/config.yaml, the config this start trains with (the eval service reads it). Written at the
+    first start, and again at any start whose resolved config differs from it (a corrected re-run
+    after a start that failed, a longer total_steps): the file it replaces is kept beside it as
+    RUN/config-<UTC time it was replaced>.yaml. Returns that file's URL, or "" (none replaced)."""
+    import yaml
+
+    run = cfg.train.run_dir
+    url, text = storage.join(run, "config.yaml"), dump_yaml(cfg)
+    try:
+        old = storage.read_bytes(url).decode()
+    except FileNotFoundError:
+        storage.write_bytes(url, text.encode())
+        return ""
+    try:
+        same = yaml.safe_load(old) == yaml.safe_load(text)
+    except yaml.YAMLError:
+        same = old == text
+    if same:
+        return ""
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    kept = storage.join(run, f"config-{stamp}.yaml")
+    n = 1
+    while storage.exists(kept):
+        n += 1
+        kept = storage.join(run, f"config-{stamp}-{n}.yaml")
+    storage.write_bytes(kept, old.encode())
+    storage.write_bytes(url, text.encode())
+    log0(0, f"config.yaml changed: the new config is written, the previous one kept as {kept}")
+    return kept
 
 
 def open_tensorboard(cfg, step: int):
@@ -296,6 +436,7 @@ class StepResult(NamedTuple):
     lr: float
     grad_norm: float | None
     skipped: bool  # a non-finite loss or gradient: the optimizer did not step
+    stop: bool = False  # rank 0 lost the run's lease: every rank stops (learnt in the loss's all-reduce)
 
 
 def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
@@ -332,8 +473,11 @@ def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
         tr.ema.update(tr.ema.decay_at(state.step, cfg.train.ema_warmup))
 
     grad_norm = engine.get_global_grad_norm()
-    result = StepResult(all_mean(torch.stack(losses).mean().cpu().reshape(1)).item(), engine.get_lr()[0],
-                        float(grad_norm) if grad_norm is not None else None, skipped)
+    # The loss and rank 0's "the lease is lost" flag in one all-reduce: no extra collective per step.
+    mean = torch.stack(losses).mean()
+    both = all_mean(torch.stack([mean, torch.full_like(mean, float(lease_lost()))]).cpu())
+    result = StepResult(both[0].item(), engine.get_lr()[0], float(grad_norm) if grad_norm is not None else None,
+                        skipped, bool(both[1].item() > 0))
     if tr.dev.type == "cuda":
         torch.cuda.synchronize()
     meter.add_step(result.loss, time.perf_counter() - t0, tr.batches.wait - wait0)
