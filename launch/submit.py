@@ -6,6 +6,11 @@
     python -m launch.submit --service eval train.run_dir=runs/t --executor local
     ... --dry-run     prints the sbatch script and the resolved config; submits nothing
 
+Before a training job waits in the queue, data.shards is checked from here as the trainer checks it
+at start-up (set, listable, complete tars, classes that fit the model, enough samples): a problem
+is one line, exit 2 (with --dry-run, a warning); shards that cannot be listed from here within
+30 s are left to the job (--skip-data-check skips the check).
+
 One task per GPU. The job requeues itself on preemption or timeout (up to --max-requeues) and
 the trainer resumes from the newest complete state; RUN/launch.jsonl logs every submission,
 start, requeue and end.
@@ -16,6 +21,7 @@ import argparse
 import os
 import shutil
 import sys
+import threading
 import typing as tp
 
 import submitit
@@ -75,6 +81,8 @@ def parse_args(argv: tp.Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--once", action="store_true", help="eval service: evaluate what exists, then exit")
     p.add_argument("--wait", action="store_true", help="wait for the job to end; exit with its status")
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and config; submit nothing")
+    p.add_argument("--skip-data-check", action="store_true",
+                   help="submit without first listing data.shards from here (e.g. a path only the nodes see)")
     return p.parse_intermixed_args(argv)
 
 
@@ -152,6 +160,54 @@ def check_options(args, cfg: Config, executor: str) -> None:
         raise LaunchError("--service eval runs as one task: use --nodes 1 and one GPU or task per node")
 
 
+DATA_CHECK_SECONDS = 30.0  # listing data.shards from here; longer (a slow or unreachable bucket): not checked
+
+
+def check_data(cfg: Config, world: int, timeout: float = DATA_CHECK_SECONDS) -> str:
+    """What the trainer checks at start-up, checked before the job waits in the queue: data.shards
+    set, listable, every tar complete (without a manifest), classes that fit the model, enough
+    samples for one batch per rank. Raises LaunchError for data the job would stop on; returns a
+    warning line when the shards could not be listed from here (storage unreachable, no
+    credentials on this machine, slower than `timeout` seconds), '' when all is well."""
+    from rin_scale.data import DataError, check_labels, list_shards
+
+    url = cfg.data.shards
+    if not url:
+        raise LaunchError("data.shards is empty: set data.shards=URL of a shard folder or manifest "
+                          "(make one with: python -m data_tools.shard --embedded digits OUT)")
+    found: dict = {}
+
+    def work():
+        try:
+            found["shards"] = list_shards(url, check_ends=True)
+        except BaseException as e:  # noqa: BLE001 - classified below
+            found["error"] = e
+
+    t = threading.Thread(target=work, name="check-data", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        return (f"data.shards={url} not checked: no listing within {timeout:.0f} s from here; "
+                f"the job checks it when it starts")
+    e = found.get("error")
+    if isinstance(e, DataError):
+        raise LaunchError(str(e))
+    if e is not None:
+        why = (str(e).strip().splitlines() or [""])[0][:200]
+        return f"data.shards={url} not checked: listing it from here failed ({type(e).__name__}: {why}); " \
+               f"the job checks it when it starts"
+    _, counts, man = found["shards"]
+    try:
+        check_labels(man, cfg.model, url)
+    except DataError as e:
+        raise LaunchError(str(e)) from None
+    micro, _ = check_world(cfg, world)
+    if sum(counts) // world // micro == 0:
+        raise LaunchError(f"{url} has {sum(counts)} samples: too few for {world} task(s) x micro-batch {micro}; "
+                          f"use a smaller batch or more data")
+    return ""
+
+
 def make_executor(args, run: str, name: str, executor: str):
     folder = args.folder
     if not folder:
@@ -193,6 +249,15 @@ def _submit(args: argparse.Namespace):
         executor = "slurm" if shutil.which("sbatch") else "local"
     cfg, run, service_argv = resolve(args)
     check_options(args, cfg, executor)
+    if args.service == "train" and not args.skip_data_check:
+        try:
+            warning = check_data(cfg, args.nodes * tasks_per_node(args))
+        except LaunchError as e:
+            if not args.dry_run:
+                raise
+            warning = f"{e} (a submit would stop here)"
+        if warning:
+            print(f"warning: {warning}", file=sys.stderr)
     name = args.job_name or f"rin-{args.service}-{cfg.name}"
     ex = make_executor(args, run, name, executor)
     if args.dry_run:

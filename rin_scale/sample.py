@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 
 import numpy as np
@@ -60,22 +61,56 @@ def generate(model, dcfg, n: int, batch: int, seed: int, steps=None, sampler=Non
     return torch.cat(out), labels
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, not the usage block
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"{v} must be at least {lo}")
+        return v
+    return parse
+
+
+def prepare_output(url: str, flag: str) -> None:
+    """Fail before sampling, not after: a local file's folder is created; it must not be a folder."""
+    if not url or not storage.is_local(url):
+        return  # an object store has no folders to create; a write error there is one line too
+    path = os.path.abspath(storage.local_path(url))
+    if os.path.isdir(path):
+        raise ConfigError(f"{flag} {url} is a folder: give a file name, e.g. {flag} {os.path.join(url, 'samples.png')}")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"{flag} {url}: cannot create its folder ({e.strerror or e})") from None
+    if not os.access(os.path.dirname(path), os.W_OK):
+        raise ConfigError(f"{flag} {url}: its folder {os.path.dirname(path)} is not writable")
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m rin_scale.sample", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m rin_scale.sample", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="snapshot folder or run directory (any fsspec URL)")
     p.add_argument("--out", default="samples.png", help="PNG grid to write")
-    p.add_argument("--n", type=int, default=0, help="samples (default: 10 per class, or 64)")
+    p.add_argument("--n", type=_at_least(0), default=0, help="samples (default: 10 per class, or 64)")
     p.add_argument("--class", dest="label", type=int, default=None, help="condition every sample on this class")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the snapshot's config)")
+    p.add_argument("--steps", type=_at_least(1), default=None, help="sampling steps (default: the snapshot's config)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--zoom", type=int, default=1, help="enlarge the grid this many times (nearest pixels)")
+    p.add_argument("--batch", type=_at_least(1), default=64)
+    p.add_argument("--zoom", type=_at_least(1), default=1, help="enlarge the grid this many times (nearest pixels)")
     p.add_argument("--npz", default="", help="also write the samples as an ADM-style .npz")
     p.add_argument("--data", default="", help="video: shards whose clips give the conditioning frames")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
+    if a.guidance is not None and not a.guidance >= 0:
+        p.error(f"argument --guidance: {a.guidance} must be 0 or more")
     try:
         snap, run = resolve_snapshot(a.source)
         model, dcfg, meta = rundir.load_snapshot_model(snap, device=a.device)
@@ -91,6 +126,8 @@ def main(argv=None) -> int:
             if not data:
                 raise ConfigError("a video snapshot needs conditioning frames: pass --data SHARDS")
             cond = leading_frames(data, m, n)
+        prepare_output(a.out, "--out")  # now, not after minutes of sampling
+        prepare_output(a.npz, "--npz")
     except (ConfigError, DataError, rundir.SnapshotError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -98,6 +135,15 @@ def main(argv=None) -> int:
     x, labels = generate(model, dcfg, n, a.batch, a.seed, a.steps, a.sampler, a.guidance, a.label, cond,
                          a.device)
 
+    try:
+        write_outputs(a, x, labels, m)
+    except (OSError, storage.StorageUnavailable) as e:
+        print(f"error: writing the samples failed: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def write_outputs(a, x, labels, m) -> None:
     from torchvision.utils import save_image
 
     from .tblog import sample_grid
@@ -108,8 +154,7 @@ def main(argv=None) -> int:
     if a.zoom > 1:
         grid = grid.repeat_interleave(a.zoom, 1).repeat_interleave(a.zoom, 2)
     save_image(grid, buf, format="png")
-    fs, path = storage.fs_path(a.out)
-    fs.pipe_file(path, buf.getvalue())
+    storage.write_bytes(a.out, buf.getvalue())
     print(f"[sample] grid -> {a.out}", file=sys.stderr)
     if a.npz:
         buf = io.BytesIO()
@@ -117,10 +162,8 @@ def main(argv=None) -> int:
         if labels is not None:
             arrays["arr_1"] = labels.numpy()
         np.savez(buf, **arrays)
-        fs, path = storage.fs_path(a.npz)
-        fs.pipe_file(path, buf.getvalue())
+        storage.write_bytes(a.npz, buf.getvalue())
         print(f"[sample] {tuple(arrays['arr_0'].shape)} uint8 -> {a.npz}", file=sys.stderr)
-    return 0
 
 
 if __name__ == "__main__":
