@@ -249,6 +249,7 @@ def _submit(args: argparse.Namespace):
         executor = "slurm" if shutil.which("sbatch") else "local"
     cfg, run, service_argv = resolve(args)
     check_options(args, cfg, executor)
+    warning = ""
     if args.service == "train" and not args.skip_data_check:
         try:
             warning = check_data(cfg, args.nodes * tasks_per_node(args))
@@ -256,10 +257,10 @@ def _submit(args: argparse.Namespace):
             if not args.dry_run:
                 raise
             warning = f"{e} (a submit would stop here)"
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr)
     name = args.job_name or f"rin-{args.service}-{cfg.name}"
     ex = make_executor(args, run, name, executor)
+    if warning:  # after the executor's own option errors, which come alone
+        print(f"warning: {warning}", file=sys.stderr)
     if args.dry_run:
         if executor == "slurm":
             print("# ---- sbatch script ----")
