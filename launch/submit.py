@@ -164,28 +164,29 @@ DATA_CHECK_SECONDS = 30.0  # listing data.shards from here; longer (a slow or un
 
 
 def check_data(cfg: Config, world: int, timeout: float = DATA_CHECK_SECONDS) -> str:
-    """What the trainer checks at start-up, checked before the job waits in the queue: data.shards
-    set, listable, every tar complete (without a manifest), classes that fit the model, enough
-    samples for one batch per rank. Raises LaunchError for data the job would stop on; returns a
-    warning line when the shards could not be listed from here (storage unreachable, no
+    """What the trainer checks at start-up (rin_scale.data.check_dataset), checked before the job
+    waits in the queue: data.shards set, listable, every tar complete (without a manifest), classes
+    that fit the model, a batch for every rank. Raises LaunchError for data the job would stop on;
+    returns a warning line when the shards could not be listed from here (storage unreachable, no
     credentials on this machine, slower than `timeout` seconds), '' when all is well."""
-    from rin_scale.data import DataError, check_labels, list_shards
+    from rin_scale.data import DataError, check_dataset
 
-    url = cfg.data.shards
-    if not url:
+    if not cfg.data.shards:
         raise LaunchError("data.shards is empty: set data.shards=URL of a shard folder or manifest "
                           "(make one with: python -m data_tools.shard --embedded digits OUT)")
+    micro, _ = check_world(cfg, world)
     found: dict = {}
 
     def work():
         try:
-            found["shards"] = list_shards(url, check_ends=True)
+            check_dataset(cfg.data, cfg.model, micro, world)
         except BaseException as e:  # noqa: BLE001 - classified below
             found["error"] = e
 
     t = threading.Thread(target=work, name="check-data", daemon=True)
     t.start()
     t.join(timeout)
+    url = cfg.data.shards
     if t.is_alive():
         return (f"data.shards={url} not checked: no listing within {timeout:.0f} s from here; "
                 f"the job checks it when it starts")
@@ -193,18 +194,9 @@ def check_data(cfg: Config, world: int, timeout: float = DATA_CHECK_SECONDS) -> 
     if isinstance(e, DataError):
         raise LaunchError(str(e))
     if e is not None:
-        why = (str(e).strip().splitlines() or [""])[0][:200]
+        why = (str(e).strip().splitlines() or [""])[0][:300]
         return f"data.shards={url} not checked: listing it from here failed ({type(e).__name__}: {why}); " \
                f"the job checks it when it starts"
-    _, counts, man = found["shards"]
-    try:
-        check_labels(man, cfg.model, url)
-    except DataError as e:
-        raise LaunchError(str(e)) from None
-    micro, _ = check_world(cfg, world)
-    if sum(counts) // world // micro == 0:
-        raise LaunchError(f"{url} has {sum(counts)} samples: too few for {world} task(s) x micro-batch {micro}; "
-                          f"use a smaller batch or more data")
     return ""
 
 

@@ -245,22 +245,31 @@ def _log(msg: str) -> None:
     print(f"[data] {msg}", file=sys.stderr, flush=True)
 
 
+def check_dataset(data_cfg, model_cfg, batch_size: int, world_size: int = 1):
+    """(shard URLs, sample counts, manifest) once everything the loader can check at start-up holds,
+    else a one-line DataError: data.kind fits the model, the shards are listable and (without a
+    manifest) every tar is complete, the classes fit the model, and every rank gets a batch."""
+    if data_cfg.kind == "video" and model_cfg.frames <= 0:
+        raise DataError("data.kind=video needs model.frames > 0 (frames per clip)")
+    shards, counts, man = list_shards(data_cfg.shards, check_ends=True)
+    check_labels(man, model_cfg, data_cfg.shards)
+    total = sum(counts)
+    if (total // world_size) // batch_size == 0:
+        raise DataError(f"{data_cfg.shards} has {total} samples: too few for {world_size} rank(s) x "
+                        f"batch {batch_size}; use a smaller batch or more data")
+    return shards, counts, man
+
+
 class ShardLoader:
     """Batches forever, by epochs, for one rank; see the module docstring for order and state."""
 
     def __init__(self, data_cfg, model_cfg, batch_size: int, rank: int = 0, world_size: int = 1, state=None):
-        if data_cfg.kind == "video" and model_cfg.frames <= 0:
-            raise DataError("data.kind=video needs model.frames > 0 (frames per clip)")
         self.d, self.m = data_cfg, model_cfg
         self.batch, self.rank, self.world = int(batch_size), int(rank), int(world_size)
         self.workers = max(1, int(data_cfg.workers))
-        self.shards, self.counts, self.manifest = list_shards(data_cfg.shards, check_ends=True)
-        check_labels(self.manifest, model_cfg, data_cfg.shards)
+        self.shards, self.counts, self.manifest = check_dataset(data_cfg, model_cfg, self.batch, self.world)
         self.total = sum(self.counts)
         self.batches_per_epoch = (self.total // self.world) // self.batch
-        if self.batches_per_epoch == 0:
-            raise DataError(f"{data_cfg.shards} has {self.total} samples: too few for {self.world} rank(s) x "
-                            f"batch {self.batch}; use a smaller batch or more data")
         self.epoch, self.position = 0, 0
         self.stats = {"samples": 0, "errors": 0, "epoch": 0}
         if state:

@@ -221,7 +221,7 @@ def test_submit_checks_data_shards_before_the_job_is_queued(labelled, tmp_path, 
     cases = [([], "data.shards is empty"),
              ([f"data.shards={tmp_path}/nowhere"], "does not exist"),
              ([f"data.shards={labelled}", "model.num_classes=5"], "set model.num_classes=10"),
-             ([f"data.shards={labelled}", "train.global_batch=128"], "60 samples: too few for 2 task(s) x micro-batch 64")]
+             ([f"data.shards={labelled}", "train.global_batch=128"], "60 samples: too few for 2 rank(s) x batch 64")]
     for i, (extra, needle) in enumerate(cases):
         run = str(tmp_path / f"run{i}")
         extra = [f"train.run_dir={run}", *extra]
