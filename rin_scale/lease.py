@@ -500,6 +500,9 @@ class Lease:
                 holder = holder if isinstance(holder, dict) else None
             except (ValueError, UnicodeDecodeError):
                 holder = None
+            if holder is not None and holder.get("owner") == self.owner:  # our create landed, its answer lost
+                self._took(version)
+                return ""
             why = self.takeover_reason(holder, mtime)
             if not why:
                 raise LeaseHeld(self.refusal(holder, mtime))

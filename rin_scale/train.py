@@ -119,6 +119,10 @@ def main(argv=None) -> int:
         sys.exit(f"config error: {e}")
     except (DataError, TrainingError) as e:
         sys.exit(f"[train] stopped: {e}")
+    except Exception:
+        if _orphaned():  # a peer that left first broke a collective: the launcher's death is the news
+            _leave_orphaned()
+        raise
 
 
 class TrainingError(RuntimeError):
@@ -126,6 +130,26 @@ class TrainingError(RuntimeError):
 
 
 _LEASE = None  # rank 0: the lease on RUN this process holds (rin_scale.lease.Lease)
+_LAUNCHER: tuple[int, int] | None = None  # (the launcher's pid, this rank) when a launcher started us
+_LEAVING = threading.Lock()
+
+
+def _orphaned() -> bool:
+    return _LAUNCHER is not None and os.getppid() != _LAUNCHER[0]
+
+
+def _leave_orphaned() -> None:
+    """One line, the lease released (best effort, bounded: storage may be what hangs), and out."""
+    with _LEAVING:  # the watchdog and the main thread may both get here
+        parent, rank = _LAUNCHER
+        print(f"[train] rank {rank}: its launcher (pid {parent}) is gone; exiting instead of training on "
+              f"without it (re-run the same command to resume from the newest complete state)",
+              file=sys.stderr, flush=True)
+        if _LEASE is not None:
+            t = threading.Thread(target=_LEASE.release, args=(2.0,), daemon=True)
+            t.start()
+            t.join(5.0)
+        os._exit(ORPHANED_EXIT)
 
 
 def watch_launcher(parent: int, rank: int, every: float = LAUNCHER_CHECK_S) -> threading.Thread:
@@ -133,18 +157,13 @@ def watch_launcher(parent: int, rank: int, every: float = LAUNCHER_CHECK_S) -> t
     deepspeed, the submitit task's srun) is gone: torchrun starts each rank in a session of its own,
     so killing the launcher leaves the ranks training on, and a re-run would meet them in the run.
     An orphan is re-parented to init or to a subreaper: either way os.getppid() changes."""
+    global _LAUNCHER
+    _LAUNCHER = (parent, rank)
 
     def watch():
-        while os.getppid() == parent:
+        while not _orphaned():
             time.sleep(every)
-        print(f"[train] rank {rank}: its launcher (pid {parent}) is gone; exiting instead of training on "
-              f"without it (re-run the same command to resume from the newest complete state)",
-              file=sys.stderr, flush=True)
-        if _LEASE is not None:  # best effort, bounded: storage may be what hangs
-            t = threading.Thread(target=_LEASE.release, args=(2.0,), daemon=True)
-            t.start()
-            t.join(5.0)
-        os._exit(ORPHANED_EXIT)
+        _leave_orphaned()
 
     t = threading.Thread(target=watch, name="rin-launcher-watch", daemon=True)
     t.start()
@@ -181,10 +200,11 @@ def check_writable(cfg) -> None:
         except Exception as e:  # noqa: BLE001 - any failure to write there ends the start, in one line
             if isinstance(e, storage.StorageUnavailable):
                 raise TrainingError(str(e)) from None
-            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-            raise TrainingError(f"{key}={tc.run_dir if key == 'train.run_dir' else tc.state_dir!r} is not "
-                                f"writable here ({url}: {why[:300]}): point it at a folder or bucket this job "
-                                f"can write") from None
+            value = tc.run_dir if key == "train.run_dir" else tc.state_dir
+            why = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:300]
+            where = "" if url.rstrip("/") == value.rstrip("/") else f"{url}: "
+            raise TrainingError(f"{key}={value!r} is not writable here ({where}{why}): point it at a folder or "
+                                f"bucket this job can write") from None
 
 
 def take_lease(cfg, rank: int) -> None:
@@ -202,6 +222,9 @@ def take_lease(cfg, rank: int) -> None:
             lease.start()
         except LeaseHeld as e:
             box = [str(e)]
+        except Exception as e:  # noqa: BLE001 - every rank must hear of it, or the others wait in the broadcast
+            box = [f"could not take the lease on {cfg.train.run_dir} ({type(e).__name__}: "
+                   f"{str(e).splitlines()[0][:300] if str(e) else ''})"]
     dist.broadcast_object_list(box, src=0)
     if box[0]:
         raise TrainingError(box[0])

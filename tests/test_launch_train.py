@@ -150,3 +150,142 @@ def test_tiny_trains_as_a_2_node_slurm_job_running_the_dry_run_script(shards, sl
                                   capture_output=True, text=True).stdout
     _wait_for(lambda: "JobState=COMPLETED" in show() or "JobState=FAILED" in show(), 60, "SLURM's job state")
     assert "NumNodes=2" in show() and "JobState=COMPLETED" in show(), show()
+
+
+# --------------------------------------------------------------------------------------------
+# Re-running "the same command": launcher deaths, config.yaml, unwritable run directories
+
+SMALL = ["model.latent_dim=64", "model.interface_dim=64", "model.latent_heads=4", "model.read_write_heads=4",
+         "model.num_latents=16", "data.workers=0", "diffusion.sample_steps=4", "train.sample_count=4",
+         "train.global_batch=8", "train.sample_every=0", "train.warmup_steps=2", "train.log_every=5",
+         "train.zero_stage=0"]
+
+
+def _trainer(run, shards, *overrides, nproc=1):
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+                if nproc > 1 else [sys.executable])
+    return launcher + ["-m", "rin_scale.train", "tiny", f"data.shards={shards}", f"train.run_dir={run}", *SMALL,
+                       *overrides]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        out.append(int(d))
+            except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+                pass
+    return out
+
+
+def _gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie nobody reaped: exited
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.timeout(300)
+def test_ranks_exit_when_their_torchrun_launcher_is_killed(shards, tmp_path):
+    # torchrun starts each rank in a session of its own: kill -9 of the launcher alone reaches
+    # neither rank. They must notice and leave, in one line each, and write nothing after.
+    run, log = str(tmp_path / "run"), tmp_path / "torchrun.log"
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(_trainer(run, shards, "train.total_steps=100000", "train.state_every=1000",
+                                             "train.snapshot_every=1000", nproc=2),
+                                    cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_for(lambda: len(_steps(run)) >= 3 or launcher.poll() is not None, 300, "3 steps")
+        assert launcher.poll() is None, open(log).read()[-3000:]
+        ranks = _children(launcher.pid)
+        assert len(ranks) == 2, ranks
+        assert all(os.getsid(r) == r for r in ranks)  # the ranks lead sessions of their own
+        os.kill(launcher.pid, 9)
+        launcher.wait()
+        killed = time.time()
+        _wait_for(lambda: all(_gone(r) for r in ranks), 15, "both ranks to exit after their launcher died")
+        print(f"ranks gone {time.time() - killed:.1f} s after the launcher")
+    finally:
+        for r in _children(launcher.pid) if launcher.poll() is None else []:
+            os.kill(r, 9)
+    at_exit = _steps(run)
+    time.sleep(3)
+    assert _steps(run) == at_exit  # nothing written after
+    assert [r["step"] for r in at_exit] == list(range(1, len(at_exit) + 1))
+    text = open(log).read()
+    lines = [x for x in text.splitlines() if f"its launcher (pid {launcher.pid}) is gone" in x]
+    assert sorted(x.split(":")[0] for x in lines) == ["[train] rank 0", "[train] rank 1"], text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    assert not storage.exists(storage.join(run, "lease.json"))  # rank 0 released it on the way out
+
+
+def test_config_yaml_follows_a_changed_config_and_keeps_the_old_one(tmp_path, gcs_bucket):
+    from rin_scale.config import load_config
+    from rin_scale.train import write_config
+
+    for run in (str(tmp_path / "run"), f"{gcs_bucket}/run"):
+        wrong = load_config("tiny", [f"train.run_dir={run}", "data.shards=/data/wrong"])
+        right = load_config("tiny", [f"train.run_dir={run}", "data.shards=/data/right"])
+        assert write_config(wrong) == ""  # the first start
+        assert write_config(wrong) == ""  # an unchanged re-run: nothing new
+        kept = write_config(right)  # the corrected re-run
+        assert re.search(r"/config-\d{8}T\d{6}Z\.yaml$", kept), kept
+        assert "/data/wrong" in storage.read_bytes(kept).decode()
+        assert rundir.load_run_config(run).data.shards == "/data/right"  # what the eval service reads
+        assert write_config(right) == ""
+        again = write_config(wrong)  # changed back, within the same second: another name
+        assert again != kept and storage.exists(kept) and "/data/right" in storage.read_bytes(again).decode()
+
+
+@pytest.mark.timeout(300)
+def test_a_corrected_rerun_after_a_failed_start_trains_with_its_config(shards, tmp_path):
+    run = str(tmp_path / "run")
+    bad = subprocess.run(_trainer(run, str(tmp_path / "no-such-shards"), "train.total_steps=2"), cwd=ROOT, env=_env(),
+                         capture_output=True, text=True, timeout=240)
+    assert bad.returncode != 0 and "does not exist" in bad.stderr, bad.stderr[-2000:]
+    assert "no-such-shards" in storage.read_bytes(storage.join(run, "config.yaml")).decode()
+    assert not storage.exists(storage.join(run, "lease.json"))  # released by the failed start
+    good = subprocess.run(_trainer(run, shards, "train.total_steps=2", "train.state_every=2",
+                                   "train.snapshot_every=2"), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=240)
+    assert good.returncode == 0, good.stderr[-3000:]
+    assert "config.yaml changed" in good.stdout
+    assert rundir.load_run_config(run).data.shards == shards
+    (old,) = [f for f in os.listdir(run) if re.fullmatch(r"config-\d{8}T\d{6}Z\.yaml", f)]
+    assert "no-such-shards" in open(os.path.join(run, old)).read()
+    assert [r["step"] for r in _steps(run)] == [1, 2]
+
+
+@pytest.mark.timeout(300)
+def test_an_unwritable_run_directory_fails_in_one_line_before_deepspeed(shards, tmp_path, gcs_bucket):
+    # A run_dir (or state_dir) under a regular file cannot be created, even by root.
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    ok = str(tmp_path / "ok")
+    cases = [([f"train.run_dir={blocker}/run"], f"train.run_dir='{blocker}/run' is not writable"),
+             ([f"train.run_dir={ok}", f"train.state_dir={blocker}/states"],
+              f"train.state_dir='{blocker}/states' is not writable"),
+             (["train.run_dir=gs://no-such-bucket-rin/run", f"train.state_dir={ok}/states"],
+              "train.run_dir='gs://no-such-bucket-rin/run' is not writable")]
+    if os.geteuid() != 0:  # root writes through permission bits
+        ro = tmp_path / "read-only"
+        ro.mkdir()
+        ro.chmod(0o555)
+        cases.append(([f"train.run_dir={ro}/run"], f"train.run_dir='{ro}/run' is not writable"))
+    for overrides, expected in cases:
+        cmd = [sys.executable, "-m", "rin_scale.train", "tiny", f"data.shards={shards}", *overrides]
+        p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+        assert p.returncode != 0, p.stdout[-2000:]
+        assert "Traceback" not in p.stderr and expected in p.stderr, p.stderr[-2000:]
+        (line,) = [x for x in p.stderr.splitlines() if expected in x]
+        assert line.startswith("[train] stopped: ") and "point it at a folder or bucket" in line, line
+        assert "accelerator" not in p.stderr + p.stdout  # DeepSpeed was never imported
+        assert not os.path.exists(ok + "/lease.json") and not os.path.exists(ok + "/config.yaml")

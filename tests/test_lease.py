@@ -227,32 +227,42 @@ def _wait(cond, timeout, what, proc=None):
         time.sleep(0.2)
 
 
-@pytest.mark.timeout(600)
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie nobody reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.timeout(900)
 @pytest.mark.parametrize("where", ["local", "gcs"])
 def test_a_second_trainer_on_a_running_run_refuses_in_one_line(shards, tmp_path, where, request):
+    from rin_scale import rundir
+
     if where == "local":
-        run, nproc, extra = str(tmp_path / "run"), 2, ["train.zero_stage=2"]
+        run, nproc, extra = str(tmp_path / "run"), 2, []
     else:  # one process each (2 CPU cores); DeepSpeed writes states to a local folder first
         run, nproc = request.getfixturevalue("gcs_bucket") + "/run", 1
-        extra = [f"train.state_dir={tmp_path / 'states'}", "train.zero_stage=0"]
-    total = 40
-    args = [*extra, f"train.total_steps={total}", "train.state_every=20", "train.snapshot_every=20"]
+        extra = [f"train.state_dir={tmp_path / 'states'}"]
+    # ZeRO-0: the 2-rank state resumes in 1 process below without a conversion
+    args = [*extra, "train.zero_stage=0", "train.total_steps=100000", "train.state_every=10", "train.snapshot_every=10"]
     log = tmp_path / "first.log"
     with open(log, "w") as out:
         first = subprocess.Popen(_cmd(run, shards, nproc, *args), cwd=ROOT, env=_env(), stdout=out,
                                  stderr=subprocess.STDOUT, start_new_session=True)
     first.args_log = str(log)
     try:
-        if storage.is_local(run):
-            _wait(lambda: len(_steps(run)) >= 2, 400, "training steps", first)
-        else:  # a bucket's train log is written at log lines: the lease and the config say it started
-            _wait(lambda: _exists(run) and storage.exists(storage.join(run, "config.yaml")), 400, "a start", first)
+        _wait(lambda: rundir.newest_complete(run, "states") is not None, 400, "first state", first)
         held = _read(run)
         if nproc > 1:  # rank 0 holds it, and names its launcher
             assert held["pid"] != first.pid and held["launcher_pid"] == first.pid, held
+        else:
+            assert held["pid"] == first.pid
         config = storage.read_bytes(storage.join(run, "config.yaml"))
 
-        # The same run again (its state folder too), while the first trains: refused before writing.
+        # The same command again, while the first trains: refused before writing anything.
         second = subprocess.run(_cmd(run, shards, 1, *args), cwd=ROOT, env=_env(), capture_output=True,
                                 text=True, timeout=300)
         assert second.returncode != 0, second.stdout[-2000:]
@@ -265,12 +275,30 @@ def test_a_second_trainer_on_a_running_run_refuses_in_one_line(shards, tmp_path,
         assert first.poll() is None, "the first trainer died"
         assert _read(run)["owner"] == held["owner"]  # the lease is still the first trainer's
         assert storage.read_bytes(storage.join(run, "config.yaml")) == config
-        assert first.wait(400) == 0, open(log).read()[-3000:]
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, 9)
-    # Every step written once, by the first trainer; the lease released at its end.
-    assert _steps(run) == list(range(1, total + 1))
+        os.killpg(first.pid, 9)  # the launcher only: its ranks (own sessions) notice and exit
+        first.wait()
+    deadline = time.time() + 30
+    while not _gone(held["pid"]) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _gone(held["pid"]), "rank 0 outlived its launcher"
+    steps = _steps(run)
+    assert steps == list(range(1, len(steps) + 1)), steps  # each step once, in order
+    if nproc > 1:  # the ranks left in one line each, and rank 0 released the lease on its way out
+        assert open(log).read().count(f"its launcher (pid {first.pid}) is gone") == 2, open(log).read()[-3000:]
+        assert not _exists(run)
+    else:  # a lone process killed: its lease stays behind
+        assert _read(run)["owner"] == held["owner"]
+
+    # The re-run (this host, rank 0 gone): takes the lease (over at once), resumes, finishes, releases.
+    last = rundir.newest_complete(run, "states")[0]
+    args[args.index("train.total_steps=100000")] = f"train.total_steps={last + 2}"
+    third = subprocess.run(_cmd(run, shards, 1, *args), cwd=ROOT, env=_env(), capture_output=True, text=True,
+                           timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert (f"its process {held['pid']} on {held['host']} is gone" in third.stdout) == (nproc == 1), third.stdout[-2000:]
+    assert f"at step {last} " in third.stdout
+    assert _steps(run) == list(range(1, last + 3))
     assert not _exists(run)
 
 
