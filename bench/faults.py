@@ -1,0 +1,916 @@
+"""Fault drills: what a careful tester does by hand to a run, done by a script, and a table of what
+happened (issue #13, "What to show").
+
+    .venv/bin/python bench/faults.py --quick                       # a reduced set, about 10 minutes here
+    .venv/bin/python bench/faults.py                               # everything (about 40 minutes here)
+    .venv/bin/python bench/faults.py --only kills,eval --json faults.json
+
+Every drill trains the `tiny` preset, made smaller (widths 64, 16 latents, 4 sampling steps), with
+DeepSpeed ZeRO-2 on 2 processes under torchrun, 2 DataLoader workers per rank, the default
+precision (auto), a global batch of 8 for 12 steps, a state every 2 steps and a snapshot every 4,
+on the embedded digits sharded 5 samples to a shard (a 16-sample shuffle buffer, so that the
+workers are still opening shards while the run trains). One uninterrupted run of the same config
+is the baseline every drill compares with: each step's loss in RUN/train_log.jsonl and the bytes
+of every EMA snapshot (RUN/snapshots/step-N/ema.safetensors) must be identical.
+
+Parts (`--only`):
+  kills   kill -9 of the whole job (the torchrun launcher's group and each rank's group: torchrun
+          starts each rank in a session of its own) at each phase of a save (the snapshot folder,
+          the state folder, DeepSpeed's files, rank-R.pt, ema.safetensors, trainer.json,
+          COMPLETE: the suite polls for the file and kills then) and at random times, then the
+          same command again to resume. Kills are chained (kill, re-run, kill again, ..., re-run
+          to the end); each resume is judged by the rows and snapshots the re-run writes.
+  outage  a real GCS API server (fake-gcs-server, filesystem backend, restarted on the same port)
+          stopped for 10 s, 60 s and 5 min (not with --quick) while the trainer streams its shards
+          from gs://, and while it uploads a state (train.run_dir on gs://, train.state_dir local).
+          The run must wait and go on: samples substituted (the loader's error count, from the
+          trainer's last line), losses and snapshots against the baseline.
+  lease   a second trainer started on a run whose first trainer's ranks still live (the same
+          command re-run); without --quick also: the launcher alone killed (its ranks orphaned)
+          and the command re-run at once, and two trainers started together. Double writers: a
+          second trainer that trained while the first's ranks lived, or steps written twice.
+  eval    the eval service (python -m evals.service --run RUN --once) killed while it scores a
+          snapshot; the next service must score that snapshot within a minute of its start.
+
+The tables are markdown (the README's Reliability section); --json FILE writes the same as JSON.
+Exit status 0 when every drill passed, 1 otherwise. Work files go to a temporary folder (kept when
+something failed, or with --keep; its path is printed).
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import hashlib
+import json
+import os
+import random
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before any gcsfs import (TESTING.md)
+
+from _faults_proc import GCSServer, Job, alive, processes_mentioning, stop_everything  # noqa: E402
+
+STEPS = 12
+SMALL = ["model.latent_dim=64", "model.interface_dim=64", "model.latent_heads=4", "model.read_write_heads=4",
+         "model.num_latents=16", "diffusion.sample_steps=4", "train.sample_count=4"]
+COMMON = SMALL + ["train.zero_stage=2", "train.global_batch=8", f"train.total_steps={STEPS}", "train.lr=0.02",
+                  "train.warmup_steps=100", "train.ema_warmup=true", "train.state_every=2", "train.snapshot_every=4",
+                  "train.sample_every=4", "train.log_every=2", "data.workers=2", "data.shuffle_buffer=16"]
+SHARD_SIZE = 5
+SAVE_STEPS = (4, 6, 8, 10)  # steps whose save a phase kill aims at (4 and 8 also write a snapshot)
+SNAPSHOT_STEPS = (4, 8)
+# The phases of a save, in the order they happen (rin_scale.train.maybe_save, checkpoint.save_state).
+PHASES = ["snapshot", "state folder", "DeepSpeed files", "rank-R.pt", "ema.safetensors", "trainer.json", "COMPLETE"]
+EVAL_OVERRIDES = ["eval.num_samples=16", "eval.batch=8", "eval.reference_samples=32"]
+EVAL_DEADLINE_S = 60.0
+PARTS = ("kills", "outage", "lease", "eval")
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:09d}"
+
+
+def sha(data: bytes | None) -> str | None:
+    return hashlib.sha256(data).hexdigest()[:16] if data is not None else None
+
+
+def last_line(text: str, pattern: str = r"\[train\] stopped|error|Error|\[lease\]|refus") -> str:
+    """The line of a job's output that says why it ended: the last one matching, else the last."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    hits = [ln for ln in lines if re.search(pattern, ln)]
+    out = (hits or lines or [""])[-1]
+    return out[:300]
+
+
+# --------------------------------------------------------------------------------------------
+# A run directory, local or in a bucket of one of our GCS servers
+
+
+class RunView:
+    def __init__(self, path: str, fs=None):
+        self.path, self.fs = path.rstrip("/"), fs  # fs: gcsfs for "bucket/path", None for a local folder
+
+    def _p(self, rel: str) -> str:
+        return f"{self.path}/{rel}" if rel else self.path
+
+    def read(self, rel: str) -> bytes | None:
+        try:
+            if self.fs is None:
+                with open(self._p(rel), "rb") as f:
+                    return f.read()
+            return self.fs.cat_file(self._p(rel))
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            return None
+
+    def exists(self, rel: str) -> bool:
+        if self.fs is None:
+            return os.path.exists(self._p(rel))
+        self.fs.invalidate_cache()
+        return self.fs.exists(self._p(rel))
+
+    def ls(self, rel: str) -> list[str]:
+        try:
+            if self.fs is None:
+                return sorted(os.listdir(self._p(rel)))
+            self.fs.invalidate_cache()
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self._p(rel), detail=False))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def rows(self) -> list[dict]:
+        raw = self.read("train_log.jsonl")
+        out = []
+        for line in (raw or b"").decode(errors="replace").splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a torn last line of a killed writer
+        return out
+
+    def steps(self, kind: str, complete: bool = True) -> list[int]:
+        out = []
+        for name in self.ls(kind):
+            m = re.fullmatch(r"step-(\d{9})", name)
+            if m and (not complete or self.exists(f"{kind}/{name}/COMPLETE")):
+                out.append(int(m.group(1)))
+        return sorted(out)
+
+    def snapshot_hashes(self) -> dict[int, str]:
+        return {s: sha(self.read(f"snapshots/{step_name(s)}/ema.safetensors")) for s in self.steps("snapshots")}
+
+    def snapshot_meta(self, step: int) -> dict:
+        raw = self.read(f"snapshots/{step_name(step)}/meta.json")
+        return json.loads(raw) if raw else {}
+
+
+def loader_stats(output: str) -> dict | None:
+    """The trainer's last line: '[train] done: ...; loader {'samples': N, 'errors': N, 'epoch': N}'."""
+    found = re.findall(r"loader (\{[^}]*\})", output)
+    if not found:
+        return None
+    try:
+        return ast.literal_eval(found[-1])
+    except (ValueError, SyntaxError):
+        return None
+
+
+def precision_of(output: str) -> str | None:
+    found = re.findall(r"precision (bf16|fp32) \(", output)
+    return found[-1] if found else None
+
+
+def resumed_at(output: str) -> int | None:
+    """The step a trainer resumed at; 0 for a fresh start; None when it never got that far."""
+    m = re.findall(r"resumed from \S+ at step (\d+)", output)
+    if m:
+        return int(m[-1])
+    return 0 if re.search(r"\[train\] \d+ rank\(s\) on", output) else None
+
+
+# --------------------------------------------------------------------------------------------
+# The suite
+
+
+class Baseline:
+    def __init__(self, precision: str, losses: dict, snapshots: dict, seconds: float, first_row_s: float, run: str):
+        self.precision, self.losses, self.snapshots = precision, losses, snapshots
+        self.seconds, self.first_row_s, self.run = seconds, first_row_s, run
+
+
+class Suite:
+    def __init__(self, args):
+        self.args, self.quick = args, args.quick
+        self.repo = os.path.abspath(args.repo)
+        self.work = os.path.abspath(args.workdir) if args.workdir else tempfile.mkdtemp(prefix="rin-faults-")
+        os.makedirs(self.work, exist_ok=True)
+        self.seed = args.seed
+        self.rng = random.Random(self.seed)
+        self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": self.repo, "PYTHONUNBUFFERED": "1",
+                    "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "TOKENIZERS_PARALLELISM": "false"}
+        self.env.pop("STORAGE_EMULATOR_HOST", None)
+        self.shards = os.path.join(self.work, "digits")
+        self.baselines: dict[str, Baseline] = {}
+        self._baseline_lock = threading.Lock()
+        self.trials: list[dict] = []
+        self.summary: dict[str, dict] = {}
+        self.t0 = time.time()
+        self._n = 0
+
+    # ---------------------------------------------------------------- plumbing
+
+    def log(self, msg: str) -> None:
+        print(f"[faults {time.time() - self.t0:6.0f}s] {msg}", file=sys.stderr, flush=True)
+
+    def path(self, *parts) -> str:
+        return os.path.join(self.work, *parts)
+
+    def job(self, name: str, args: list[str], env: dict | None = None) -> Job:
+        self._n += 1
+        log = self.path("logs", f"{self._n:02d}-{name}.log")
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        return Job(name, [sys.executable, *args], {**self.env, **(env or {})}, self.repo, log)
+
+    def train(self, name: str, run: str, *extra: str, shards: str | None = None, env: dict | None = None) -> Job:
+        args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rin_scale.train", "tiny",
+                f"data.shards={shards or self.shards}", f"train.run_dir={run}", *COMMON, *extra]
+        return self.job(name, args, env)
+
+    def make_shards(self) -> None:
+        if os.path.exists(os.path.join(self.shards, "data-manifest.json")):
+            return
+        out = subprocess.run([sys.executable, "-m", "data_tools.shard", "--embedded", "digits", "--split", "train",
+                              "--shard-size", str(SHARD_SIZE), "--quiet", self.shards], cwd=self.repo, env=self.env,
+                             capture_output=True, text=True, timeout=300)
+        if out.returncode != 0:
+            raise RuntimeError(f"sharding failed: {out.stderr.strip()[-500:]}")
+        self.log(out.stdout.strip())
+
+    def record(self, part: str, trial: str, fault: str, hit: str, outcome: str, ok: bool, **extra) -> dict:
+        row = {"part": part, "trial": trial, "fault": fault, "hit": hit, "outcome": outcome, "ok": bool(ok), **extra}
+        self.trials.append(row)
+        self.log(f"{part}/{trial}: {'ok' if ok else 'FAILED'}: {outcome}")
+        return row
+
+    # ---------------------------------------------------------------- the baseline
+
+    def baseline(self, precision: str | None = None) -> Baseline:
+        """The uninterrupted run; precision=None: as auto chooses; otherwise one pinned to it (for
+        a drill whose own auto probe chose the other, on a busy machine)."""
+        with self._baseline_lock:
+            if precision is not None and precision in self.baselines:
+                return self.baselines[precision]
+            if precision is None and self.baselines:
+                return self.baselines.get("auto") or next(iter(self.baselines.values()))
+            name = f"baseline-{precision or 'auto'}"
+            run = self.path(name)
+            shutil.rmtree(run, ignore_errors=True)
+            job = self.train(name, run, *([f"train.precision={precision}"] if precision else []))
+            first = None
+            while job.running():
+                if first is None and os.path.exists(os.path.join(run, "train_log.jsonl")) and \
+                        os.path.getsize(os.path.join(run, "train_log.jsonl")) > 0:
+                    first = time.time() - job.started
+                if time.time() - job.started > 900:
+                    job.kill()
+                    raise RuntimeError("the baseline run took over 15 minutes")
+                time.sleep(0.05)
+            out = job.output()
+            job.close()
+            if job.proc.returncode != 0:
+                raise RuntimeError(f"the baseline run failed ({job.proc.returncode}): {last_line(out)} "
+                                   f"(log {job.log_path})")
+            view = RunView(run)
+            losses = {r["step"]: r["loss"] for r in view.rows()}
+            if sorted(losses) != list(range(1, STEPS + 1)):
+                raise RuntimeError(f"the baseline run logged steps {sorted(losses)}")
+            snaps = view.snapshot_hashes()
+            prec = view.snapshot_meta(STEPS).get("precision") or precision_of(out)
+            b = Baseline(prec, losses, snaps, job.ended - job.started, first or 0.0, run)
+            self.baselines[prec] = b
+            if precision is None:
+                self.baselines["auto"] = b
+            self.log(f"baseline ({prec}): {b.seconds:.0f} s, first step after {b.first_row_s:.0f} s, "
+                     f"snapshots {sorted(snaps)}, loader {loader_stats(out)}")
+            return b
+
+    def compare_rows(self, rows: list[dict], precision: str | None) -> list[str]:
+        """Differences between logged rows and the baseline of the same precision ([] = identical)."""
+        base = self.baseline(precision) if precision else self.baseline()
+        bad = []
+        for r in rows:
+            want = base.losses.get(r.get("step"))
+            if want is None or r.get("loss") != want:
+                bad.append(f"step {r.get('step')} loss {r.get('loss')!r} != {want!r}")
+        return bad
+
+    def compare_snapshots(self, hashes: dict[int, str], precision: str | None) -> list[str]:
+        base = self.baseline(precision) if precision else self.baseline()
+        return [f"snapshot step {s} EMA differs" for s, h in sorted(hashes.items()) if base.snapshots.get(s) != h]
+
+    def compare_run(self, view: RunView, output: str = "") -> tuple[bool, str, str]:
+        """(identical, why not, precision): every step once with the baseline's loss, every snapshot's
+        EMA bytes equal, the final one present."""
+        rows = view.rows()
+        steps = [r.get("step") for r in rows]
+        prec = view.snapshot_meta(STEPS).get("precision") or precision_of(output)
+        problems = []
+        dup = sorted({s for s in steps if steps.count(s) > 1})
+        if dup:
+            problems.append(f"steps logged twice: {dup}")
+        missing = sorted(set(range(1, STEPS + 1)) - set(steps))
+        if missing:
+            problems.append(f"steps missing: {missing}")
+        problems += self.compare_rows(rows, prec)
+        hashes = view.snapshot_hashes()
+        if STEPS not in hashes:
+            problems.append(f"no final snapshot (step {STEPS})")
+        problems += self.compare_snapshots(hashes, prec)
+        return not problems, "; ".join(problems[:4]) + (" ..." if len(problems) > 4 else ""), prec or "?"
+
+    # ---------------------------------------------------------------- part 1: kills
+
+    def kill_plan(self) -> list[list[dict]]:
+        """Chains of kills: [{"phase": name, "step": N} or {"random": True}], the phase targets of a
+        chain at increasing steps (a killed save leaves its folder behind until it is saved again)."""
+        phases = list(PHASES)
+        self.rng.shuffle(phases)
+        if self.quick:
+            phases, n_random = phases[:2], 1
+        else:
+            n_random = 5
+        chains, randoms = [], n_random
+        while phases:
+            pair, phases = phases[:2], phases[2:]
+            if "snapshot" in pair:
+                steps = [self.rng.choice(SNAPSHOT_STEPS)]
+                if len(pair) == 2:
+                    other = [s for s in SAVE_STEPS if s != steps[0]]
+                    steps.append(self.rng.choice(other))
+                pair = ["snapshot"] + [p for p in pair if p != "snapshot"]
+                order = sorted(range(len(pair)), key=lambda i: steps[i])
+                pair, steps = [pair[i] for i in order], [steps[i] for i in order]
+            else:
+                steps = sorted(self.rng.sample(SAVE_STEPS, len(pair)))
+            chain = [{"phase": p, "step": s} for p, s in zip(pair, steps)]
+            take = 1 if (randoms > 0 and len(chain) == 2) else min(randoms, 3 - len(chain))
+            chain += [{"random": True}] * take
+            randoms -= take
+            chains.append(chain)
+        while randoms > 0:
+            take = min(randoms, 3)
+            chains.append([{"random": True}] * take)
+            randoms -= take
+        return chains
+
+    @staticmethod
+    def trigger_path(run: str, phase: str, step: int) -> str:
+        s = os.path.join(run, "states", step_name(step))
+        return {"snapshot": os.path.join(run, "snapshots", step_name(step)),
+                "state folder": s,
+                "DeepSpeed files": os.path.join(s, step_name(step)),
+                "rank-R.pt": os.path.join(s, "rank-1.pt"),
+                "ema.safetensors": os.path.join(s, "ema.safetensors"),
+                "trainer.json": os.path.join(s, "trainer.json"),
+                "COMPLETE": os.path.join(s, "COMPLETE")}[phase]
+
+    @staticmethod
+    def phase_of(run: str, step: int) -> str | None:
+        """Which phase of step N's save the files on disk show (None: its save had not begun)."""
+        s = os.path.join(run, "states", step_name(step))
+        snap = os.path.join(run, "snapshots", step_name(step))
+        if os.path.exists(os.path.join(s, "COMPLETE")):
+            return "COMPLETE"
+        if os.path.exists(os.path.join(s, "trainer.json")):
+            return "trainer.json"
+        if os.path.exists(os.path.join(s, "ema.safetensors")):
+            return "ema.safetensors"
+        if any(os.path.exists(os.path.join(s, f"rank-{r}.pt")) for r in (0, 1)):
+            return "rank-R.pt"
+        ds = os.path.join(s, step_name(step))
+        if os.path.isdir(ds) and os.listdir(ds):
+            return "DeepSpeed files"
+        if os.path.isdir(s):
+            return "state folder"
+        if os.path.isdir(snap) and not os.path.exists(os.path.join(snap, "COMPLETE")):
+            return "snapshot"
+        return None
+
+    def observed_phase(self, run: str, since_rows: int) -> str:
+        """What a kill hit: the save in progress (its phase), else where training was."""
+        view = RunView(run)
+        complete = view.steps("states")
+        newest = complete[-1] if complete else 0
+        steps = sorted(set(view.steps("states", complete=False)) | set(view.steps("snapshots", complete=False)))
+        for step in reversed([s for s in steps if s > newest]):
+            ph = self.phase_of(run, step)
+            if ph:
+                return f"{ph} (step {step})"
+        rows = view.rows()
+        if len(rows) <= since_rows:
+            return "start-up (before its first step)"
+        return f"training (after step {rows[-1].get('step')})"
+
+    def kill_chain(self, index: int, chain: list[dict]) -> None:
+        run = self.path("kills", f"chain-{index}")
+        shutil.rmtree(run, ignore_errors=True)
+        base = self.baseline()
+        segments = []  # per job: output, resumed step, rows and snapshots it wrote, the kill after it
+        for k, spec in enumerate(chain + [None]):
+            view = RunView(run)
+            rows_before = len(view.rows())
+            job = self.train(f"kills-{index}-{k}", run)
+            kill = None
+            if spec is not None:
+                kill = dict(spec)
+                if spec.get("random"):
+                    at = self.rng.uniform(2.0, max(3.0, 0.9 * base.seconds))
+                    kill["target"] = f"random, {at:.1f} s after launch"
+                    fire = lambda: time.time() - job.started >= at  # noqa: E731
+                else:
+                    path = self.trigger_path(run, spec["phase"], spec["step"])
+                    kill["target"] = f"{spec['phase']} of step {spec['step']}"
+                    fire = lambda: os.path.exists(path)  # noqa: E731
+                deadline = time.time() + 600
+                while job.running() and not fire() and time.time() < deadline:
+                    job.note_tree()
+                    time.sleep(0.004)
+                if job.running():
+                    survivors = job.kill()
+                    kill["after_s"] = round(time.time() - job.started, 1)
+                    strays = processes_mentioning(run)  # anything of this run the kill did not reach
+                    for pid in strays:
+                        os.kill(pid, 9)
+                    kill["survivors"] = sorted(set(survivors) | set(strays))
+                    kill["hit"] = self.observed_phase(run, rows_before)
+                    done = view.steps("states")
+                    kill["newest_complete"] = done[-1] if done else 0
+                    self.log(f"kills/chain-{index}: killed at {kill['hit']} ({kill['target']}, "
+                             f"{kill['after_s']} s); survivors {kill['survivors']}")
+                else:
+                    kill["missed"] = f"the run ended (exit {job.proc.returncode}) before the kill"
+            else:
+                job.wait(timeout=900)
+                if job.running():
+                    job.kill()
+            out = job.output()
+            job.close()
+            r = resumed_at(out)
+            rows = view.rows()
+            mine = [x for x in rows if r is not None and x.get("step", 0) > r]
+            snaps = {s: h for s, h in view.snapshot_hashes().items() if r is not None and s > r}
+            segments.append({"output": out, "resumed": r, "rows": mine, "snapshots": snaps, "kill": kill,
+                             "rc": job.proc.returncode, "precision": precision_of(out), "log": job.log_path})
+        # Judge each kill by the re-runs after it, up to the first that wrote something.
+        final_ok, final_why, prec = self.compare_run(RunView(run), segments[-1]["output"])
+        fin = segments[-1]
+        if fin["rc"] != 0:
+            final_ok, final_why = False, f"the last re-run failed ({fin['rc']}): {last_line(fin['output'])}"
+        for k, seg in enumerate(segments[:-1]):
+            kill = seg["kill"]
+            if kill.get("missed"):
+                self.record("kills", f"chain {index}.{k + 1}", kill["target"], "-", kill["missed"], True,
+                            counted=False)
+                continue
+            problems = []
+            if kill["survivors"]:
+                problems.append(f"processes alive after the kill: {kill['survivors']}")
+            judged = []
+            for nxt in segments[k + 1:]:
+                judged.append(nxt)
+                if nxt["rows"] or nxt["snapshots"] or nxt is fin:
+                    break
+            first = judged[0]
+            if first["resumed"] is not None and first["resumed"] != kill["newest_complete"]:
+                problems.append(f"resumed at step {first['resumed']}, the newest complete state was "
+                                f"{kill['newest_complete']}")
+            for seg2 in judged:
+                problems += self.compare_rows(seg2["rows"], seg2["precision"])
+                problems += self.compare_snapshots(seg2["snapshots"], seg2["precision"])
+            if judged[-1] is fin and not final_ok:
+                problems.append(final_why)
+            exact = not problems
+            resumed = first["resumed"]
+            outcome = (f"re-run resumed at step {resumed}" if resumed is not None else "re-run killed before it resumed")
+            outcome += f", {sum(len(s['rows']) for s in judged)} steps and snapshots " \
+                       f"{sorted(s for seg2 in judged for s in seg2['snapshots'])} compared"
+            outcome += ": identical to the uninterrupted run" if exact else f": {'; '.join(problems)[:400]}"
+            self.record("kills", f"chain {index}.{k + 1}", f"kill -9 at {kill['target']} ({kill['after_s']} s)",
+                        kill["hit"], outcome, exact, counted=True, exact=exact, phase=kill["hit"].split(" (")[0],
+                        resumed=resumed, precision=seg["precision"], log=seg["log"])
+        self.record("kills", f"chain {index} end", f"{len(chain)} kills, then the command run to the end",
+                    f"{STEPS} steps", "losses of every step and every EMA snapshot identical to the "
+                    "uninterrupted run" if final_ok else final_why, final_ok, counted=False, precision=prec)
+
+    def part_kills(self) -> dict:
+        self.baseline()
+        plan = self.kill_plan()
+        self.log(f"kills: {sum(len(c) for c in plan)} kills in {len(plan)} chains: "
+                 + "; ".join(", ".join(s.get("phase", "random") + (f"@{s['step']}" if "step" in s else "")
+                                       for s in c) for c in plan))
+        for i, chain in enumerate(plan, 1):
+            try:
+                self.kill_chain(i, chain)
+            except Exception as e:  # noqa: BLE001 - a drill that broke is a failed trial, not a crash
+                self.record("kills", f"chain {i}", str(chain), "-", f"drill error: {type(e).__name__}: {e}", False)
+                traceback.print_exc()
+        rows = [t for t in self.trials if t["part"] == "kills"]
+        counted = [t for t in rows if t.get("counted")]
+        phases = sorted({t["phase"] for t in counted if t["phase"] in PHASES}, key=PHASES.index)
+        return {"kills": len(counted), "phases hit": f"{len(phases)} of {len(PHASES)}" +
+                (f" ({', '.join(phases)})" if phases else ""),
+                "exact resumes": f"{sum(1 for t in counted if t.get('exact'))} of {len(counted)}",
+                "ok": all(t["ok"] for t in rows)}
+
+    # ---------------------------------------------------------------- part 2: storage outages
+
+    def outage_trial(self, kind: str, seconds: float) -> None:
+        name = f"{kind}-{int(seconds)}s"
+        server = GCSServer(self.path("gcs", name), self.path("logs", f"gcs-{name}.log"))
+        job = None
+        try:
+            server.start()
+            fs = server.fs()
+            fs.mkdir("bkt")
+            env = {"STORAGE_EMULATOR_HOST": server.url}
+            state_dir = self.path("outage", f"{name}-states")
+            if kind == "stream":
+                fs.put(self.shards.rstrip("/") + "/", "bkt/digits/", recursive=True)
+                run = self.path("outage", name)
+                view = RunView(run)
+                job = self.train(f"outage-{name}", run, shards="gs://bkt/digits", env=env)
+                what = "while the trainer streams its shards from gs:// (after its first step)"
+                fire = lambda: any(r.get("step", 0) >= 1 for r in view.rows())  # noqa: E731
+            else:
+                run = "gs://bkt/run"
+                view = RunView("bkt/run", fs)
+                job = self.train(f"outage-{name}", run, f"train.state_dir={state_dir}", env=env)
+                target = os.path.join(state_dir, step_name(4), "trainer.json")  # written just before the upload
+                what = "while the trainer uploads the state of step 4 (train.run_dir on gs://, state_dir local)"
+                fire = lambda: os.path.exists(target)  # noqa: E731
+            local_log = (os.path.join(run, "train_log.jsonl") if kind == "stream"
+                         else server.object_path("bkt/run/train_log.jsonl"))
+
+            def step_now() -> int:
+                try:
+                    with open(local_log) as f:
+                        return max([json.loads(x).get("step", 0) for x in f if x.strip().endswith("}")] or [0])
+                except (OSError, ValueError):
+                    return 0
+
+            deadline = time.time() + 900
+            while job.running() and not fire() and time.time() < deadline:
+                time.sleep(0.01)
+            if not job.running():
+                raise RuntimeError(f"the run ended before the outage ({job.proc.returncode}): "
+                                   f"{last_line(job.output())}")
+            server.stop()
+            t_stop, step_stop = time.time(), step_now()
+            uploaded = os.path.exists(server.object_path(f"bkt/run/states/{step_name(4)}/COMPLETE"))
+            self.log(f"outage/{name}: server stopped at step {step_stop}" +
+                     (f" (state 4 {'already' if uploaded else 'not yet'} marked in the bucket)" if kind != "stream"
+                      else ""))
+            while time.time() - t_stop < seconds:
+                time.sleep(0.2)
+            ended_during = not job.running()
+            server.start()
+            step_back = step_now()
+            rc = job.wait(timeout=900)
+            if rc is None:
+                job.kill()
+            out = job.output()
+            stats = loader_stats(out)
+            errors = stats.get("errors") if stats else None
+            waited = "waiting for storage" in out
+            if kind == "stream":
+                hit = (f"outage from step {step_stop}; at step {step_back} when the server came back"
+                       + ("; the trainer logged that it waited" if waited else ""))
+                really = step_back < STEPS and not ended_during
+            else:
+                hit = (f"upload of step 4 {'already complete' if uploaded else 'in progress'}; "
+                       f"at step {step_back} when the server came back")
+                really = not uploaded and not ended_during
+            ok_cmp, why, prec = self.compare_run(view, out)
+            problems = []
+            if rc != 0:
+                problems.append(f"exit {rc}: {last_line(out)}")
+            if not ok_cmp:
+                problems.append(why)
+            if not really:
+                problems.append("the outage did not meet the run (ended or passed the fault before it)")
+            outcome = (f"waited and went on: exit 0, {errors} samples substituted, losses and snapshots identical"
+                       if not problems else "; ".join(problems)[:500])
+            self.record("outage", name, f"GCS server stopped {seconds:.0f} s {what}", hit, outcome, not problems,
+                        substituted=errors, exact=ok_cmp, seconds=seconds, kind=kind, precision=prec,
+                        log=job.log_path)
+        except Exception as e:  # noqa: BLE001
+            self.record("outage", name, f"GCS server stopped {seconds:.0f} s ({kind})", "-",
+                        f"drill error: {type(e).__name__}: {e}", False, seconds=seconds, kind=kind)
+            traceback.print_exc()
+        finally:
+            if job is not None:
+                job.close()
+            server.close()
+
+    def part_outage(self) -> dict:
+        self.baseline()
+        for seconds in ((10, 60) if self.quick else (10, 60, 300)):
+            # the streaming and the upload drill together: they mostly wait
+            threads = [threading.Thread(target=self.outage_trial, args=(kind, seconds)) for kind in ("stream", "upload")]
+            for t in threads:
+                t.start()
+                time.sleep(5)  # their start-ups apart, so that neither's precision probe meets the other
+            for t in threads:
+                t.join()
+        rows = [t for t in self.trials if t["part"] == "outage"]
+        subs = [t.get("substituted") for t in rows]
+        return {"exact resumes": f"{sum(1 for t in rows if t.get('exact'))} of {len(rows)} runs identical",
+                "samples substituted": sum(s for s in subs if isinstance(s, int)) if subs and
+                all(isinstance(s, int) for s in subs) else "?", "ok": all(t["ok"] for t in rows)}
+
+    # ---------------------------------------------------------------- part 3: two trainers
+
+    def lease_trial(self, variant: str) -> None:
+        run = self.path("lease", variant)
+        shutil.rmtree(run, ignore_errors=True)
+        view = RunView(run)
+        long_run = ["train.total_steps=100000"]  # the first trainer trains until the suite ends it
+        a = b = None
+        orphans: list[int] = []
+        try:
+            a = self.train(f"lease-{variant}-A", run, *long_run)
+            if variant == "together":
+                b = self.train(f"lease-{variant}-B", run, *long_run)
+                fault = "two trainers started on one run at once (the same command twice)"
+            else:
+                deadline = time.time() + 600
+                while a.running() and not view.rows() and time.time() < deadline:
+                    a.note_tree()
+                    time.sleep(0.1)
+                if not a.running():
+                    raise RuntimeError(f"the first trainer ended ({a.proc.returncode}): {last_line(a.output())}")
+                if variant == "orphans":
+                    orphans = a.note_tree()
+                    a.kill(launcher_only=True)
+                    fault = ("kill -9 of the launcher's process group only (the ranks, in sessions of their own, "
+                             "orphaned), then the same command at once")
+                else:
+                    fault = "the same command re-run while the first trainer trains"
+                b = self.train(f"lease-{variant}-B", run, *long_run)
+            t_b = time.time()
+            first_alive = lambda: (a.running() or any(alive(p) for p in orphans))  # noqa: E731
+            orphan_gone = None
+            b_trained_while_a = False
+            deadline = time.time() + (240 if variant == "together" else 180)
+            while time.time() < deadline:
+                a.note_tree()
+                b.note_tree()
+                if orphans and orphan_gone is None and not any(alive(p) for p in orphans):
+                    orphan_gone = time.time() - t_b
+                b_out = b.output()
+                b_training = bool(re.search(r"\[train\] step \d+/", b_out))
+                a_training = bool(re.search(r"\[train\] step \d+/", a.output())) or bool(orphans)
+                if b_training and a_training and first_alive():
+                    b_trained_while_a = True
+                if not b.running() or not a.running() and not any(alive(p) for p in orphans):
+                    break
+                if b_trained_while_a and time.time() - t_b > 20:
+                    time.sleep(5)  # let both write a while: what a user would find later
+                    break
+                time.sleep(0.5)
+            a_was_alive = first_alive()
+            b_rc = b.poll()
+            a_rc = a.poll()
+            b_out, a_out = b.output(), a.output()
+            for j in (a, b):
+                if j.running():
+                    j.kill()
+            for pid in orphans + processes_mentioning(run):
+                if alive(pid):
+                    os.kill(pid, 9)
+            steps = [r.get("step") for r in view.rows()]
+            twice = sorted({s for s in steps if steps.count(s) > 1})
+            refused = [ln for ln in (b_out + a_out).splitlines() if "[lease]" in ln or "lease" in ln.lower()
+                       and ("held" in ln.lower() or "refus" in ln.lower())]
+            double = b_trained_while_a or bool(twice)
+            if variant == "together":
+                a_tr = bool(re.search(r"\[train\] step \d+/", a_out))
+                b_tr = bool(re.search(r"\[train\] step \d+/", b_out))
+                double = (a_tr and b_tr) or bool(twice)
+            parts = []
+            if variant == "orphans":
+                parts.append(f"orphaned ranks gone {orphan_gone:.1f} s after the re-run started" if orphan_gone
+                             is not None else "orphaned ranks still alive when the drill ended")
+            if b_rc is not None and b_rc != 0:
+                parts.append(f"second trainer exited {b_rc}: {last_line(b_out, r'lease|Lease|held|refus|stopped|rror')}")
+            elif b_rc is None:
+                parts.append("second trainer still running")
+            if a_rc is not None and variant != "orphans":
+                parts.append(f"first trainer exited {a_rc}: {last_line(a_out, r'lease|Lease|held|refus|stopped|rror')}")
+            parts.append(f"steps written twice: {len(twice)}" + (f" ({twice[:6]}{' ...' if len(twice) > 6 else ''})"
+                                                                 if twice else ""))
+            hit = ("both trainers trained at once" if double else
+                   "the first trainer's ranks were alive when the second started" if variant != "together"
+                   else "both started together")
+            self.record("lease", variant, fault, hit, "; ".join(parts), not double, double_writer=double,
+                        steps_twice=len(twice), refused=refused[-1][:300] if refused else None,
+                        first_alive_at_end=a_was_alive, log=b.log_path)
+        except Exception as e:  # noqa: BLE001
+            self.record("lease", variant, variant, "-", f"drill error: {type(e).__name__}: {e}", False)
+            traceback.print_exc()
+        finally:
+            for j in (a, b):
+                if j is not None:
+                    j.close()
+            for pid in orphans:
+                if alive(pid):
+                    os.kill(pid, 9)
+
+    def part_lease(self) -> dict:
+        for variant in (("rerun",) if self.quick else ("rerun", "orphans", "together")):
+            self.lease_trial(variant)
+        rows = [t for t in self.trials if t["part"] == "lease"]
+        return {"double writers": f"{sum(1 for t in rows if t.get('double_writer'))} of {len(rows)}",
+                "ok": all(t["ok"] for t in rows)}
+
+    # ---------------------------------------------------------------- part 4: the eval service
+
+    def ledger_rows(self, run: str) -> list[dict]:
+        return _jsonl(os.path.join(run, "eval", "ledger.jsonl"))
+
+    def part_eval(self) -> dict:
+        base = self.baseline()
+        run = self.path("eval", "run")
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.copytree(base.run, run, ignore=shutil.ignore_patterns("eval", "states"))
+        overrides = EVAL_OVERRIDES + [f"eval.cache_dir={self.path('eval', 'cache')}"]
+        snaps = RunView(run).steps("snapshots")
+        kills = 1 if self.quick else 2
+        fired = 0
+        pending_checks = []  # per killed snapshot: when the next service started, how long it took
+        for k in range(kills + 1):
+            svc = self.job(f"eval-{k}", ["-m", "evals.service", "--run", run, "--once", "--quiet", *overrides])
+            for chk in pending_checks:
+                if chk["next_started"] is None:
+                    chk["next_started"] = svc.started
+            last = k == kills
+            scored = {r["step"] for r in self.ledger_rows(run) if r.get("status") == "ok"}
+            todo = [s for s in snaps if s not in scored]
+            target = todo[0] if todo else None
+            hit = None
+            deadline = time.time() + 600
+            while svc.running() and time.time() < deadline:
+                for chk in pending_checks:
+                    if chk["latency"] is None and any(r["step"] == chk["step"] and r.get("status") == "ok"
+                                                      for r in self.ledger_rows(run)):
+                        chk["latency"] = time.time() - chk["next_started"]
+                if not last and target is not None and f"step {target}: sampling" in svc.output():
+                    fired += 1
+                    time.sleep(self.rng.uniform(0.0, 2.0))  # somewhere in the sampling and scoring
+                    claim = os.path.exists(os.path.join(run, "eval", "claims", f"{step_name(target)}.json"))
+                    survivors = svc.kill()
+                    done = any(r["step"] == target for r in self.ledger_rows(run))
+                    hit = (f"step {target} {'already scored' if done else 'being scored'}, claim file "
+                           f"{'held' if claim else 'absent'}" + (f", survivors {survivors}" if survivors else ""))
+                    self.log(f"eval: service {k} killed mid-score: {hit}")
+                    if not done:
+                        pending_checks.append({"step": target, "killed": time.time(), "next_started": None,
+                                               "latency": None, "hit": hit, "k": k, "survivors": survivors})
+                    else:
+                        self.record("eval", f"kill {k + 1}", f"kill -9 of the service scoring step {target}", hit,
+                                    "the kill came after the row was written: not counted", True, counted=False)
+                    break
+                time.sleep(0.05)
+            if svc.running():
+                svc.kill()
+                self.log(f"eval: service {k} ran over 10 minutes: killed")
+            out = svc.output()
+            svc.close()
+            for chk in pending_checks:  # rows written in the last poll interval
+                if chk["latency"] is None and chk["next_started"] is not None and \
+                        any(r["step"] == chk["step"] and r.get("status") == "ok" for r in self.ledger_rows(run)):
+                    chk["latency"] = svc.ended - chk["next_started"] if svc.ended else None
+            if last and svc.proc.returncode != 0:
+                self.log(f"eval: the last service exited {svc.proc.returncode}: {last_line(out)}")
+        rows = self.ledger_rows(run)
+        ok_steps = {r["step"] for r in rows if r.get("status") == "ok"}
+        never = [s for s in snaps if s not in ok_steps]
+        late = []
+        for i, chk in enumerate(pending_checks, 1):
+            lat = chk["latency"]
+            good = lat is not None and lat <= EVAL_DEADLINE_S and not chk["survivors"]
+            if not good:
+                late.append(chk["step"])
+            outcome = (f"scored by the next service {lat:.0f} s after it started" if lat is not None
+                       else "not scored by the next service")
+            self.record("eval", f"kill {chk['k'] + 1}", f"kill -9 of the eval service while it scores step "
+                        f"{chk['step']}", chk["hit"], outcome, good, counted=True, latency=lat)
+        twice = sorted({r["step"] for r in rows if r.get("status") == "ok" and r.get("metric") in ("fid", "fvd")
+                        and sum(1 for x in rows if x["step"] == r["step"] and x.get("status") == "ok"
+                                and x.get("metric") == r.get("metric")) > 1})
+        self.record("eval", "end", f"{fired} kills, then a service run to the end", f"snapshots {snaps}",
+                    f"scored: {sorted(ok_steps)}; never scored: {never}" + (f"; scored twice: {twice}" if twice else ""),
+                    not never, counted=False)
+        unscored = len(set(never) | set(late))
+        return {"kills": len([c for c in pending_checks]), "unscored snapshots": unscored,
+                "ok": unscored == 0 and all(t["ok"] for t in self.trials if t["part"] == "eval")}
+
+    # ---------------------------------------------------------------- all
+
+    def run(self, parts: list[str]) -> None:
+        self.make_shards()
+        for part in parts:
+            t = time.time()
+            self.log(f"--- {part}")
+            try:
+                self.summary[part] = getattr(self, f"part_{part}")()
+            except Exception as e:  # noqa: BLE001
+                traceback.print_exc()
+                self.record(part, "setup", part, "-", f"drill error: {type(e).__name__}: {e}", False)
+                self.summary[part] = {"ok": False}
+            self.summary[part]["seconds"] = round(time.time() - t)
+
+
+def _jsonl(path: str) -> list[dict]:
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+    except OSError:
+        pass
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The tables
+
+WHAT = {
+    "kills": "kill -9 of the torchrun launcher and every rank (own sessions) at each phase of a save and at "
+             "random times, then the same command; ZeRO-2, 2 ranks x 2 data workers, precision auto",
+    "outage": "GCS API server stopped {secs} while streaming shards from gs:// and while uploading a state",
+    "lease": "a second trainer on a run whose first trainer's ranks still live",
+    "eval": "eval service killed mid-score; the next service must score the snapshot within a minute",
+}
+COLUMNS = ["kills", "phases hit", "exact resumes", "samples substituted", "double writers", "unscored snapshots"]
+
+
+def markdown(suite: Suite, seconds: float) -> str:
+    secs = "10 s, 60 s" + ("" if suite.quick else ", 5 min")
+    lines = [f"Fault drills (`python bench/faults.py{' --quick' if suite.quick else ''}`, seed {suite.seed}): "
+             f"{sum(1 for t in suite.trials if t['ok'])} of {len(suite.trials)} checks passed in "
+             f"{seconds / 60:.1f} minutes.", "",
+             "| part | what was done | " + " | ".join(COLUMNS) + " | result |",
+             "|---|---|" + "---|" * len(COLUMNS) + "---|"]
+    for part, s in suite.summary.items():
+        what = WHAT[part].format(secs=secs)
+        cells = [str(s.get(c, "-")) for c in COLUMNS]
+        lines.append(f"| {part} | {what} | " + " | ".join(cells) + f" | {'pass' if s.get('ok') else '**FAIL**'} |")
+    lines += ["", "| part | trial | fault | hit | outcome | ok |", "|---|---|---|---|---|---|"]
+    for t in suite.trials:
+        cells = [t["part"], t["trial"], t["fault"], t["hit"], t["outcome"], "yes" if t["ok"] else "**no**"]
+        lines.append("| " + " | ".join(str(c).replace("|", "/").replace("\n", " ") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench/faults.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+    p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts (default: all): {', '.join(PARTS)}")
+    p.add_argument("--quick", action="store_true", help="a reduced set: 3 kills, 10 s and 60 s outages, one "
+                   "double-trainer drill, one eval kill (about 10 minutes on 2 cores)")
+    p.add_argument("--json", default="", help="also write the tables as JSON to this file")
+    p.add_argument("--seed", type=int, default=None, help="seed for phases, kill times (default: random, printed)")
+    p.add_argument("--workdir", default="", help="where runs, servers' roots and logs go (default: a temporary folder)")
+    p.add_argument("--keep", action="store_true", help="keep the work folder even when every drill passed")
+    p.add_argument("--repo", default=ROOT, help="the rin_scale checkout to drill (default: this one)")
+    args = p.parse_args(argv)
+    parts = [x.strip() for x in args.only.split(",") if x.strip()]
+    bad = [x for x in parts if x not in PARTS]
+    if bad:
+        p.error(f"--only: unknown part(s) {bad}; choose from {', '.join(PARTS)}")
+    if args.seed is None:
+        args.seed = random.SystemRandom().randrange(10**6)
+    sys.path.insert(0, os.path.abspath(args.repo))
+    import rin_scale.storage  # noqa: F401 - the emulator settings before gcsfs is imported
+
+    suite = Suite(args)
+    suite.log(f"work folder {suite.work}; seed {suite.seed}; parts {', '.join(parts)}"
+              + (" (quick)" if args.quick else ""))
+    t0 = time.time()
+    try:
+        suite.run(parts)
+    except KeyboardInterrupt:
+        suite.log("interrupted")
+    finally:
+        stop_everything()
+    seconds = time.time() - t0
+    table = markdown(suite, seconds)
+    print(table)
+    ok = bool(suite.summary) and all(s.get("ok") for s in suite.summary.values())
+    if args.json:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=suite.repo, capture_output=True, text=True).stdout.strip()
+        with open(args.json, "w") as f:
+            json.dump({"quick": args.quick, "seed": suite.seed, "seconds": round(seconds), "repo": suite.repo,
+                       "commit": commit, "parts": parts, "ok": ok, "summary": suite.summary,
+                       "trials": suite.trials, "work": suite.work, "markdown": table}, f, indent=1)
+    if ok and not args.keep:
+        shutil.rmtree(suite.work, ignore_errors=True)
+    else:
+        print(f"\nwork folder (runs and logs): {suite.work}", file=sys.stderr)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
