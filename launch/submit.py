@@ -169,7 +169,9 @@ def check_data(cfg: Config, world: int, timeout: float = DATA_CHECK_SECONDS) -> 
     that fit the model, a batch for every rank. Raises LaunchError for data the job would stop on;
     returns a warning line when the shards could not be listed from here (storage unreachable, no
     credentials on this machine, slower than `timeout` seconds), '' when all is well."""
+    from rin_scale.config import mask_secrets
     from rin_scale.data import DataError, check_dataset
+    from rin_scale.shards import ListingError
 
     if not cfg.data.shards:
         raise LaunchError("data.shards is empty: set data.shards=URL of a shard folder or manifest "
@@ -186,16 +188,17 @@ def check_data(cfg: Config, world: int, timeout: float = DATA_CHECK_SECONDS) -> 
     t = threading.Thread(target=work, name="check-data", daemon=True)
     t.start()
     t.join(timeout)
-    url = cfg.data.shards
+    url = mask_secrets(cfg.data.shards)  # these lines end up in terminals and job logs
     if t.is_alive():
         return (f"data.shards={url} not checked: no listing within {timeout:.0f} s from here; "
                 f"the job checks it when it starts")
     e = found.get("error")
-    if isinstance(e, DataError):
-        raise LaunchError(str(e))
-    if e is not None:
-        why = (str(e).strip().splitlines() or [""])[0][:300]
-        return f"data.shards={url} not checked: listing it from here failed ({type(e).__name__}: {why}); " \
+    if isinstance(e, DataError) and not isinstance(e, ListingError):
+        raise LaunchError(mask_secrets(str(e)))
+    if e is not None:  # this machine may lack the nodes' network or credentials: not a verdict
+        c = e.__cause__ if isinstance(e, ListingError) and e.__cause__ is not None else e
+        why = mask_secrets((str(c).strip().splitlines() or [""])[0][:300])
+        return f"data.shards={url} not checked: listing it from here failed ({type(c).__name__}: {why}); " \
                f"the job checks it when it starts"
     return ""
 

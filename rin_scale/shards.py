@@ -20,6 +20,11 @@ class DataError(RuntimeError):
     """Data that cannot be used; the message names the problem and the fix."""
 
 
+class ListingError(DataError):
+    """The shards could not be listed or counted (storage unreachable, access refused, no
+    credentials here): no verdict on the data itself. The storage error is its __cause__."""
+
+
 def _expand_braces(pattern: str) -> list[str]:
     import braceexpand
 
@@ -94,8 +99,21 @@ def list_shards(url: str, check_ends: bool = False) -> tuple[list[str], list[int
 
     Without a manifest, counts come from reading every tar's headers once; with check_ends, a tar
     without its end-of-archive blocks (truncated, yet readable as a shorter tar) is a DataError too,
-    as one that tarfile cannot read is.
+    as one that tarfile cannot read is. A storage failure is a ListingError, one line.
     """
+    try:
+        return _list_shards(url, check_ends)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any filesystem's errors: worded here, kept as the cause
+        from .config import mask_secrets
+
+        what = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ListingError(mask_secrets(f"cannot list the shards at {url} ({type(e).__name__}: {what}): check "
+                                        f"the URL, the network and the credentials")) from e
+
+
+def _list_shards(url: str, check_ends: bool) -> tuple[list[str], list[int], dict]:
     if not url:
         raise DataError("data.shards is empty: set data.shards=URL of a shard folder "
                         "(make one with: python -m data_tools.shard --embedded digits OUT)")
@@ -137,6 +155,8 @@ def list_shards(url: str, check_ends: bool = False) -> tuple[list[str], list[int
                     complete = ends_cleanly(f) if check_ends else True
                 if not complete:
                     raise tarfile.ReadError(f"truncated after {counts[-1]} samples: no end-of-archive blocks")
+            except FileNotFoundError:
+                raise DataError(f"{s} does not exist: fix data.shards") from None
             except (tarfile.TarError, EOFError) as e:
                 raise DataError(f"{s} is not a readable tar ({e}) and there is no manifest to skip it by: "
                                 f"remove it, or re-shard with data_tools.shard (which writes a manifest)") from None

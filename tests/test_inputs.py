@@ -251,8 +251,19 @@ def test_submit_does_not_block_on_storage_it_cannot_reach(monkeypatch):
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", f"http://127.0.0.1:{free_port()}")  # nothing listens
     monkeypatch.setattr(storage, "_FS_CACHE", {})  # a filesystem made for another emulator must not be reused
     cfg = load("tiny", ["data.shards=gs://bucket/shards"])
-    warning = launch_submit.check_data(cfg, 1, timeout=1.0)
-    assert warning.startswith("data.shards=gs://bucket/shards not checked") and "when it starts" in warning
+    warning = launch_submit.check_data(cfg, 1, timeout=1.0)  # gcsfs would retry for 20 s
+    assert warning == ("data.shards=gs://bucket/shards not checked: no listing within 1 s from here; "
+                       "the job checks it when it starts")
+    # refused at once: the storage error, in one line, secrets masked; the submit goes ahead
+    url = f"https://user:SECRET@127.0.0.1:{free_port()}/shards?token=SECRET"
+    warning = launch_submit.check_data(load("tiny", [f"data.shards={url}"]), 1)
+    assert warning.startswith("data.shards=https://user:***@127.0.0.1:") and "?token=*** not checked: listing it " \
+        "from here failed (ClientConnectorError: Cannot connect" in warning and "SECRET" not in warning, warning
+    # the trainer's loader: the same failure is a DataError (one line: "[train] stopped: ..."), not a traceback
+    cfg = loader_cfg(url)
+    with pytest.raises(DataError, match=r"^cannot list the shards at https://user:\*\*\*@.*ClientConnectorError") as e:
+        ShardLoader(cfg.data, cfg.model, 4)
+    assert "\n" not in str(e.value) and "SECRET" not in str(e.value)
 
 
 # --------------------------------------------------------------------------------------------
