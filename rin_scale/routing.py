@@ -316,8 +316,8 @@ def render(mcfg, samples: torch.Tensor, records: list[dict], cond: Optional[torc
     if legend:
         what = ("share of each token's attention on the time+class slots (label: mean)" if write == "cond"
                 else "entropy of each token's attention over the latents / log(latents) (label: mean)")
-        lines = [f"x_t: network input at sampling time t; sample: the final sample",
-                 f"read j: read attention on each token, summed over latents and heads (label: share on the top 10%)",
+        lines = ["x_t: network input at sampling time t; sample: the final sample",
+                 "read j: read attention on each token, summed over latents and heads (label: share on the top 10%)",
                  f"write j: {what}", "each map is scaled from its own min (dark) to its max (bright)"]
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     wrapped = []

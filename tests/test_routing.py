@@ -230,3 +230,22 @@ def test_cli_draws_a_png_from_a_snapshot(tmp_path, capsys):
     assert "read_entropy" in table and len(table.strip().splitlines()) == 1 + 3 * blocks
     assert main([run, "--out", out, "--at", "2"]) == 2
     assert main([run, "--out", out, "--class", "99"]) == 2
+
+
+def test_write_shares_name_the_time_and_class_slots():
+    """Latent slots are [learned..., time, class]: mass on the second-to-last slot is the time share."""
+    from rin_scale.routing import AttentionRecorder
+
+    m = _model()  # class-conditional: 2 reserved slots of 8
+    rec = AttentionRecorder(len(m.blocks), m.cfg.num_latents, m.num_reserved, True)
+    n, lat = m.num_tokens, m.cfg.num_latents
+    rec._store(0, "read", torch.full((1, 4, lat, n), 1.0 / n))
+    p = torch.zeros(1, 4, n, lat)
+    p[..., lat - 2] = 0.75  # time
+    p[..., lat - 1] = 0.25  # class
+    rec._store(0, "write", p)
+    w = rec.records[0]["write"][0]
+    assert torch.allclose(w["time"], torch.full((1, n), 0.75)) and torch.allclose(w["class"], torch.full((1, n), 0.25))
+    assert torch.allclose(w["cond"], torch.ones(1, n))
+    r = rec.records[0]["read"][0]
+    assert torch.allclose(r["entropy"], torch.ones(1)) and torch.allclose(r["top10"], torch.full((1,), 2 / n))
