@@ -90,9 +90,15 @@ def log0(rank: int, msg: str) -> None:
 
 
 def all_mean(values: torch.Tensor) -> torch.Tensor:
+    """The mean over the ranks (collective), reduced on the engine's device (NCCL reduces CUDA tensors
+    only) and returned on the device it came from."""
     if dist.is_initialized() and dist.get_world_size() > 1:
+        from .engine import device
+
+        where = values.device
+        values = values.to(device())
         dist.all_reduce(values)
-        values = values / dist.get_world_size()
+        values = (values / dist.get_world_size()).to(where)
     return values
 
 
@@ -498,7 +504,7 @@ def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
     grad_norm = engine.get_global_grad_norm()
     # The loss and rank 0's "the lease is lost" flag in one all-reduce: no extra collective per step.
     mean = torch.stack(losses).mean()
-    both = all_mean(torch.stack([mean, torch.full_like(mean, float(lease_lost()))]).cpu())
+    both = all_mean(torch.stack([mean, torch.full_like(mean, float(lease_lost()))])).cpu()
     result = StepResult(both[0].item(), engine.get_lr()[0], float(grad_norm) if grad_norm is not None else None,
                         skipped, bool(both[1].item() > 0))
     if tr.dev.type == "cuda":

@@ -81,6 +81,10 @@ def test_preempted_local_zero2_job_requeues_and_finishes_from_its_last_state(sha
     meta = storage.read_json(storage.join(snap[1], "meta.json"))
     assert (meta["step"], meta["images_seen"]) == (total, total * 8)
     assert rundir.newest_complete(run, "states")[0] == total
+    # one trainer at a time held the run: the requeued attempt took the lease (released by the
+    # preempted one, or taken over as an earlier attempt of this job), and released it at the end
+    assert "in use by another trainer" not in out
+    assert not storage.exists(storage.join(run, "lease.json"))
 
     # launch.status reads all of it back
     capsys.readouterr()
