@@ -112,7 +112,9 @@ class TrainConfig:
                                    "is not applied to them either)")
     no_decay_embeddings: bool = _f(True, "also exempt positional and token embeddings from decay")
     warmup_steps: int = _f(10_000, "linear warmup from 0 to lr")
-    lr_floor: float = _f(0.1, "cosine decays to lr * lr_floor")
+    lr_floor: float = _f(0.1, "cosine decays toward lr * lr_floor (reached at the end when lr_cosine_fraction = 1)")
+    lr_cosine_fraction: float = _f(1.0, "part R of the cosine run over the decay (the authors' cosine@R: "
+                                        "lr * (floor + (1 - floor) * 0.5 * (1 + cos(pi * R * progress))))")
     grad_clip: float = _f(0.0, "0 = off")
     max_nonfinite: int = _f(20, "consecutive skipped steps before the run stops")
     ema_decay: float = _f(0.9999, "EMA of the weights, updated every step in fp32")
@@ -414,6 +416,7 @@ def validate(cfg: Config) -> Config:
     _check(t.lr > 0 and t.total_steps >= 1, "train.lr must be positive and train.total_steps at least 1")
     _check(t.eps > 0, f"train.eps={t.eps} must be positive (the authors' 1e-8)")
     _check(0 <= t.lr_floor <= 1, "train.lr_floor is a fraction of train.lr in [0, 1]")
+    _check(0 < t.lr_cosine_fraction <= 1, "train.lr_cosine_fraction is the part of the cosine in (0, 1]")
     _check(0 <= t.ema_decay < 1, "train.ema_decay must lie in [0, 1)")
     _check(t.activation_checkpointing >= 0, "train.activation_checkpointing: 0 = off, k = every k-th block")
     _check(t.state_every >= 1 and t.snapshot_every >= 1 and t.log_every >= 1,
