@@ -75,6 +75,15 @@ def _start_ticks(pid: int) -> str:
         return ""
 
 
+def _proc_state(pid: int) -> str:
+    """R, S, D, Z, ... from /proc/PID/stat; "" if unknown."""
+    stat = _read_text(f"/proc/{pid}/stat")
+    try:
+        return stat.rsplit(")", 1)[1].split()[0]
+    except IndexError:
+        return ""
+
+
 def machine() -> dict:
     """What makes a pid meaningful: the host name, its boot, and the pid namespace."""
     try:
@@ -110,8 +119,8 @@ def process_gone(holder: dict) -> str:
     """Why the holder's process is certainly gone ("" if it may live): it ran on this machine (host,
     boot, pid namespace) and its pid is no longer there, or is another process now."""
     mine = machine()
-    if any(holder.get(k) != mine[k] for k in ("host", "boot_id", "pidns")) or not mine["boot_id"]:
-        return ""
+    if any(holder.get(k) != mine[k] for k in ("host", "boot_id", "pidns")):
+        return ""  # another machine, boot or pid namespace: its pid means nothing here
     try:
         pid = int(holder.get("pid"))
     except (TypeError, ValueError):
@@ -120,7 +129,7 @@ def process_gone(holder: dict) -> str:
         return f"its process {pid} is this one, which holds no lease (an earlier start in this process)"
     if os.path.exists("/proc/self/stat"):
         start = _start_ticks(pid)
-        if not start:
+        if not start or _proc_state(pid) == "Z":  # a zombie has exited; only its parent has not reaped it
             return f"its process {pid} on {mine['host']} is gone"
         if holder.get("pid_start") and start != holder["pid_start"]:
             return f"its process {pid} on {mine['host']} is gone (the pid is another process's now)"

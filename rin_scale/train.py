@@ -155,6 +155,13 @@ def _leave_orphaned() -> None:
             t = threading.Thread(target=_LEASE.release, args=(2.0,), daemon=True)
             t.start()
             t.join(5.0)
+        try:  # this rank's DataLoader workers would otherwise linger until their own parent check
+            import multiprocessing
+
+            for child in multiprocessing.active_children():
+                child.kill()
+        except Exception:  # noqa: BLE001, S110 - leaving regardless
+            pass
         os._exit(ORPHANED_EXIT)
 
 

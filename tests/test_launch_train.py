@@ -204,7 +204,7 @@ def test_ranks_exit_when_their_torchrun_launcher_is_killed(shards, tmp_path):
     run, log = str(tmp_path / "run"), tmp_path / "torchrun.log"
     with open(log, "w") as out:
         launcher = subprocess.Popen(_trainer(run, shards, "train.total_steps=100000", "train.state_every=1000",
-                                             "train.snapshot_every=1000", nproc=2),
+                                             "train.snapshot_every=1000", "data.workers=1", nproc=2),
                                     cwd=ROOT, env=_env(), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         _wait_for(lambda: len(_steps(run)) >= 3 or launcher.poll() is not None, 300, "3 steps")
@@ -212,14 +212,18 @@ def test_ranks_exit_when_their_torchrun_launcher_is_killed(shards, tmp_path):
         ranks = _children(launcher.pid)
         assert len(ranks) == 2, ranks
         assert all(os.getsid(r) == r for r in ranks)  # the ranks lead sessions of their own
+        workers = [w for r in ranks for w in _children(r)]  # their DataLoader workers
+        assert len(workers) >= 2, workers
         os.kill(launcher.pid, 9)
         launcher.wait()
         killed = time.time()
-        _wait_for(lambda: all(_gone(r) for r in ranks), 15, "both ranks to exit after their launcher died")
-        print(f"ranks gone {time.time() - killed:.1f} s after the launcher")
+        _wait_for(lambda: all(_gone(p) for p in ranks + workers), 15,
+                  "both ranks and their data workers to exit after their launcher died")
+        print(f"ranks and workers gone {time.time() - killed:.1f} s after the launcher")
     finally:
-        for r in _children(launcher.pid) if launcher.poll() is None else []:
-            os.kill(r, 9)
+        for p in ranks + workers if "workers" in locals() else []:
+            if not _gone(p):
+                os.kill(p, 9)
     at_exit = _steps(run)
     time.sleep(3)
     assert _steps(run) == at_exit  # nothing written after

@@ -321,3 +321,18 @@ def test_trainer_takes_over_a_stale_lease_and_a_dead_ranks_lease(shards, tmp_pat
     assert p.returncode == 0, p.stderr[-3000:]
     assert f"its process {dead.pid} on" in p.stdout and "at step 2 " in p.stdout, p.stdout[-2000:]
     assert _steps(run) == [1, 2, 3, 4] and not _exists(run)
+
+
+def test_a_zombie_holder_is_gone(tmp_path):
+    run = str(tmp_path / "run")
+    z = subprocess.Popen(["true"])  # exited, not yet reaped: a zombie with its pid and start time
+    deadline = time.time() + 10
+    while L._proc_state(z.pid) != "Z" and time.time() < deadline:
+        time.sleep(0.05)
+    try:
+        _plant(run, _holder(**L.machine(), pid=z.pid, pid_start=L._start_ticks(z.pid)))
+        a = L.Lease(run)
+        assert f"its process {z.pid}" in a.acquire()
+        a.release()
+    finally:
+        z.wait()
