@@ -79,16 +79,31 @@ def step_name(step: int) -> str:
     return f"step-{step:09d}"
 
 
+def written_since(path: str, since: float) -> bool:
+    try:
+        return os.stat(path).st_mtime >= since
+    except OSError:
+        return False
+
+
 def sha(data: bytes | None) -> str | None:
     return hashlib.sha256(data).hexdigest()[:16] if data is not None else None
 
 
-def last_line(text: str, pattern: str = r"\[train\] stopped|error|Error|\[lease\]|refus") -> str:
-    """The line of a job's output that says why it ended: the last one matching, else the last."""
+WHY = (r"\[train\] stopped", r"config error", r"^error:", r"\[lease\]", r"\[train\] rank \d+: its launcher",
+       r"\b(?!ChildFailedError)\w+(Error|Exception): ", r"rror")
+
+
+def last_line(text: str, patterns=WHY) -> str:
+    """The line of a job's output that says why it ended: the last line matching the first pattern
+    that any line matches (the trainer's own one-line reasons before torchrun's summary), else the
+    last line."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    hits = [ln for ln in lines if re.search(pattern, ln)]
-    out = (hits or lines or [""])[-1]
-    return out[:300]
+    for pat in patterns:
+        hits = [ln for ln in lines if re.search(pat, ln)]
+        if hits:
+            return hits[-1][:300]
+    return (lines or [""])[-1][:300]
 
 
 # --------------------------------------------------------------------------------------------
@@ -168,11 +183,14 @@ def precision_of(output: str) -> str | None:
     return found[-1] if found else None
 
 
-def resumed_at(output: str) -> int | None:
-    """The step a trainer resumed at; 0 for a fresh start; None when it never got that far."""
+def resumed_at(output: str, had_state: bool) -> int | None:
+    """The step a trainer resumed at; 0 for a fresh start (no complete state when it was launched);
+    None when it never got that far."""
     m = re.findall(r"resumed from \S+ at step (\d+)", output)
     if m:
         return int(m[-1])
+    if had_state:
+        return None
     return 0 if re.search(r"\[train\] \d+ rank\(s\) on", output) else None
 
 
@@ -319,36 +337,34 @@ class Suite:
     # ---------------------------------------------------------------- part 1: kills
 
     def kill_plan(self) -> list[list[dict]]:
-        """Chains of kills: [{"phase": name, "step": N} or {"random": True}], the phase targets of a
-        chain at increasing steps (a killed save leaves its folder behind until it is saved again)."""
+        """Chains of kills: {"phase": name, "step": N}, {"random": "step"} (a random moment of a
+        random training step) or {"random": "time"} (a random time after launch: start-up and
+        resuming included). A chain's phase targets come at increasing steps (a killed save leaves
+        its folder behind until that step is saved again)."""
         phases = list(PHASES)
         self.rng.shuffle(phases)
         if self.quick:
-            phases, n_random = phases[:2], 1
+            phases, randoms = phases[:2], [{"random": "step"}]
         else:
-            n_random = 5
-        chains, randoms = [], n_random
+            randoms = [{"random": k} for k in ("step", "time", "step", "time", "step")]
+        chains = []
         while phases:
             pair, phases = phases[:2], phases[2:]
             if "snapshot" in pair:
-                steps = [self.rng.choice(SNAPSHOT_STEPS)]
-                if len(pair) == 2:
-                    other = [s for s in SAVE_STEPS if s != steps[0]]
-                    steps.append(self.rng.choice(other))
-                pair = ["snapshot"] + [p for p in pair if p != "snapshot"]
-                order = sorted(range(len(pair)), key=lambda i: steps[i])
-                pair, steps = [pair[i] for i in order], [steps[i] for i in order]
+                snap = self.rng.choice(SNAPSHOT_STEPS)
+                other = [p for p in pair if p != "snapshot"]
+                targets = [("snapshot", snap)] + [(o, self.rng.choice([t for t in SAVE_STEPS if t != snap]))
+                                                  for o in other]
+                targets.sort(key=lambda t: t[1])
             else:
-                steps = sorted(self.rng.sample(SAVE_STEPS, len(pair)))
-            chain = [{"phase": p, "step": s} for p, s in zip(pair, steps)]
-            take = 1 if (randoms > 0 and len(chain) == 2) else min(randoms, 3 - len(chain))
-            chain += [{"random": True}] * take
-            randoms -= take
+                targets = list(zip(pair, sorted(self.rng.sample(SAVE_STEPS, len(pair)))))
+            chain = [{"phase": p, "step": n} for p, n in targets]
+            while len(chain) < 3 and randoms:
+                chain.append(randoms.pop(0))
             chains.append(chain)
-        while randoms > 0:
-            take = min(randoms, 3)
-            chains.append([{"random": True}] * take)
-            randoms -= take
+        while randoms:
+            chains.append(randoms[:3])
+            randoms = randoms[3:]
         return chains
 
     @staticmethod
@@ -363,41 +379,48 @@ class Suite:
                 "COMPLETE": os.path.join(s, "COMPLETE")}[phase]
 
     @staticmethod
-    def phase_of(run: str, step: int) -> str | None:
-        """Which phase of step N's save the files on disk show (None: its save had not begun)."""
+    def phase_of(run: str, step: int, since: float = 0.0) -> str | None:
+        """Which phase of step N's save the files on disk show (None: its save had not begun); only
+        files written after `since` count (a killed save leaves its files until it is saved again)."""
+        def fresh(path):
+            return written_since(path, since)
+
         s = os.path.join(run, "states", step_name(step))
         snap = os.path.join(run, "snapshots", step_name(step))
-        if os.path.exists(os.path.join(s, "COMPLETE")):
+        if fresh(os.path.join(s, "COMPLETE")):
             return "COMPLETE"
-        if os.path.exists(os.path.join(s, "trainer.json")):
+        if fresh(os.path.join(s, "trainer.json")):
             return "trainer.json"
-        if os.path.exists(os.path.join(s, "ema.safetensors")):
+        if fresh(os.path.join(s, "ema.safetensors")):
             return "ema.safetensors"
-        if any(os.path.exists(os.path.join(s, f"rank-{r}.pt")) for r in (0, 1)):
+        if any(fresh(os.path.join(s, f"rank-{r}.pt")) for r in (0, 1)):
             return "rank-R.pt"
         ds = os.path.join(s, step_name(step))
-        if os.path.isdir(ds) and os.listdir(ds):
+        if os.path.isdir(ds) and any(fresh(os.path.join(ds, f)) for f in os.listdir(ds)):
             return "DeepSpeed files"
-        if os.path.isdir(s):
+        if os.path.isdir(s) and fresh(s):
             return "state folder"
-        if os.path.isdir(snap) and not os.path.exists(os.path.join(snap, "COMPLETE")):
+        if fresh(snap) and not os.path.exists(os.path.join(snap, "COMPLETE")):
             return "snapshot"
         return None
 
-    def observed_phase(self, run: str, since_rows: int) -> str:
+    def observed_phase(self, run: str, since_rows: int, since: float) -> str:
         """What a kill hit: the save in progress (its phase), else where training was."""
         view = RunView(run)
         complete = view.steps("states")
         newest = complete[-1] if complete else 0
         steps = sorted(set(view.steps("states", complete=False)) | set(view.steps("snapshots", complete=False)))
         for step in reversed([s for s in steps if s > newest]):
-            ph = self.phase_of(run, step)
+            ph = self.phase_of(run, step, since)
             if ph:
                 return f"{ph} (step {step})"
         rows = view.rows()
         if len(rows) <= since_rows:
             return "start-up (before its first step)"
-        return f"training (after step {rows[-1].get('step')})"
+        last = rows[-1].get("step")
+        if newest and last == newest and self.phase_of(run, newest, since) == "COMPLETE":
+            return f"COMPLETE (step {newest}, the next step not yet logged)"
+        return f"training (after step {last})"
 
     def kill_chain(self, index: int, chain: list[dict]) -> None:
         run = self.path("kills", f"chain-{index}")
@@ -407,18 +430,32 @@ class Suite:
         for k, spec in enumerate(chain + [None]):
             view = RunView(run)
             rows_before = len(view.rows())
+            states_before = view.steps("states")
             job = self.train(f"kills-{index}-{k}", run)
             kill = None
             if spec is not None:
                 kill = dict(spec)
-                if spec.get("random"):
+                if spec.get("random") == "time":
                     at = self.rng.uniform(2.0, max(3.0, 0.9 * base.seconds))
-                    kill["target"] = f"random, {at:.1f} s after launch"
+                    kill["target"] = f"a random time, {at:.1f} s after launch"
                     fire = lambda: time.time() - job.started >= at  # noqa: E731
+                elif spec.get("random"):
+                    start = (states_before or [0])[-1]
+                    step = self.rng.randint(min(start + 1, STEPS - 1), STEPS - 1)
+                    delay = self.rng.uniform(0.0, max(0.2, (base.seconds - base.first_row_s) / STEPS))
+                    kill["target"] = f"a random moment, {delay:.2f} s after step {step} was logged"
+                    armed = {}
+
+                    def fire(step=step, delay=delay, armed=armed):
+                        if "t" not in armed:
+                            if any(r.get("step") == step for r in RunView(run).rows()):
+                                armed["t"] = time.time()
+                            return False
+                        return time.time() - armed["t"] >= delay
                 else:
                     path = self.trigger_path(run, spec["phase"], spec["step"])
                     kill["target"] = f"{spec['phase']} of step {spec['step']}"
-                    fire = lambda: os.path.exists(path)  # noqa: E731
+                    fire = lambda: written_since(path, job.started)  # noqa: E731
                 deadline = time.time() + 600
                 while job.running() and not fire() and time.time() < deadline:
                     job.note_tree()
@@ -430,7 +467,7 @@ class Suite:
                     for pid in strays:
                         os.kill(pid, 9)
                     kill["survivors"] = sorted(set(survivors) | set(strays))
-                    kill["hit"] = self.observed_phase(run, rows_before)
+                    kill["hit"] = self.observed_phase(run, rows_before, job.started)
                     done = view.steps("states")
                     kill["newest_complete"] = done[-1] if done else 0
                     self.log(f"kills/chain-{index}: killed at {kill['hit']} ({kill['target']}, "
@@ -443,7 +480,7 @@ class Suite:
                     job.kill()
             out = job.output()
             job.close()
-            r = resumed_at(out)
+            r = resumed_at(out, bool(states_before))
             rows = view.rows()
             mine = [x for x in rows if r is not None and x.get("step", 0) > r]
             snaps = {s: h for s, h in view.snapshot_hashes().items() if r is not None and s > r}
@@ -588,8 +625,12 @@ class Suite:
                 problems.append("the outage did not meet the run (ended or passed the fault before it)")
             outcome = (f"waited and went on: exit 0, {errors} samples substituted, losses and snapshots identical"
                        if not problems else "; ".join(problems)[:500])
+            tracebacks = out.count("Traceback (most recent call last)")
+            if tracebacks:
+                outcome += f" ({tracebacks} tracebacks in its output)"
             self.record("outage", name, f"GCS server stopped {seconds:.0f} s {what}", hit, outcome, not problems,
                         substituted=errors, exact=ok_cmp, seconds=seconds, kind=kind, precision=prec,
+                        tracebacks=tracebacks, waited_log=waited,
                         log=job.log_path)
         except Exception as e:  # noqa: BLE001
             self.record("outage", name, f"GCS server stopped {seconds:.0f} s ({kind})", "-",
@@ -624,7 +665,9 @@ class Suite:
         view = RunView(run)
         long_run = ["train.total_steps=100000"]  # the first trainer trains until the suite ends it
         a = b = None
-        orphans: list[int] = []
+        ranks: list[int] = []  # the first trainer's ranks (orphans variant)
+        workers: list[int] = []  # and their DataLoader workers
+        trains = lambda job: bool(re.search(r"\[train\] step \d+/", job.output()))  # noqa: E731
         try:
             a = self.train(f"lease-{variant}-A", run, *long_run)
             if variant == "together":
@@ -638,71 +681,80 @@ class Suite:
                 if not a.running():
                     raise RuntimeError(f"the first trainer ended ({a.proc.returncode}): {last_line(a.output())}")
                 if variant == "orphans":
-                    orphans = a.note_tree()
+                    ranks = a.ranks()
+                    workers = [p for p in a.note_tree() if p not in ranks]
                     a.kill(launcher_only=True)
-                    fault = ("kill -9 of the launcher's process group only (the ranks, in sessions of their own, "
+                    fault = ("kill -9 of the launcher's process group only (its ranks, in sessions of their own, "
                              "orphaned), then the same command at once")
                 else:
                     fault = "the same command re-run while the first trainer trains"
                 b = self.train(f"lease-{variant}-B", run, *long_run)
             t_b = time.time()
-            first_alive = lambda: (a.running() or any(alive(p) for p in orphans))  # noqa: E731
-            orphan_gone = None
-            b_trained_while_a = False
-            deadline = time.time() + (240 if variant == "together" else 180)
+            first_alive = lambda: a.running() or any(alive(p) for p in ranks)  # noqa: E731
+            ranks_gone = workers_gone = None
+            both = False  # the second trainer trained while the first's ranks lived
+            b_trained_at = None
+            deadline = time.time() + 240
             while time.time() < deadline:
                 a.note_tree()
                 b.note_tree()
-                if orphans and orphan_gone is None and not any(alive(p) for p in orphans):
-                    orphan_gone = time.time() - t_b
-                b_out = b.output()
-                b_training = bool(re.search(r"\[train\] step \d+/", b_out))
-                a_training = bool(re.search(r"\[train\] step \d+/", a.output())) or bool(orphans)
-                if b_training and a_training and first_alive():
-                    b_trained_while_a = True
-                if not b.running() or not a.running() and not any(alive(p) for p in orphans):
+                if ranks and ranks_gone is None and not any(alive(p) for p in ranks):
+                    ranks_gone = time.time() - t_b
+                if workers and workers_gone is None and not any(alive(p) for p in workers):
+                    workers_gone = time.time() - t_b
+                a_tr = trains(a) if variant != "orphans" else any(alive(p) for p in ranks)
+                b_tr = trains(b)
+                if b_tr and b_trained_at is None:
+                    b_trained_at = time.time()
+                if a_tr and b_tr and first_alive():
+                    both = True
+                if not b.running() and (variant != "together" or not first_alive() or trains(a)):
+                    break  # refused (or failed); the first goes on, or is gone
+                if variant == "together" and not first_alive() and (trains(b) or not b.running()):
                     break
-                if b_trained_while_a and time.time() - t_b > 20:
-                    time.sleep(5)  # let both write a while: what a user would find later
-                    break
+                if b_trained_at is not None and time.time() - b_trained_at > (10 if both else 5):
+                    break  # the second trains: long enough to see whether the first still does
                 time.sleep(0.5)
-            a_was_alive = first_alive()
-            b_rc = b.poll()
-            a_rc = a.poll()
+            a_alive = first_alive()
+            b_rc, a_rc = b.poll(), a.poll()
             b_out, a_out = b.output(), a.output()
             for j in (a, b):
                 if j.running():
                     j.kill()
-            for pid in orphans + processes_mentioning(run):
+            for pid in ranks + workers + processes_mentioning(run):
                 if alive(pid):
                     os.kill(pid, 9)
-            steps = [r.get("step") for r in view.rows()]
-            twice = sorted({s for s in steps if steps.count(s) > 1})
-            refused = [ln for ln in (b_out + a_out).splitlines() if "[lease]" in ln or "lease" in ln.lower()
-                       and ("held" in ln.lower() or "refus" in ln.lower())]
-            double = b_trained_while_a or bool(twice)
-            if variant == "together":
-                a_tr = bool(re.search(r"\[train\] step \d+/", a_out))
-                b_tr = bool(re.search(r"\[train\] step \d+/", b_out))
-                double = (a_tr and b_tr) or bool(twice)
+            rows = view.rows()
+            steps = [r.get("step") for r in rows]
+            twice = sorted({x for x in steps if steps.count(x) > 1})
+            gaps = sorted(set(range(1, max(steps or [0]) + 1)) - set(steps))
+            double = both or bool(twice)
             parts = []
             if variant == "orphans":
-                parts.append(f"orphaned ranks gone {orphan_gone:.1f} s after the re-run started" if orphan_gone
+                parts.append(f"orphaned ranks gone {ranks_gone:.1f} s after the re-run started" if ranks_gone
                              is not None else "orphaned ranks still alive when the drill ended")
-            if b_rc is not None and b_rc != 0:
-                parts.append(f"second trainer exited {b_rc}: {last_line(b_out, r'lease|Lease|held|refus|stopped|rror')}")
-            elif b_rc is None:
-                parts.append("second trainer still running")
-            if a_rc is not None and variant != "orphans":
-                parts.append(f"first trainer exited {a_rc}: {last_line(a_out, r'lease|Lease|held|refus|stopped|rror')}")
+                if workers:
+                    parts.append(f"their data workers gone after {workers_gone:.1f} s" if workers_gone is not None
+                                 else "their data workers still alive when the drill ended")
+            for name, rc, out, job in (("second", b_rc, b_out, b), ("first", a_rc, a_out, a)):
+                if name == "first" and variant == "orphans":
+                    continue
+                if rc is None:
+                    parts.append(f"{name} trainer {'training' if trains(job) else 'starting'} when the drill "
+                                 f"ended")
+                else:
+                    parts.append(f"{name} trainer exited {rc}" + (f": {last_line(out)}" if rc else ""))
             parts.append(f"steps written twice: {len(twice)}" + (f" ({twice[:6]}{' ...' if len(twice) > 6 else ''})"
                                                                  if twice else ""))
-            hit = ("both trainers trained at once" if double else
+            if gaps:
+                parts.append(f"steps missing from the log: {len(gaps)} ({gaps[:6]}{' ...' if len(gaps) > 6 else ''})")
+            hit = ("both trainers trained at once" if both else
                    "the first trainer's ranks were alive when the second started" if variant != "together"
                    else "both started together")
-            self.record("lease", variant, fault, hit, "; ".join(parts), not double, double_writer=double,
-                        steps_twice=len(twice), refused=refused[-1][:300] if refused else None,
-                        first_alive_at_end=a_was_alive, log=b.log_path)
+            ok = not double and not gaps and (variant != "orphans" or ranks_gone is not None)
+            self.record("lease", variant, fault, hit, "; ".join(parts), ok, double_writer=double,
+                        steps_twice=len(twice), steps_missing=len(gaps), first_alive_at_end=a_alive,
+                        ranks_gone_s=ranks_gone, log=b.log_path)
         except Exception as e:  # noqa: BLE001
             self.record("lease", variant, variant, "-", f"drill error: {type(e).__name__}: {e}", False)
             traceback.print_exc()
@@ -710,7 +762,7 @@ class Suite:
             for j in (a, b):
                 if j is not None:
                     j.close()
-            for pid in orphans:
+            for pid in ranks + workers:
                 if alive(pid):
                     os.kill(pid, 9)
 
