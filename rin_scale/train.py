@@ -115,7 +115,9 @@ def main(argv=None) -> int:
             sys.exit(f"config error: {e}")
         dry_run(cfg)
         return 0
+    from .config import mask_secrets
     from .data import DataError
+    from .storage import StorageUnavailable
 
     if "RANK" in os.environ:  # started by a launcher: do not outlive it
         watch_launcher(os.getppid(), int(os.environ["RANK"]))
@@ -123,8 +125,8 @@ def main(argv=None) -> int:
         return train(cfg)
     except ConfigError as e:
         sys.exit(f"config error: {e}")
-    except (DataError, TrainingError) as e:
-        sys.exit(f"[train] stopped: {e}")
+    except (DataError, TrainingError, StorageUnavailable) as e:
+        sys.exit(f"[train] stopped: {mask_secrets(str(e))}")  # messages quote URLs: no credentials in job logs
     except Exception:
         if _orphaned():  # a peer that left first broke a collective: the launcher's death is the news
             _leave_orphaned()
@@ -338,19 +340,17 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
     """Processes, precision, engine, EMA, loader and logs; resumed from the newest complete state
     in RUN/states if there is one."""
     from .checkpoint import find_resume, load_state, saved_meta, universal_for
-    from .data import ShardLoader
+    from .data import ShardLoader, check_dataset
     from .ema import EMA
     from .engine import build_engine, device, init_distributed
     from .flops import train_flops_per_example
     from .model import RIN
 
     tc = cfg.train
-    if not cfg.data.shards:
-        raise ConfigError("data.shards is empty: point it at a shard folder or manifest, e.g. "
-                          "data.shards=runs/demo/data/digits-train (make one with python -m data_tools.shard)")
     check_writable(cfg)  # one line now, not a traceback after DeepSpeed's start-up
     rank, world, _ = init_distributed()
     micro, accum = check_world(cfg, world)
+    check_dataset(cfg.data, cfg.model, micro, world)  # bad data: one line before the engine is built
     take_lease(cfg, rank)  # before anything is written to the run
     if rank == 0:
         write_config(cfg)
@@ -595,7 +595,12 @@ def maybe_save(tr: Trainer, state: TrainState) -> None:
     meta = {"images_seen": state.images_seen, "wall_time": state.wall_time,
             "precision": tr.compute.precision.name}
     if tr.rank == 0 and want_samples:
+        from .routing import routing_scalars
+
         tr.tb.image("samples/ema", tr.preview.grid(ema_full), step)
+        records = []  # where the latents read and write, for the first preview noises
+        tr.tb.image("routing/maps", tr.preview.routing(records), step)
+        tr.tb.scalars(routing_scalars(records), step)
     if tr.rank == 0 and want_snapshot:
         rundir.write_snapshot(tc.run_dir, step, ema_full, tr.cfg, meta)
         rundir.prune(tc.run_dir, "snapshots", tc.keep_last, tc.milestone_every)
@@ -639,6 +644,17 @@ class PreviewGrid:
         if cond is not None:  # show the given frames before the predicted ones
             x = torch.cat([cond, x], dim=2)
         return sample_grid(x, nrow=self.cfg.model.num_classes or 0)
+
+    def routing(self, records: list) -> torch.Tensor:
+        """Where the latents read and write (rin_scale.routing) for the first 2 fixed noises; after
+        grid(), which loads the EMA weights. Fills `records` for routing_scalars."""
+        from .routing import routing_image
+
+        k = min(2, self.noise.shape[0])
+        labels = self.labels[:k].to(self.dev) if self.labels is not None else None
+        cond = self.cond[:k].to(self.dev) if self.cond is not None else None
+        return routing_image(self.model, self.noise[:k].to(self.dev), self.cfg.diffusion, labels, cond,
+                             generator=torch.Generator().manual_seed(0), panel=96, records=records)
 
 
 def _jsonl(rows: list[dict]) -> str:

@@ -67,6 +67,7 @@ def test_two_ranks_zero2_logs_snapshots_and_resumes_exactly(shards, tmp_path):
     loss = losses(full)
     assert sum(loss[s] for s in (6, 7, 8)) < 0.7 * sum(loss[s] for s in (1, 2, 3)), loss  # ZeRO-2 learns
     assert "samples/ema" in images and [e.step for e in acc.Images("samples/ema")] == [4, 8]
+    assert "routing/maps" in images and any(t.startswith("routing/read_entropy/block1/") for t in scalars), scalars
 
     # Snapshots: EMA weights load into the plain model without DeepSpeed, and it samples.
     from rin_scale.diffusion import sample
