@@ -61,8 +61,21 @@ def state(pid: int) -> str:
         return ""
 
 
-def alive(pid: int) -> bool:
-    return state(pid) not in ("", "Z", "X")
+def start_time(pid: int) -> str:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): with the pid, it
+    names one process (pids are reused)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def alive(pid: int, start: str | None = None) -> bool:
+    """Running (zombies count as dead); with `start`, still the process that started then."""
+    if state(pid) in ("", "Z", "X"):
+        return False
+    return start is None or start_time(pid) == start
 
 
 def cmdline(pid: int) -> str:
@@ -105,7 +118,9 @@ class Job:
         self.pid = self.proc.pid
         self.started = time.time()
         self.ended = None
-        self.seen: set[int] = set()  # every descendant pid ever seen (ranks, DataLoader workers)
+        self.seen: dict[int, str] = {}  # every descendant ever seen (ranks, DataLoader workers): pid -> start
+        self.groups: list[int] = []  # their process groups (torchrun: one session per rank)
+        self._noted = 0.0
         with _LOCK:
             _LIVE.append(self)
 
@@ -118,9 +133,20 @@ class Job:
     def running(self) -> bool:
         return self.poll() is None
 
-    def note_tree(self) -> list[int]:
+    def note_tree(self, every: float = 0.0) -> list[int]:
+        """The launcher's descendants now (remembered with their process groups, for a fast kill);
+        with `every`, at most that often (reading /proc for every thread is not free)."""
+        if every and time.time() - self._noted < every:
+            return []
+        self._noted = time.time()
         tree = descendants(self.pid)
-        self.seen.update(tree)
+        for pid in tree:
+            self.seen[pid] = start_time(pid)
+        mine = os.getpgid(0)
+        for pid in tree:
+            g = pgid(pid)
+            if g is not None and g != mine and g != self.pid and g not in self.groups:
+                self.groups.append(g)
         return tree
 
     def ranks(self) -> list[int]:
@@ -144,28 +170,30 @@ class Job:
             return ""
 
     def kill(self, launcher_only: bool = False, settle: float = 10.0) -> list[int]:
-        """kill -9: each rank's process group (torchrun puts every rank in a session of its own, so
-        the launcher's group does not reach them), every descendant, then the launcher's group.
-        With launcher_only, only the launcher's group (the ranks are left orphaned, as a
-        `kill -9 -- -PGID` of the launcher leaves them). Returns the pids still alive after
+        """kill -9 of the whole job: the process groups of the ranks seen so far (torchrun puts every
+        rank in a session of its own, so the launcher's group does not reach them; their DataLoader
+        workers share their group), the launcher's group, then whatever descendant is still
+        visible. With launcher_only, only the launcher's group: its ranks are left orphaned, as
+        `kill -9 -- -PGID` of a torchrun job leaves them. Returns the pids still alive after
         `settle` seconds (zombies count as dead)."""
-        tree = [] if launcher_only else self.note_tree()
-        groups = []
-        for pid in tree:
-            g = pgid(pid)
-            if g is not None and g != os.getpgid(0) and g not in groups:
-                groups.append(g)
-        for g in groups:
-            _signal_group(g)
-        for pid in tree:
-            _signal(pid)
-        _signal_group(self.pid)  # the launcher leads its own group (start_new_session)
-        self.wait(timeout=30)
         if launcher_only:
+            _signal_group(self.pid)
+            self.wait(timeout=30)
             return []
+        for g in list(self.groups):  # first, and with nothing read from /proc: the kill lands at once
+            _signal_group(g)
+        _signal_group(self.pid)
+        self.killed_at = time.time()
+        for pid in self.note_tree():  # anything started since the last look
+            g = pgid(pid)
+            if g is not None and g != os.getpgid(0):
+                _signal_group(g)
+            _signal(pid)
+        self.wait(timeout=30)
         deadline = time.time() + settle
         while True:
-            left = [p for p in [self.pid, *tree] if alive(p)]
+            left = ([self.pid] if self.proc.poll() is None else []) + \
+                [p for p, start in sorted(self.seen.items()) if alive(p, start)]
             if not left or time.time() > deadline:
                 return left
             time.sleep(0.05)

@@ -86,6 +86,20 @@ def written_since(path: str, since: float) -> bool:
         return False
 
 
+def inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
+
+
+def nonempty(folder: str) -> bool:
+    try:
+        return bool(os.listdir(folder))
+    except OSError:
+        return False
+
+
 def sha(data: bytes | None) -> str | None:
     return hashlib.sha256(data).hexdigest()[:16] if data is not None else None
 
@@ -404,7 +418,7 @@ class Suite:
             return "snapshot"
         return None
 
-    def observed_phase(self, run: str, since_rows: int, since: float) -> str:
+    def observed_phase(self, run: str, resumed: int | None, since: float) -> str:
         """What a kill hit: the save in progress (its phase), else where training was."""
         view = RunView(run)
         complete = view.steps("states")
@@ -414,9 +428,11 @@ class Suite:
             ph = self.phase_of(run, step, since)
             if ph:
                 return f"{ph} (step {step})"
-        rows = view.rows()
-        if len(rows) <= since_rows:
-            return "start-up (before its first step)"
+        if resumed is None:
+            return "start-up (before it resumed)"
+        rows = [r for r in view.rows() if r.get("step", 0) > resumed]
+        if not rows:
+            return f"start-up ({f'resumed at step {resumed}, ' if resumed else ''}before its first step)"
         last = rows[-1].get("step")
         if newest and last == newest and self.phase_of(run, newest, since) == "COMPLETE":
             return f"COMPLETE (step {newest}, the next step not yet logged)"
@@ -429,8 +445,8 @@ class Suite:
         segments = []  # per job: output, resumed step, rows and snapshots it wrote, the kill after it
         for k, spec in enumerate(chain + [None]):
             view = RunView(run)
-            rows_before = len(view.rows())
             states_before = view.steps("states")
+            log_inode = inode(os.path.join(run, "train_log.jsonl"))  # the trainer replaces it when it starts
             job = self.train(f"kills-{index}-{k}", run)
             kill = None
             if spec is not None:
@@ -440,34 +456,50 @@ class Suite:
                     kill["target"] = f"a random time, {at:.1f} s after launch"
                     fire = lambda: time.time() - job.started >= at  # noqa: E731
                 elif spec.get("random"):
-                    start = (states_before or [0])[-1]
-                    step = self.rng.randint(min(start + 1, STEPS - 1), STEPS - 1)
+                    u = self.rng.random()
                     delay = self.rng.uniform(0.0, max(0.2, (base.seconds - base.first_row_s) / STEPS))
-                    kill["target"] = f"a random moment, {delay:.2f} s after step {step} was logged"
-                    armed = {}
+                    armed: dict = {}
+                    kill["target"] = f"a random moment, {delay:.2f} s after a random step was logged"
 
-                    def fire(step=step, delay=delay, armed=armed):
-                        if "t" not in armed:
-                            if any(r.get("step") == step for r in RunView(run).rows()):
+                    def fire(u=u, delay=delay, armed=armed, kill=kill, job=job, had=bool(states_before)):
+                        if "step" not in armed:  # the step: drawn among those this job will train
+                            r = resumed_at(job.output(), had)
+                            if r is None:
+                                return False
+                            lo, hi = r + 1, STEPS - 1
+                            armed["step"] = lo + int(u * (hi - lo + 1)) if lo <= hi else None
+                            if armed["step"] is not None:
+                                kill["target"] = f"a random moment, {delay:.2f} s after step {armed['step']} was logged"
+                        if armed["step"] is None:
+                            return False
+                        if "t" not in armed:  # rows of this job: the log it rewrote (a killed job's rows were past r)
+                            if inode(os.path.join(run, "train_log.jsonl")) not in (None, log_inode) and \
+                                    any(x.get("step") == armed["step"] for x in RunView(run).rows()):
                                 armed["t"] = time.time()
                             return False
                         return time.time() - armed["t"] >= delay
                 else:
                     path = self.trigger_path(run, spec["phase"], spec["step"])
                     kill["target"] = f"{spec['phase']} of step {spec['step']}"
-                    fire = lambda: written_since(path, job.started)  # noqa: E731
+                    if spec["phase"] == "DeepSpeed files":  # a file in DeepSpeed's own folder
+                        fire = lambda: written_since(path, job.started) and nonempty(path)  # noqa: E731
+                    else:
+                        fire = lambda: written_since(path, job.started)  # noqa: E731
                 deadline = time.time() + 600
                 while job.running() and not fire() and time.time() < deadline:
-                    job.note_tree()
-                    time.sleep(0.004)
+                    job.note_tree(every=0.5)
+                    time.sleep(0.002)
                 if job.running():
+                    seen_at = time.time()
                     survivors = job.kill()
-                    kill["after_s"] = round(time.time() - job.started, 1)
+                    kill["latency_ms"] = round((job.killed_at - seen_at) * 1000, 1)
+                    kill["after_s"] = round(seen_at - job.started, 1)
                     strays = processes_mentioning(run)  # anything of this run the kill did not reach
                     for pid in strays:
                         os.kill(pid, 9)
                     kill["survivors"] = sorted(set(survivors) | set(strays))
-                    kill["hit"] = self.observed_phase(run, rows_before, job.started)
+                    kill["hit"] = self.observed_phase(run, resumed_at(job.output(), bool(states_before)),
+                                                      job.started)
                     done = view.steps("states")
                     kill["newest_complete"] = done[-1] if done else 0
                     self.log(f"kills/chain-{index}: killed at {kill['hit']} ({kill['target']}, "
@@ -522,6 +554,8 @@ class Suite:
             outcome += ": identical to the uninterrupted run" if exact else f": {'; '.join(problems)[:400]}"
             self.record("kills", f"chain {index}.{k + 1}", f"kill -9 at {kill['target']} ({kill['after_s']} s)",
                         kill["hit"], outcome, exact, counted=True, exact=exact, phase=kill["hit"].split(" (")[0],
+                        latency_ms=kill.get("latency_ms"),
+                        aimed="random" if kill.get("random") else "phase",
                         resumed=resumed, precision=seg["precision"], log=seg["log"])
         self.record("kills", f"chain {index} end", f"{len(chain)} kills, then the command run to the end",
                     f"{STEPS} steps", "losses of every step and every EMA snapshot identical to the "
@@ -542,7 +576,11 @@ class Suite:
         rows = [t for t in self.trials if t["part"] == "kills"]
         counted = [t for t in rows if t.get("counted")]
         phases = sorted({t["phase"] for t in counted if t["phase"] in PHASES}, key=PHASES.index)
-        return {"kills": len(counted), "phases hit": f"{len(phases)} of {len(PHASES)}" +
+        at_phase = [t for t in counted if t.get("aimed") == "phase"]
+        what = (f"kill -9 of the whole job (the torchrun launcher's group and each rank's), {len(at_phase)} times "
+                f"at a save phase and {len(counted) - len(at_phase)} at random, each followed by the same command; "
+                f"ZeRO-2, 2 ranks x 2 data workers, precision auto; {len(plan)} chain(s) of kills run to the end")
+        return {"what": what, "kills": len(counted), "phases hit": f"{len(phases)} of {len(PHASES)}" +
                 (f" ({', '.join(phases)})" if phases else ""),
                 "exact resumes": f"{sum(1 for t in counted if t.get('exact'))} of {len(counted)}",
                 "ok": all(t["ok"] for t in rows)}
@@ -643,7 +681,8 @@ class Suite:
 
     def part_outage(self) -> dict:
         self.baseline()
-        for seconds in ((10, 60) if self.quick else (10, 60, 300)):
+        durations = (10, 60) if self.quick else (10, 60, 300)
+        for seconds in durations:
             # the streaming and the upload drill together: they mostly wait
             threads = [threading.Thread(target=self.outage_trial, args=(kind, seconds)) for kind in ("stream", "upload")]
             for t in threads:
@@ -653,7 +692,10 @@ class Suite:
                 t.join()
         rows = [t for t in self.trials if t["part"] == "outage"]
         subs = [t.get("substituted") for t in rows]
-        return {"exact resumes": f"{sum(1 for t in rows if t.get('exact'))} of {len(rows)} runs identical",
+        secs = ", ".join(f"{d} s" if d < 120 else f"{d // 60} min" for d in durations)
+        what = (f"GCS API server (fake-gcs-server, filesystem backend) stopped for {secs} while the trainer streams "
+                f"its shards from gs://, and for each while it uploads a state (train.run_dir on gs://)")
+        return {"what": what, "exact resumes": f"{sum(1 for t in rows if t.get('exact'))} of {len(rows)} runs identical",
                 "samples substituted": sum(s for s in subs if isinstance(s, int)) if subs and
                 all(isinstance(s, int) for s in subs) else "?", "ok": all(t["ok"] for t in rows)}
 
@@ -690,7 +732,7 @@ class Suite:
                     fault = "the same command re-run while the first trainer trains"
                 b = self.train(f"lease-{variant}-B", run, *long_run)
             t_b = time.time()
-            first_alive = lambda: a.running() or any(alive(p) for p in ranks)  # noqa: E731
+            first_alive = lambda: a.running() or any(alive(p, a.seen.get(p)) for p in ranks)  # noqa: E731
             ranks_gone = workers_gone = None
             both = False  # the second trainer trained while the first's ranks lived
             b_trained_at = None
@@ -698,11 +740,11 @@ class Suite:
             while time.time() < deadline:
                 a.note_tree()
                 b.note_tree()
-                if ranks and ranks_gone is None and not any(alive(p) for p in ranks):
+                if ranks and ranks_gone is None and not any(alive(p, a.seen.get(p)) for p in ranks):
                     ranks_gone = time.time() - t_b
-                if workers and workers_gone is None and not any(alive(p) for p in workers):
+                if workers and workers_gone is None and not any(alive(p, a.seen.get(p)) for p in workers):
                     workers_gone = time.time() - t_b
-                a_tr = trains(a) if variant != "orphans" else any(alive(p) for p in ranks)
+                a_tr = trains(a) if variant != "orphans" else any(alive(p, a.seen.get(p)) for p in ranks)
                 b_tr = trains(b)
                 if b_tr and b_trained_at is None:
                     b_trained_at = time.time()
@@ -721,9 +763,11 @@ class Suite:
             for j in (a, b):
                 if j.running():
                     j.kill()
-            for pid in ranks + workers + processes_mentioning(run):
-                if alive(pid):
+            for pid in ranks + workers:
+                if alive(pid, a.seen.get(pid)):
                     os.kill(pid, 9)
+            for pid in processes_mentioning(run):
+                os.kill(pid, 9)
             rows = view.rows()
             steps = [r.get("step") for r in rows]
             twice = sorted({x for x in steps if steps.count(x) > 1})
@@ -763,14 +807,18 @@ class Suite:
                 if j is not None:
                     j.close()
             for pid in ranks + workers:
-                if alive(pid):
+                if a is not None and alive(pid, a.seen.get(pid)):
                     os.kill(pid, 9)
 
     def part_lease(self) -> dict:
         for variant in (("rerun",) if self.quick else ("rerun", "orphans", "together")):
             self.lease_trial(variant)
         rows = [t for t in self.trials if t["part"] == "lease"]
-        return {"double writers": f"{sum(1 for t in rows if t.get('double_writer'))} of {len(rows)}",
+        names = {"rerun": "the same command re-run while the first trains",
+                 "orphans": "the first's launcher alone killed (ranks orphaned) and the command re-run at once",
+                 "together": "two started at once"}
+        what = "two trainers on one run: " + "; ".join(names[t["trial"]] for t in rows if t["trial"] in names)
+        return {"what": what, "double writers": f"{sum(1 for t in rows if t.get('double_writer'))} of {len(rows)}",
                 "ok": all(t["ok"] for t in rows)}
 
     # ---------------------------------------------------------------- part 4: the eval service
@@ -852,7 +900,9 @@ class Suite:
                     f"scored: {sorted(ok_steps)}; never scored: {never}" + (f"; scored twice: {twice}" if twice else ""),
                     not never, counted=False)
         unscored = len(set(never) | set(late))
-        return {"kills": len([c for c in pending_checks]), "unscored snapshots": unscored,
+        what = (f"the eval service (--once) killed {len(pending_checks)} time(s) while it scores a snapshot; the "
+                f"next service must score that snapshot within {EVAL_DEADLINE_S:.0f} s of its start")
+        return {"what": what, "kills": len(pending_checks), "unscored snapshots": unscored,
                 "ok": unscored == 0 and all(t["ok"] for t in self.trials if t["part"] == "eval")}
 
     # ---------------------------------------------------------------- all
@@ -888,25 +938,17 @@ def _jsonl(path: str) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 # The tables
 
-WHAT = {
-    "kills": "kill -9 of the torchrun launcher and every rank (own sessions) at each phase of a save and at "
-             "random times, then the same command; ZeRO-2, 2 ranks x 2 data workers, precision auto",
-    "outage": "GCS API server stopped {secs} while streaming shards from gs:// and while uploading a state",
-    "lease": "a second trainer on a run whose first trainer's ranks still live",
-    "eval": "eval service killed mid-score; the next service must score the snapshot within a minute",
-}
 COLUMNS = ["kills", "phases hit", "exact resumes", "samples substituted", "double writers", "unscored snapshots"]
 
 
 def markdown(suite: Suite, seconds: float) -> str:
-    secs = "10 s, 60 s" + ("" if suite.quick else ", 5 min")
     lines = [f"Fault drills (`python bench/faults.py{' --quick' if suite.quick else ''}`, seed {suite.seed}): "
              f"{sum(1 for t in suite.trials if t['ok'])} of {len(suite.trials)} checks passed in "
              f"{seconds / 60:.1f} minutes.", "",
              "| part | what was done | " + " | ".join(COLUMNS) + " | result |",
              "|---|---|" + "---|" * len(COLUMNS) + "---|"]
     for part, s in suite.summary.items():
-        what = WHAT[part].format(secs=secs)
+        what = s.get("what", part)
         cells = [str(s.get(c, "-")) for c in COLUMNS]
         lines.append(f"| {part} | {what} | " + " | ".join(cells) + f" | {'pass' if s.get('ok') else '**FAIL**'} |")
     lines += ["", "| part | trial | fault | hit | outcome | ok |", "|---|---|---|---|---|---|"]
