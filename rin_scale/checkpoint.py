@@ -204,6 +204,9 @@ class LoadedState(NamedTuple):
     loader: dict  # the data loader's position (ShardLoader.state_dict)
 
 
+GROUP_OWN = ("weight_decay", "adapt", "name")  # param-group settings that differ between groups
+
+
 def load_state(engine, folder: str, ema, universal: str = "") -> LoadedState:
     """Loads weights, optimizer, LR schedule into the engine and the EMA; returns the trainer's
     meta, this rank's RNG state and the data-loader state.
@@ -219,13 +222,19 @@ def load_state(engine, folder: str, ema, universal: str = "") -> LoadedState:
     rank = _rank()
     world = dist.get_world_size() if dist.is_initialized() else 1
     same = meta["world_size"] == world
+    base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    own = [{k: g[k] for k in GROUP_OWN if k in g} for g in base.param_groups]
     path, _ = engine.load_checkpoint(os.path.dirname(universal) if universal else folder, tag=tag,
                                      load_optimizer_states=True, load_lr_scheduler_states=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load the state in {universal or folder}")
-    if universal:  # ZeRO-3's universal load gives every sub-group one shared 'step' tensor, which
-        # optimizers increment in place (by the number of sub-groups per step): give each its own
-        base = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    if universal:
+        # ZeRO-3's universal load copies param group 0's settings into every group (its weight
+        # decay, its LAMB adaptation flag): give each group its own back. And it gives every
+        # sub-group one shared 'step' tensor, which optimizers increment in place (by the number of
+        # sub-groups per step): give each its own.
+        for g, settings in zip(base.param_groups, own):
+            g.update(settings)
         for st in base.state.values():
             if torch.is_tensor(st.get("step")):
                 st["step"] = st["step"].clone()

@@ -133,7 +133,9 @@ def test_zero_states_resume_at_a_new_world_size_with_their_optimizer_moments(sha
     for stage in (2, 3):
         rel = ((update[stage] - update[0]).norm() / update[0].norm()).item()
         print(f"ZeRO-{stage}: relative update difference {rel:.2e}")
-        assert rel < 1e-2, (stage, rel)  # measured in fp32: 2e-5 (ZeRO-2), 1e-3 (ZeRO-3); moments restarted: 0.62
+        # measured in fp32: 1.2e-4 (ZeRO-2), 1.1e-4 (ZeRO-3); with the moments restarted 0.62, and with
+        # every group given group 0's decay and LAMB flag (DeepSpeed's ZeRO-3 universal load) 0.49
+        assert rel < 1e-3, (stage, rel)
 
 
 @pytest.mark.timeout(600)
