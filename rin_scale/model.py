@@ -218,7 +218,7 @@ class RIN(nn.Module):
         nn.init.trunc_normal_(self.latent_init, std=0.02)
         nn.init.zeros_(self.prev_norm.weight)
         nn.init.zeros_(self.prev_norm.bias)
-        # model.rw_out_init: "glorot" (the authors' code) keeps the Glorot output
+        # model.rw_out_init: "glorot" (the authors' code; the LAMB presets) keeps the Glorot output
         # projections of read and write set above. "zero" starts read and write as identities: under
         # AdamW (tiny) the first read otherwise adds interface features of norm ~sqrt(d) to latents
         # of norm ~0.3, the time and class tokens drown, and conditioning is learned very late (tiny
