@@ -1,7 +1,12 @@
 """Read/write output initialisation under the presets' own optimizer (LAMB): Glorot or zero?
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/recipe_init.py [--families cifar10 imagenet64]
-        [--steps 1000] [--report 0 100 250 500 1000] [--batch 4] [--out runs/recipe_init.jsonl]
+        [--report 0 25 50 100 250 500] [--batch 4] [--latents 16] [--image-size N] [--out FILE.jsonl]
+    .venv/bin/python bench/recipe_init.py --table FILE.jsonl      (print the table of saved runs)
+
+The README's table (about 25 min of one CPU core, 2 x 500 steps per family):
+    --families cifar10 --image-size 16 --out runs/recipe_init.jsonl
+    --families imagenet64 --image-size 32 --out runs/recipe_init.jsonl
 
 For each preset family the preset's model widths (interface d, latent d', MLP ratios, heads, patch,
 dropout), its diffusion schedule and its optimizer exactly as the trainer builds it
@@ -9,7 +14,7 @@ dropout), its diffusion schedule and its optimizer exactly as the trainer builds
 the real 10k-step linear warmup to the real peak LR) train from the same seed, data and noise
 with model.rw_out_init = zero and = glorot. Reduced to fit a CPU: the batch (--batch, preset 256 /
 1024), the number of latents (--latents), the blocks x layers (--blocks, --layers) and the steps
-(--steps: the first steps of the real schedule, not a shortened schedule: LAMB moves a tensor by
+(up to the last --report step: the first steps of the real schedule, not a shortened one: LAMB moves a tensor by
 at most lr * ||w|| a step, so a warmup squeezed into fewer steps would change exactly what is
 measured). Data: the embedded digits (data_tools.embedded, 1,437 train images, labels 0-9)
 upscaled to the preset's image size, or to --image-size.
@@ -202,10 +207,10 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--families", nargs="+", default=["cifar10", "imagenet64"])
     p.add_argument("--inits", nargs="+", default=["zero", "glorot"])
-    p.add_argument("--report", nargs="+", type=int, default=[0, 100, 250, 500, 1000])
+    p.add_argument("--report", nargs="+", type=int, default=[0, 25, 50, 100, 250, 500])
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--image-size", type=int, default=0, help="0 = the preset's")
-    p.add_argument("--latents", type=int, default=32, help="latent slots (preset: 128)")
+    p.add_argument("--latents", type=int, default=16, help="latent slots (preset: 128)")
     p.add_argument("--blocks", type=int, default=2)
     p.add_argument("--layers", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
