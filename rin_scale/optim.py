@@ -27,11 +27,13 @@ def _count_step(optimizer) -> None:
 
 
 def _all_finite(tensors) -> bool:
-    bad = torch.zeros(1)
+    """True when every tensor is finite on every rank (collective). One flag on the gradients' device
+    (NCCL reduces CUDA tensors only), one host sync per step."""
+    tensors = list(tensors)
+    dev = tensors[0].device if tensors else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bad = torch.zeros(1, device=dev)
     for x in tensors:
-        if not torch.isfinite(x).all():
-            bad += 1
-            break
+        bad += (~torch.isfinite(x)).any()
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad)
     return bad.item() == 0
