@@ -513,9 +513,7 @@ def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
     mean = torch.stack(losses).mean()
     both = all_mean(torch.stack([mean, torch.full_like(mean, float(lease_lost()))])).cpu()
     result = StepResult(both[0].item(), engine.get_lr()[0], float(grad_norm) if grad_norm is not None else None,
-                        skipped, bool(both[1].item() > 0))
-    if tr.dev.type == "cuda":
-        torch.cuda.synchronize()
+                        skipped, bool(both[1].item() > 0))  # .item(): the step's work is done here
     meter.add_step(result.loss, time.perf_counter() - t0, tr.batches.wait - wait0)
     return result
 
