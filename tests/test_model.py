@@ -174,3 +174,66 @@ def test_info_cli_prints_one_json_object(capsys):
     assert info.main(["cifar10", "model.patch_size=5"]) == 2
     err = capsys.readouterr().err
     assert "patch_size" in err and "\n" == err[-1] and err.count("\n") == 1
+
+
+def test_cpu_dropout_keeps_1_minus_p_scaled_and_unbiased():
+    from rin_scale.model import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(1000, 1000, requires_grad=True)
+    y = dropout(x, 0.1)
+    kept = y != 0
+    assert abs(kept.float().mean().item() - 0.9) < 2e-3
+    assert torch.allclose(y[kept], torch.tensor(1 / 0.9), rtol=1e-5)  # p on a 2^-16 grid: 0.1000061
+    assert abs(y.mean().item() - 1) < 3e-3
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # the gradient is the scaled mask
+    torch.manual_seed(1)
+    a = dropout(x, 0.3)
+    torch.manual_seed(1)
+    assert torch.equal(a, dropout(x, 0.3))  # the default generator: reproducible under manual_seed
+    assert dropout(x, 0.1, training=False) is x and dropout(x, 0.0) is x
+    xb = torch.ones(64, 64, dtype=torch.bfloat16)
+    yb = dropout(xb, 0.1)  # bf16 as F.dropout: the scale rounded to bf16
+    assert yb.dtype == torch.bfloat16 and set(yb.unique().tolist()) == set(torch.nn.functional.dropout(xb, 0.1).unique().tolist())
+    m = RIN(small(dropout=0.5, drop_path=0.0))
+    assert m.blocks[0].compute[0].mlp.dropout.p == 0.5
+
+
+def test_cpu_bf16_attention_runs_in_fp32_and_rounds_once():
+    import torch.nn.functional as F
+
+    from rin_scale.model import attend
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, n, 16).bfloat16() for n in (24, 40, 40))
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend(q, k, v)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, ref.bfloat16())
+    # bf16 SDPA itself agrees within bf16 rounding
+    assert torch.allclose(F.scaled_dot_product_attention(q, k, v).float(), ref, atol=2e-2, rtol=2e-2)
+    q32 = q.float()
+    assert torch.equal(attend(q32, k.float(), v.float()), ref)  # fp32: SDPA unchanged
+
+
+def test_bf16_autocast_forward_backward_agrees_with_fp32():
+    torch.manual_seed(0)
+    m = RIN(small())
+    for block in m.blocks:  # non-zero read/write outputs, so every path reaches the output
+        torch.nn.init.normal_(block.read.attn.out.weight, std=0.05)
+        torch.nn.init.normal_(block.write.attn.out.weight, std=0.05)
+    x, gamma, labels = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    out32, z32 = m(x, gamma, labels)
+    out32.square().mean().backward()
+    g32 = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out16, z16 = m(x, gamma, labels)
+        out16.float().square().mean().backward()
+    assert (out16.float() - out32).abs().max() < 0.05 * out32.abs().max()
+    assert (z16.float() - z32).abs().max() < 0.05 * z32.abs().max()
+    for n, p in m.named_parameters():
+        assert torch.isfinite(p.grad).all(), n
+        scale = g32[n].abs().max()
+        assert (p.grad - g32[n]).abs().max() <= 0.1 * scale + 1e-6, n
