@@ -120,6 +120,7 @@ class Job:
         self.ended = None
         self.seen: dict[int, str] = {}  # every descendant ever seen (ranks, DataLoader workers): pid -> start
         self.groups: list[int] = []  # their process groups (torchrun: one session per rank)
+        self.fired_at = self.killed_at = 0.0
         self._noted = 0.0
         with _LOCK:
             _LIVE.append(self)
@@ -169,6 +170,15 @@ class Job:
         except OSError:
             return ""
 
+    def kill_now(self) -> None:
+        """SIGKILL to the groups of the ranks seen so far and the launcher's, nothing else: the
+        fastest kill there is (kill() then finishes the job off and checks)."""
+        self.fired_at = time.time()
+        for g in list(self.groups):
+            _signal_group(g)
+        _signal_group(self.pid)
+        self.killed_at = time.time()
+
     def kill(self, launcher_only: bool = False, settle: float = 10.0) -> list[int]:
         """kill -9 of the whole job: the process groups of the ranks seen so far (torchrun puts every
         rank in a session of its own, so the launcher's group does not reach them; their DataLoader
@@ -180,10 +190,8 @@ class Job:
             _signal_group(self.pid)
             self.wait(timeout=30)
             return []
-        for g in list(self.groups):  # first, and with nothing read from /proc: the kill lands at once
-            _signal_group(g)
-        _signal_group(self.pid)
-        self.killed_at = time.time()
+        if not self.killed_at:
+            self.kill_now()  # first, and with nothing read from /proc: the kill lands at once
         for pid in self.note_tree():  # anything started since the last look
             g = pgid(pid)
             if g is not None and g != os.getpgid(0):

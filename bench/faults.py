@@ -46,6 +46,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -485,12 +486,24 @@ class Suite:
                         fire = lambda: written_since(path, job.started) and nonempty(path)  # noqa: E731
                     else:
                         fire = lambda: written_since(path, job.started)  # noqa: E731
-                deadline = time.time() + 600
+                # Near the save aimed at, look without sleeping (for a few seconds at most): its
+                # phases last milliseconds (rank-R.pt, ema.safetensors and trainer.json are small files).
+                near = (os.path.join(run, "snapshots", step_name(spec["step"])),
+                        os.path.join(run, "states", step_name(spec["step"]))) if "step" in spec else ()
+                deadline, spin_until = time.time() + 600, None
                 while job.running() and not fire() and time.time() < deadline:
+                    if spin_until is None and any(written_since(p, job.started) for p in near):
+                        spin_until = time.time() + 3.0
+                    if spin_until is not None and time.time() < spin_until:
+                        continue
                     job.note_tree(every=0.5)
                     time.sleep(0.002)
                 if job.running():
-                    seen_at = time.time()
+                    if time.time() >= deadline:
+                        kill["target"] += " (not seen in 10 minutes: killed then)"
+                    job.kill_now()
+                if job.running() or job.killed_at:
+                    seen_at = job.fired_at or time.time()
                     survivors = job.kill()
                     kill["latency_ms"] = round((job.killed_at - seen_at) * 1000, 1)
                     kill["after_s"] = round(seen_at - job.started, 1)
@@ -623,7 +636,7 @@ class Suite:
 
             deadline = time.time() + 900
             while job.running() and not fire() and time.time() < deadline:
-                time.sleep(0.01)
+                time.sleep(0.002)
             if not job.running():
                 raise RuntimeError(f"the run ended before the outage ({job.proc.returncode}): "
                                    f"{last_line(job.output())}")
@@ -684,7 +697,8 @@ class Suite:
         durations = (10, 60) if self.quick else (10, 60, 300)
         for seconds in durations:
             # the streaming and the upload drill together: they mostly wait
-            threads = [threading.Thread(target=self.outage_trial, args=(kind, seconds)) for kind in ("stream", "upload")]
+            threads = [threading.Thread(target=self.outage_trial, args=(kind, seconds), daemon=True)
+                       for kind in ("stream", "upload")]
             for t in threads:
                 t.start()
                 time.sleep(5)  # their start-ups apart, so that neither's precision probe meets the other
@@ -979,6 +993,7 @@ def main(argv=None) -> int:
     sys.path.insert(0, os.path.abspath(args.repo))
     import rin_scale.storage  # noqa: F401 - the emulator settings before gcsfs is imported
 
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below stops what was started
     suite = Suite(args)
     suite.log(f"work folder {suite.work}; seed {suite.seed}; parts {', '.join(parts)}"
               + (" (quick)" if args.quick else ""))
