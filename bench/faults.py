@@ -230,6 +230,12 @@ class Suite:
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": self.repo, "PYTHONUNBUFFERED": "1",
                     "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "TOKENIZERS_PARALLELISM": "false"}
         self.env.pop("STORAGE_EMULATOR_HOST", None)
+        # DeepSpeed's CPU communication op is compiled once per torch build into torch's extension
+        # cache; another virtual environment sharing ~/.cache/torch_extensions makes every start
+        # after it compile again (minutes on 2 cores): this interpreter gets a cache of its own.
+        self.env.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(
+            os.path.expanduser("~/.cache/rin_scale/torch_extensions"),
+            hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]))
         self.shards = os.path.join(self.work, "digits")
         self.baselines: dict[str, Baseline] = {}
         self._baseline_lock = threading.Lock()
@@ -561,7 +567,8 @@ class Suite:
                 problems.append(final_why)
             exact = not problems
             resumed = first["resumed"]
-            outcome = (f"re-run resumed at step {resumed}" if resumed is not None else "re-run killed before it resumed")
+            outcome = (f"re-run resumed at step {resumed}" if resumed is not None
+                       else "re-run killed before it resumed")
             outcome += f", {sum(len(s['rows']) for s in judged)} steps and snapshots " \
                        f"{sorted(s for seg2 in judged for s in seg2['snapshots'])} compared"
             outcome += ": identical to the uninterrupted run" if exact else f": {'; '.join(problems)[:400]}"
@@ -709,7 +716,8 @@ class Suite:
         secs = ", ".join(f"{d} s" if d < 120 else f"{d // 60} min" for d in durations)
         what = (f"GCS API server (fake-gcs-server, filesystem backend) stopped for {secs} while the trainer streams "
                 f"its shards from gs://, and for each while it uploads a state (train.run_dir on gs://)")
-        return {"what": what, "exact resumes": f"{sum(1 for t in rows if t.get('exact'))} of {len(rows)} runs identical",
+        identical = sum(1 for t in rows if t.get("exact"))
+        return {"what": what, "exact resumes": f"{identical} of {len(rows)} runs identical",
                 "samples substituted": sum(s for s in subs if isinstance(s, int)) if subs and
                 all(isinstance(s, int) for s in subs) else "?", "ok": all(t["ok"] for t in rows)}
 
@@ -840,6 +848,11 @@ class Suite:
     def ledger_rows(self, run: str) -> list[dict]:
         return _jsonl(os.path.join(run, "eval", "ledger.jsonl"))
 
+    def scored(self, run: str) -> set[int]:
+        """Snapshots with an ok FID/FVD row in the ledger."""
+        return {r.get("step") for r in self.ledger_rows(run)
+                if r.get("status") == "ok" and r.get("metric") in ("fid", "fvd")}
+
     def part_eval(self) -> dict:
         base = self.baseline()
         run = self.path("eval", "run")
@@ -856,22 +869,22 @@ class Suite:
                 if chk["next_started"] is None:
                     chk["next_started"] = svc.started
             last = k == kills
-            scored = {r["step"] for r in self.ledger_rows(run) if r.get("status") == "ok"}
-            todo = [s for s in snaps if s not in scored]
+            scored = self.scored(run)
+            # the snapshot to kill it on: past those left by earlier kills, which it must score first
+            todo = [s for s in snaps if s not in scored and s not in {c["step"] for c in pending_checks}]
             target = todo[0] if todo else None
             hit = None
             deadline = time.time() + 600
             while svc.running() and time.time() < deadline:
                 for chk in pending_checks:
-                    if chk["latency"] is None and any(r["step"] == chk["step"] and r.get("status") == "ok"
-                                                      for r in self.ledger_rows(run)):
+                    if chk["latency"] is None and chk["step"] in self.scored(run):
                         chk["latency"] = time.time() - chk["next_started"]
                 if not last and target is not None and f"step {target}: sampling" in svc.output():
                     fired += 1
                     time.sleep(self.rng.uniform(0.0, 2.0))  # somewhere in the sampling and scoring
                     claim = os.path.exists(os.path.join(run, "eval", "claims", f"{step_name(target)}.json"))
                     survivors = svc.kill()
-                    done = any(r["step"] == target for r in self.ledger_rows(run))
+                    done = target in self.scored(run)
                     hit = (f"step {target} {'already scored' if done else 'being scored'}, claim file "
                            f"{'held' if claim else 'absent'}" + (f", survivors {survivors}" if survivors else ""))
                     self.log(f"eval: service {k} killed mid-score: {hit}")
@@ -889,13 +902,12 @@ class Suite:
             out = svc.output()
             svc.close()
             for chk in pending_checks:  # rows written in the last poll interval
-                if chk["latency"] is None and chk["next_started"] is not None and \
-                        any(r["step"] == chk["step"] and r.get("status") == "ok" for r in self.ledger_rows(run)):
+                if chk["latency"] is None and chk["next_started"] is not None and chk["step"] in self.scored(run):
                     chk["latency"] = svc.ended - chk["next_started"] if svc.ended else None
             if last and svc.proc.returncode != 0:
                 self.log(f"eval: the last service exited {svc.proc.returncode}: {last_line(out)}")
         rows = self.ledger_rows(run)
-        ok_steps = {r["step"] for r in rows if r.get("status") == "ok"}
+        ok_steps = self.scored(run)
         never = [s for s in snaps if s not in ok_steps]
         late = []
         for i, chk in enumerate(pending_checks, 1):
@@ -911,7 +923,8 @@ class Suite:
                         and sum(1 for x in rows if x["step"] == r["step"] and x.get("status") == "ok"
                                 and x.get("metric") == r.get("metric")) > 1})
         self.record("eval", "end", f"{fired} kills, then a service run to the end", f"snapshots {snaps}",
-                    f"scored: {sorted(ok_steps)}; never scored: {never}" + (f"; scored twice: {twice}" if twice else ""),
+                    f"scored: {sorted(ok_steps)}; never scored: {never}"
+                    + (f"; scored twice: {twice}" if twice else ""),
                     not never, counted=False)
         unscored = len(set(never) | set(late))
         what = (f"the eval service (--once) killed {len(pending_checks)} time(s) while it scores a snapshot; the "
@@ -974,7 +987,8 @@ def markdown(suite: Suite, seconds: float) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="bench/faults.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 1)[1])
     p.add_argument("--only", default=",".join(PARTS), help=f"comma-separated parts (default: all): {', '.join(PARTS)}")
     p.add_argument("--quick", action="store_true", help="a reduced set: 3 kills, 10 s and 60 s outages, one "
                    "double-trainer drill, one eval kill (about 10 minutes on 2 cores)")
@@ -990,9 +1004,6 @@ def main(argv=None) -> int:
         p.error(f"--only: unknown part(s) {bad}; choose from {', '.join(PARTS)}")
     if args.seed is None:
         args.seed = random.SystemRandom().randrange(10**6)
-    sys.path.insert(0, os.path.abspath(args.repo))
-    import rin_scale.storage  # noqa: F401 - the emulator settings before gcsfs is imported
-
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # the finally below stops what was started
     suite = Suite(args)
     suite.log(f"work folder {suite.work}; seed {suite.seed}; parts {', '.join(parts)}"
@@ -1009,10 +1020,13 @@ def main(argv=None) -> int:
     print(table)
     ok = bool(suite.summary) and all(s.get("ok") for s in suite.summary.values())
     if args.json:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=suite.repo, capture_output=True, text=True).stdout.strip()
+        def git(*a):
+            return subprocess.run(["git", *a], cwd=suite.repo, capture_output=True, text=True).stdout.strip()
+
+        changed = [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()]
         with open(args.json, "w") as f:
             json.dump({"quick": args.quick, "seed": suite.seed, "seconds": round(seconds), "repo": suite.repo,
-                       "commit": commit, "parts": parts, "ok": ok, "summary": suite.summary,
+                       "commit": git("rev-parse", "HEAD"), "uncommitted_changes": changed, "parts": parts, "ok": ok, "summary": suite.summary,
                        "trials": suite.trials, "work": suite.work, "markdown": table}, f, indent=1)
     if ok and not args.keep:
         shutil.rmtree(suite.work, ignore_errors=True)
