@@ -94,6 +94,12 @@ def inode(path: str) -> int | None:
         return None
 
 
+def git(repo: str, *args: str) -> str:
+    """A git command's output in `repo`, "" when it fails (not a git checkout)."""
+    out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
 def nonempty(folder: str) -> bool:
     try:
         return bool(os.listdir(folder))
@@ -225,6 +231,16 @@ class Suite:
         self.repo = os.path.abspath(args.repo)
         self.work = os.path.abspath(args.workdir) if args.workdir else tempfile.mkdtemp(prefix="rin-faults-")
         os.makedirs(self.work, exist_ok=True)
+        self.commit = git(self.repo, "rev-parse", args.ref or "HEAD")
+        self.changed = [] if args.ref else [ln.split(None, 1)[1] for ln in git(
+            self.repo, "status", "--porcelain", "--untracked-files=no").splitlines() if ln.strip()]
+        if args.ref:  # a clean copy of that commit: edits others make in the working tree meanwhile stay out
+            src = os.path.join(self.work, "src")
+            shutil.rmtree(src, ignore_errors=True)
+            os.makedirs(src)
+            archive = subprocess.run(["git", "archive", self.commit], cwd=self.repo, capture_output=True, check=True)
+            subprocess.run(["tar", "-x", "-C", src], input=archive.stdout, check=True)
+            self.repo = src
         self.seed = args.seed
         self.rng = random.Random(self.seed)
         self.env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": self.repo, "PYTHONUNBUFFERED": "1",
@@ -969,7 +985,11 @@ COLUMNS = ["kills", "phases hit", "exact resumes", "samples substituted", "doubl
 
 
 def markdown(suite: Suite, seconds: float) -> str:
-    lines = [f"Fault drills (`python bench/faults.py{' --quick' if suite.quick else ''}`, seed {suite.seed}): "
+    at = f"commit {suite.commit[:10]}" if suite.commit else "no git commit"
+    if suite.changed:
+        at += f" + uncommitted changes to {len(suite.changed)} file(s)"
+    cmd = f"python bench/faults.py{' --quick' if suite.quick else ''}"
+    lines = [f"Fault drills (`{cmd}`, seed {suite.seed}, {at}): "
              f"{sum(1 for t in suite.trials if t['ok'])} of {len(suite.trials)} checks passed in "
              f"{seconds / 60:.1f} minutes.", "",
              "| part | what was done | " + " | ".join(COLUMNS) + " | result |",
@@ -997,6 +1017,8 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="", help="where runs, servers' roots and logs go (default: a temporary folder)")
     p.add_argument("--keep", action="store_true", help="keep the work folder even when every drill passed")
     p.add_argument("--repo", default=ROOT, help="the rin_scale checkout to drill (default: this one)")
+    p.add_argument("--ref", default="", help="drill a clean copy of this commit of --repo (git archive), e.g. HEAD, "
+                   "instead of its working tree (which others may be editing while the drills run)")
     args = p.parse_args(argv)
     parts = [x.strip() for x in args.only.split(",") if x.strip()]
     bad = [x for x in parts if x not in PARTS]
@@ -1020,14 +1042,11 @@ def main(argv=None) -> int:
     print(table)
     ok = bool(suite.summary) and all(s.get("ok") for s in suite.summary.values())
     if args.json:
-        def git(*a):
-            return subprocess.run(["git", *a], cwd=suite.repo, capture_output=True, text=True).stdout.strip()
-
-        changed = [ln[3:] for ln in git("status", "--porcelain", "--untracked-files=no").splitlines()]
         with open(args.json, "w") as f:
             json.dump({"quick": args.quick, "seed": suite.seed, "seconds": round(seconds), "repo": suite.repo,
-                       "commit": git("rev-parse", "HEAD"), "uncommitted_changes": changed, "parts": parts, "ok": ok, "summary": suite.summary,
-                       "trials": suite.trials, "work": suite.work, "markdown": table}, f, indent=1)
+                       "commit": suite.commit, "uncommitted_changes": suite.changed, "parts": parts, "ok": ok,
+                       "summary": suite.summary, "trials": suite.trials, "work": suite.work, "markdown": table},
+                      f, indent=1)
     if ok and not args.keep:
         shutil.rmtree(suite.work, ignore_errors=True)
     else:
