@@ -115,16 +115,18 @@ WHY = (r"\[train\] stopped", r"config error", r"^error:", r"\[lease\]", r"\[trai
        r"\b(?!ChildFailedError)\w+(Error|Exception): ", r"rror")
 
 
-def last_line(text: str, patterns=WHY) -> str:
+def last_line(text: str, patterns=WHY, limit: int = 200) -> str:
     """The line of a job's output that says why it ended: the last line matching the first pattern
     that any line matches (the trainer's own one-line reasons before torchrun's summary), else the
-    last line."""
+    last line; cut to `limit` characters."""
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    line = (lines or [""])[-1]
     for pat in patterns:
         hits = [ln for ln in lines if re.search(pat, ln)]
         if hits:
-            return hits[-1][:300]
-    return (lines or [""])[-1][:300]
+            line = hits[-1]
+            break
+    return line if len(line) <= limit else line[:limit - 3].rstrip() + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,6 +256,7 @@ class Suite:
             hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]))
         self.shards = os.path.join(self.work, "digits")
         self.baselines: dict[str, Baseline] = {}
+        self.last_full_s = float("inf")  # the shortest uninterrupted training job seen: random kill times
         self._baseline_lock = threading.Lock()
         self.trials: list[dict] = []
         self.summary: dict[str, dict] = {}
@@ -330,6 +333,7 @@ class Suite:
             snaps = view.snapshot_hashes()
             prec = view.snapshot_meta(STEPS).get("precision") or precision_of(out)
             b = Baseline(prec, losses, snaps, job.ended - job.started, first or 0.0, run)
+            self.last_full_s = min(self.last_full_s, b.seconds)
             self.baselines[prec] = b
             if precision is None:
                 self.baselines["auto"] = b
@@ -461,11 +465,14 @@ class Suite:
             return f"COMPLETE (step {newest}, the next step not yet logged)"
         return f"training (after step {last})"
 
-    def kill_chain(self, index: int, chain: list[dict]) -> None:
+    def kill_chain(self, index: int, chain: list[dict]) -> list[dict]:
+        """Kill, re-run, kill, ..., re-run to the end; returns the kills not made because a run
+        finished before its kill came (to be tried again in a new chain)."""
         run = self.path("kills", f"chain-{index}")
         shutil.rmtree(run, ignore_errors=True)
         base = self.baseline()
         segments = []  # per job: output, resumed step, rows and snapshots it wrote, the kill after it
+        leftover: list[dict] = []
         for k, spec in enumerate(chain + [None]):
             view = RunView(run)
             states_before = view.steps("states")
@@ -474,8 +481,8 @@ class Suite:
             kill = None
             if spec is not None:
                 kill = dict(spec)
-                if spec.get("random") == "time":
-                    at = self.rng.uniform(2.0, max(3.0, 0.9 * base.seconds))
+                if spec.get("random") == "time":  # within the shortest whole run seen (start-up included)
+                    at = self.rng.uniform(2.0, max(3.0, 0.9 * min(base.seconds, self.last_full_s)))
                     kill["target"] = f"a random time, {at:.1f} s after launch"
                     fire = lambda: time.time() - job.started >= at  # noqa: E731
                 elif spec.get("random"):
@@ -545,6 +552,8 @@ class Suite:
                 job.wait(timeout=900)
                 if job.running():
                     job.kill()
+                elif job.proc.returncode == 0:
+                    self.last_full_s = min(self.last_full_s, job.ended - job.started)
             out = job.output()
             job.close()
             r = resumed_at(out, bool(states_before))
@@ -553,6 +562,13 @@ class Suite:
             snaps = {s: h for s, h in view.snapshot_hashes().items() if r is not None and s > r}
             segments.append({"output": out, "resumed": r, "rows": mine, "snapshots": snaps, "kill": kill,
                              "rc": job.proc.returncode, "precision": precision_of(out), "log": job.log_path})
+            if kill is not None and kill.get("missed") and job.proc.returncode == 0:
+                leftover = chain[k:]  # this job trained to the end: it is the chain's last
+                segments[-1]["kill"] = None
+                self.record("kills", f"chain {index}.{k + 1}", kill["target"], "-",
+                            f"{kill['missed']}: this kill and the {len(leftover) - 1} after it go to a new chain",
+                            True, counted=False)
+                break
         # Judge each kill by the re-runs after it, up to the first that wrote something.
         final_ok, final_why, prec = self.compare_run(RunView(run), segments[-1]["output"])
         fin = segments[-1]
@@ -593,9 +609,10 @@ class Suite:
                         latency_ms=kill.get("latency_ms"),
                         aimed="random" if kill.get("random") else "phase",
                         resumed=resumed, precision=seg["precision"], log=seg["log"])
-        self.record("kills", f"chain {index} end", f"{len(chain)} kills, then the command run to the end",
-                    f"{STEPS} steps", "losses of every step and every EMA snapshot identical to the "
+        self.record("kills", f"chain {index} end", f"{len(chain) - len(leftover)} kills, then the command run to "
+                    f"the end", f"{STEPS} steps", "losses of every step and every EMA snapshot identical to the "
                     "uninterrupted run" if final_ok else final_why, final_ok, counted=False, precision=prec)
+        return leftover
 
     def part_kills(self) -> dict:
         self.baseline()
@@ -603,9 +620,15 @@ class Suite:
         self.log(f"kills: {sum(len(c) for c in plan)} kills in {len(plan)} chains: "
                  + "; ".join(", ".join(s.get("phase", "random") + (f"@{s['step']}" if "step" in s else "")
                                        for s in c) for c in plan))
-        for i, chain in enumerate(plan, 1):
+        queue = [(chain, False) for chain in plan]
+        i = 0
+        while queue:
+            chain, retried = queue.pop(0)
+            i += 1
             try:
-                self.kill_chain(i, chain)
+                leftover = self.kill_chain(i, chain)
+                if leftover and not retried:
+                    queue.append((leftover, True))
             except Exception as e:  # noqa: BLE001 - a drill that broke is a failed trial, not a crash
                 self.record("kills", f"chain {i}", str(chain), "-", f"drill error: {type(e).__name__}: {e}", False)
                 traceback.print_exc()
@@ -615,7 +638,7 @@ class Suite:
         at_phase = [t for t in counted if t.get("aimed") == "phase"]
         what = (f"kill -9 of the whole job (the torchrun launcher's group and each rank's), {len(at_phase)} times "
                 f"at a save phase and {len(counted) - len(at_phase)} at random, each followed by the same command; "
-                f"ZeRO-2, 2 ranks x 2 data workers, precision auto; {len(plan)} chain(s) of kills run to the end")
+                f"ZeRO-2, 2 ranks x 2 data workers, precision auto; {i} chain(s) of kills run to the end")
         return {"what": what, "kills": len(counted), "phases hit": f"{len(phases)} of {len(PHASES)}" +
                 (f" ({', '.join(phases)})" if phases else ""),
                 "exact resumes": f"{sum(1 for t in counted if t.get('exact'))} of {len(counted)}",
