@@ -1,9 +1,9 @@
 """Fault drills: what a careful tester does by hand to a run, done by a script, and a table of what
 happened (issue #13, "What to show").
 
-    .venv/bin/python bench/faults.py --quick                       # a reduced set, about 10 minutes here
-    .venv/bin/python bench/faults.py                               # everything (about 40 minutes here)
-    .venv/bin/python bench/faults.py --only kills,eval --json faults.json
+    .venv/bin/python bench/faults.py --quick                       # a reduced set: 6-10 minutes here
+    .venv/bin/python bench/faults.py                               # everything: about 20 minutes here
+    .venv/bin/python bench/faults.py --only kills,eval --json faults.json --ref HEAD
 
 Every drill trains the `tiny` preset, made smaller (widths 64, 16 latents, 4 sampling steps), with
 DeepSpeed ZeRO-2 on 2 processes under torchrun, 2 DataLoader workers per rank, the default
@@ -33,6 +33,9 @@ Parts (`--only`):
           snapshot; the next service must score that snapshot within a minute of its start.
 
 The tables are markdown (the README's Reliability section); --json FILE writes the same as JSON.
+--ref HEAD drills a clean copy of a commit rather than the working tree, which others may be
+editing while the drills run. The trainers get a torch extension cache of their own (another
+virtual environment sharing ~/.cache/torch_extensions makes every start recompile DeepSpeed's op).
 Exit status 0 when every drill passed, 1 otherwise. Work files go to a temporary folder (kept when
 something failed, or with --keep; its path is printed).
 """
