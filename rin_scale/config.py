@@ -423,6 +423,11 @@ def validate(cfg: Config) -> Config:
            "train.state_every, train.snapshot_every and train.log_every must be at least 1")
     _check(t.keep_last >= 1, "train.keep_last must be at least 1 (the newest state is what resume needs)")
 
+    _validate_eval(e, m)
+    return cfg
+
+
+def _validate_eval(e: EvalConfig, m: ModelConfig) -> None:
     _one_of("eval.metric", e.metric, ("auto", "fid", "fvd"))
     _one_of("eval.order", e.order, ("all", "newest", "milestones"))
     _check(e.sampler in ("", "ddpm", "ddim"), f"eval.sampler={e.sampler!r} is not one of '', ddpm, ddim")
@@ -434,7 +439,6 @@ def validate(cfg: Config) -> Config:
         _check(m.is_video, "eval.metric=fvd needs a video model (model.frames > 0)")
     if e.metric == "fid":
         _check(not m.is_video, "eval.metric=fid is for images: use eval.metric=fvd for video")
-    return cfg
 
 
 def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
