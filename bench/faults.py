@@ -976,7 +976,7 @@ class Suite:
 
     # ---------------------------------------------------------------- all
 
-    def run(self, parts: list[str]) -> None:
+    def run(self, parts: list[str], after_part=None) -> None:
         self.make_shards()
         for part in parts:
             t = time.time()
@@ -988,6 +988,8 @@ class Suite:
                 self.record(part, "setup", part, "-", f"drill error: {type(e).__name__}: {e}", False)
                 self.summary[part] = {"ok": False}
             self.summary[part]["seconds"] = round(time.time() - t)
+            if after_part is not None:
+                after_part()
 
 
 def _jsonl(path: str) -> list[dict]:
@@ -1057,8 +1059,23 @@ def main(argv=None) -> int:
     suite.log(f"work folder {suite.work}; seed {suite.seed}; parts {', '.join(parts)}"
               + (" (quick)" if args.quick else ""))
     t0 = time.time()
+
+    def write_json(done: bool = False) -> None:  # after every part too: a long run killed midway keeps its results
+        if not args.json:
+            return
+        seconds = time.time() - t0
+        ok = done and bool(suite.summary) and all(s.get("ok") for s in suite.summary.values())
+        with open(args.json + ".tmp", "w") as f:
+            json.dump({"quick": args.quick, "seed": suite.seed, "seconds": round(seconds), "repo": suite.repo,
+                       "commit": suite.commit, "uncommitted_changes": suite.changed, "parts": parts,
+                       "finished": done, "ok": ok, "summary": suite.summary, "trials": suite.trials,
+                       "work": suite.work, "markdown": markdown(suite, seconds)}, f, indent=1)
+        os.replace(args.json + ".tmp", args.json)
+
+    finished = False
     try:
-        suite.run(parts)
+        suite.run(parts, after_part=write_json)
+        finished = True
     except KeyboardInterrupt:
         suite.log("interrupted")
     finally:
@@ -1066,13 +1083,8 @@ def main(argv=None) -> int:
     seconds = time.time() - t0
     table = markdown(suite, seconds)
     print(table)
-    ok = bool(suite.summary) and all(s.get("ok") for s in suite.summary.values())
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"quick": args.quick, "seed": suite.seed, "seconds": round(seconds), "repo": suite.repo,
-                       "commit": suite.commit, "uncommitted_changes": suite.changed, "parts": parts, "ok": ok,
-                       "summary": suite.summary, "trials": suite.trials, "work": suite.work, "markdown": table},
-                      f, indent=1)
+    ok = finished and bool(suite.summary) and all(s.get("ok") for s in suite.summary.values())
+    write_json(done=finished)
     if ok and not args.keep:
         shutil.rmtree(suite.work, ignore_errors=True)
     else:
