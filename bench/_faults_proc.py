@@ -52,30 +52,29 @@ def descendants(pid: int) -> list[int]:
     return seen
 
 
-def state(pid: int) -> str:
-    """The process's state letter (R, S, D, Z, ...), or "" when it is gone."""
+def _stat(pid: int) -> tuple[str, str]:
+    """(state letter R/S/D/Z/..., start time in clock ticks since boot) from /proc/PID/stat; ("", "")
+    when it is gone. The start time with the pid names one process (pids are reused)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0]
+            fields = f.read().rsplit(")", 1)[1].split()
+        return fields[0], fields[19]
     except (OSError, IndexError):
-        return ""
+        return "", ""
+
+
+def state(pid: int) -> str:
+    return _stat(pid)[0]
 
 
 def start_time(pid: int) -> str:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22): with the pid, it
-    names one process (pids are reused)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return ""
+    return _stat(pid)[1]
 
 
 def alive(pid: int, start: str | None = None) -> bool:
     """Running (zombies count as dead); with `start`, still the process that started then."""
-    if state(pid) in ("", "Z", "X"):
-        return False
-    return start is None or start_time(pid) == start
+    st, began = _stat(pid)
+    return st not in ("", "Z", "X") and (start is None or began == start)
 
 
 def cmdline(pid: int) -> str:
@@ -86,13 +85,19 @@ def cmdline(pid: int) -> str:
         return ""
 
 
-def processes_mentioning(text: str) -> list[int]:
-    """Live processes whose command line contains `text` (a run directory unique to this suite)."""
+def kill_mentioning(text: str) -> list[int]:
+    """kill -9 of every live process whose command line contains `text` (a path unique to this
+    suite's work folder: only its own jobs have it); returns their pids."""
     me = os.getpid()
     out = []
     for d in os.listdir("/proc"):
-        if d.isdigit() and int(d) != me and text in cmdline(int(d)) and alive(int(d)):
-            out.append(int(d))
+        if not d.isdigit() or int(d) == me:
+            continue
+        pid = int(d)
+        start = start_time(pid)
+        if text in cmdline(pid) and alive(pid, start):  # and still the process whose command line was read
+            _signal(pid)
+            out.append(pid)
     return out
 
 
@@ -119,7 +124,7 @@ class Job:
         self.started = time.time()
         self.ended = None
         self.seen: dict[int, str] = {}  # every descendant ever seen (ranks, DataLoader workers): pid -> start
-        self.groups: list[int] = []  # their process groups (torchrun: one session per rank)
+        self.groups: dict[int, str] = {}  # their process groups (torchrun: a session per rank): leader -> start
         self.fired_at = self.killed_at = 0.0
         self._noted = 0.0
         with _LOCK:
@@ -134,25 +139,34 @@ class Job:
     def running(self) -> bool:
         return self.poll() is None
 
+    def _ours(self) -> bool:
+        """The launcher's pid still names it. Pids are reused (pid_max may be 32768 on a busy
+        machine): once reaped, its pid may be another process's. Unreaped, even after it exited,
+        it keeps its pid (a zombie) until this process waits for it."""
+        return self.poll() is None
+
     def note_tree(self, every: float = 0.0) -> list[int]:
-        """The launcher's descendants now (remembered with their process groups, for a fast kill);
-        with `every`, at most that often (reading /proc for every thread is not free)."""
+        """The launcher's descendants now, remembered with their start times and their process
+        groups (for a fast kill); with `every`, at most that often (reading /proc for every thread
+        is not free)."""
         if every and time.time() - self._noted < every:
             return []
         self._noted = time.time()
+        if not self._ours():
+            return []
         tree = descendants(self.pid)
         for pid in tree:
             self.seen[pid] = start_time(pid)
         mine = os.getpgid(0)
         for pid in tree:
             g = pgid(pid)
-            if g is not None and g != mine and g != self.pid and g not in self.groups:
-                self.groups.append(g)
+            if g is not None and g not in (mine, self.pid) and g not in self.groups:
+                self.groups[g] = self.seen.get(g) or start_time(g)
         return tree
 
     def ranks(self) -> list[int]:
         """The launcher's direct children (torchrun: one per rank, each in a session of its own)."""
-        return children(self.pid)
+        return children(self.pid) if self._ours() else []
 
     def wait(self, timeout: float | None = None):
         try:
@@ -172,11 +186,15 @@ class Job:
 
     def kill_now(self) -> None:
         """SIGKILL to the groups of the ranks seen so far and the launcher's, nothing else: the
-        fastest kill there is (kill() then finishes the job off and checks)."""
+        fastest kill there is (kill() then finishes the job off and checks). A group is signalled
+        only while its leader is the process seen (pid and start time): a pid freed and reused
+        since may lead another's group."""
         self.fired_at = time.time()
-        for g in list(self.groups):
-            _signal_group(g)
-        _signal_group(self.pid)
+        for g, start in list(self.groups.items()):
+            if alive(g, start):
+                _signal_group(g)
+        if self._ours():
+            _signal_group(self.pid)
         self.killed_at = time.time()
 
     def kill(self, launcher_only: bool = False, settle: float = 10.0) -> list[int]:
@@ -187,16 +205,16 @@ class Job:
         `kill -9 -- -PGID` of a torchrun job leaves them. Returns the pids still alive after
         `settle` seconds (zombies count as dead)."""
         if launcher_only:
-            _signal_group(self.pid)
+            if self._ours():
+                _signal_group(self.pid)
             self.wait(timeout=30)
             return []
         if not self.killed_at:
-            self.kill_now()  # first, and with nothing read from /proc: the kill lands at once
-        for pid in self.note_tree():  # anything started since the last look
-            g = pgid(pid)
-            if g is not None and g != os.getpgid(0):
-                _signal_group(g)
-            _signal(pid)
+            self.note_tree()  # the ranks, if none were seen yet
+            self.kill_now()
+        for pid, start in list(self.seen.items()):  # any descendant seen outside those groups
+            if alive(pid, start):
+                _signal(pid)
         self.wait(timeout=30)
         deadline = time.time() + settle
         while True:

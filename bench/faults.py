@@ -61,7 +61,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before any gcsfs import (TESTING.md)
 
-from _faults_proc import GCSServer, Job, alive, processes_mentioning, stop_everything  # noqa: E402
+from _faults_proc import GCSServer, Job, alive, kill_mentioning, stop_everything  # noqa: E402
 
 STEPS = 12
 SMALL = ["model.latent_dim=64", "model.interface_dim=64", "model.latent_heads=4", "model.read_write_heads=4",
@@ -539,9 +539,7 @@ class Suite:
                     survivors = job.kill()
                     kill["latency_ms"] = round((job.killed_at - seen_at) * 1000, 1)
                     kill["after_s"] = round(seen_at - job.started, 1)
-                    strays = processes_mentioning(run)  # anything of this run the kill did not reach
-                    for pid in strays:
-                        os.kill(pid, 9)
+                    strays = kill_mentioning(run)  # anything of this run the kill did not reach
                     kill["survivors"] = sorted(set(survivors) | set(strays))
                     kill["hit"] = self.observed_phase(run, resumed_at(job.output(), bool(states_before)),
                                                       job.started)
@@ -830,8 +828,7 @@ class Suite:
             for pid in ranks + workers:
                 if alive(pid, a.seen.get(pid)):
                     os.kill(pid, 9)
-            for pid in processes_mentioning(run):
-                os.kill(pid, 9)
+            kill_mentioning(run)
             rows = view.rows()
             steps = [r.get("step") for r in rows]
             twice = sorted({x for x in steps if steps.count(x) > 1})
