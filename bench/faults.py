@@ -97,6 +97,16 @@ def inode(path: str) -> int | None:
         return None
 
 
+def ended(job: Job, out: str | None = None) -> str:
+    """How a job ended, in words: its exit status and the line saying why, or that a signal from
+    outside the suite ended it (on a shared machine, someone else's kill)."""
+    rc = job.proc.returncode
+    if rc is not None and rc < 0 and not job.killed_at:
+        return f"killed by signal {-rc} from outside the suite (not one of its kills)"
+    why = last_line(job.output() if out is None else out) if rc else ""
+    return f"exit {rc}" + (f": {why}" if why else "")
+
+
 def git(repo: str, *args: str) -> str:
     """A git command's output in `repo`, "" when it fails (not a git checkout)."""
     out = subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True)
@@ -292,7 +302,9 @@ class Suite:
                               "--shard-size", str(SHARD_SIZE), "--quiet", self.shards], cwd=self.repo, env=self.env,
                              capture_output=True, text=True, timeout=300)
         if out.returncode != 0:
-            raise RuntimeError(f"sharding failed: {out.stderr.strip()[-500:]}")
+            raise RuntimeError(f"sharding failed (exit {out.returncode}"
+                               + (", a SIGKILL from outside the suite" if out.returncode == -9 else "")
+                               + f"): {out.stderr.strip()[-500:]}")
         self.log(out.stdout.strip())
 
     def record(self, part: str, trial: str, fault: str, hit: str, outcome: str, ok: bool, **extra) -> dict:
@@ -327,8 +339,7 @@ class Suite:
             out = job.output()
             job.close()
             if job.proc.returncode != 0:
-                raise RuntimeError(f"the baseline run failed ({job.proc.returncode}): {last_line(out)} "
-                                   f"(log {job.log_path})")
+                raise RuntimeError(f"the baseline run failed ({ended(job, out)}; log {job.log_path})")
             view = RunView(run)
             losses = {r["step"]: r["loss"] for r in view.rows()}
             if sorted(losses) != list(range(1, STEPS + 1)):
@@ -548,7 +559,7 @@ class Suite:
                     self.log(f"kills/chain-{index}: killed at {kill['hit']} ({kill['target']}, "
                              f"{kill['after_s']} s); survivors {kill['survivors']}")
                 else:
-                    kill["missed"] = f"the run ended (exit {job.proc.returncode}) before the kill"
+                    kill["missed"] = f"the run ended ({ended(job)}) before the kill"
             else:
                 job.wait(timeout=900)
                 if job.running():
@@ -562,7 +573,8 @@ class Suite:
             mine = [x for x in rows if r is not None and x.get("step", 0) > r]
             snaps = {s: h for s, h in view.snapshot_hashes().items() if r is not None and s > r}
             segments.append({"output": out, "resumed": r, "rows": mine, "snapshots": snaps, "kill": kill,
-                             "rc": job.proc.returncode, "precision": precision_of(out), "log": job.log_path})
+                             "rc": job.proc.returncode, "ended": ended(job, out), "precision": precision_of(out),
+                             "log": job.log_path})
             if kill is not None and kill.get("missed") and job.proc.returncode == 0:
                 leftover = chain[k:]  # this job trained to the end: it is the chain's last
                 segments[-1]["kill"] = None
@@ -574,7 +586,7 @@ class Suite:
         final_ok, final_why, prec = self.compare_run(RunView(run), segments[-1]["output"])
         fin = segments[-1]
         if fin["rc"] != 0:
-            final_ok, final_why = False, f"the last re-run failed ({fin['rc']}): {last_line(fin['output'])}"
+            final_ok, final_why = False, f"the last re-run failed ({fin['ended']})"
         for k, seg in enumerate(segments[:-1]):
             kill = seg["kill"]
             if kill.get("missed"):
@@ -685,8 +697,7 @@ class Suite:
             while job.running() and not fire() and time.time() < deadline:
                 time.sleep(0.002)
             if not job.running():
-                raise RuntimeError(f"the run ended before the outage ({job.proc.returncode}): "
-                                   f"{last_line(job.output())}")
+                raise RuntimeError(f"the run ended before the outage ({ended(job)})")
             server.stop()
             t_stop, step_stop = time.time(), step_now()
             uploaded = os.path.exists(server.object_path(f"bkt/run/states/{step_name(4)}/COMPLETE"))
@@ -716,7 +727,7 @@ class Suite:
             ok_cmp, why, prec = self.compare_run(view, out)
             problems = []
             if rc != 0:
-                problems.append(f"exit {rc}: {last_line(out)}")
+                problems.append(ended(job, out))
             if not ok_cmp:
                 problems.append(why)
             if not really:
@@ -783,7 +794,7 @@ class Suite:
                     a.note_tree()
                     time.sleep(0.1)
                 if not a.running():
-                    raise RuntimeError(f"the first trainer ended ({a.proc.returncode}): {last_line(a.output())}")
+                    raise RuntimeError(f"the first trainer ended ({ended(a)})")
                 if variant == "orphans":
                     ranks = a.ranks()
                     workers = [p for p in a.note_tree() if p not in ranks]
@@ -848,7 +859,7 @@ class Suite:
                     parts.append(f"{name} trainer {'training' if trains(job) else 'starting'} when the drill "
                                  f"ended")
                 else:
-                    parts.append(f"{name} trainer exited {rc}" + (f": {last_line(out)}" if rc else ""))
+                    parts.append(f"{name} trainer ended: {ended(job, out)}")
             parts.append(f"steps written twice: {len(twice)}" + (f" ({twice[:6]}{' ...' if len(twice) > 6 else ''})"
                                                                  if twice else ""))
             if gaps:
@@ -944,7 +955,7 @@ class Suite:
                 if chk["latency"] is None and chk["next_started"] is not None and chk["step"] in self.scored(run):
                     chk["latency"] = svc.ended - chk["next_started"] if svc.ended else None
             if last and svc.proc.returncode != 0:
-                self.log(f"eval: the last service exited {svc.proc.returncode}: {last_line(out)}")
+                self.log(f"eval: the last service ended: {ended(svc, out)}")
         rows = self.ledger_rows(run)
         ok_steps = self.scored(run)
         never = [s for s in snaps if s not in ok_steps]
