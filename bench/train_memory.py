@@ -1,20 +1,22 @@
 """Memory of the trainer: per-rank model + optimizer bytes at ZeRO 0-3 (2 processes), and peak
-memory and step time at full-size token counts (imagenet1024, kinetics600) at a narrow width,
-batch 1, with activation checkpointing off and on.
+memory and step time at full-size token counts (imagenet1024, kinetics600), batch 1, with
+activation checkpointing off, of whole blocks, and of each block stage by stage (the trainer's).
 
     OMP_NUM_THREADS=1 .venv/bin/python bench/train_memory.py [--preset cifar10] [--skip-zero] [--skip-scale]
+        [--widths narrow w256] [--steps 3]
 
 Part 1 counts the bytes of the tensors each rank holds after one step (DeepSpeed's engine with
 the trainer's LAMB): model parameters (this rank's part), fp32 master partitions (ZeRO 1-3 keep
-their own), optimizer state and gradients. Part 2 runs each configuration in a fresh process and
-reports its peak resident memory above the resident memory before the first step.
+their own), optimizer state and gradients. Part 2 runs each model in one process and, for each
+checkpointing mode, reports the peak memory of a step above the memory held between steps (see
+scale_worker) and the median step time, the modes interleaved.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -24,6 +26,17 @@ sys.path.insert(0, ROOT)
 
 NARROW = ["model.interface_dim=64", "model.latent_dim=128", "model.latent_heads=4", "model.read_write_heads=4",
           "model.num_latents=64", "model.interface_mlp_ratio=2", "model.latent_mlp_ratio=2"]
+# Reduced models at the presets' full token counts (the full ones take minutes a step on 2 CPU cores).
+WIDTHS = {
+    # interface 64 (MLP ratio 2), latents 64 x 128 (ratio 2), 4 heads; the preset's depth
+    "narrow": NARROW,
+    # interface 256 with the preset's MLP ratio 4 (the full model: 512), the preset's latent count
+    # (imagenet1024: 304) x 256 (full: 1024), 8 heads; 2 blocks x 2 layers (full: 6 x 4)
+    "w256": ["model.interface_dim=256", "model.latent_dim=256", "model.latent_heads=8", "model.read_write_heads=8",
+             "model.interface_mlp_ratio=4", "model.latent_mlp_ratio=4", "model.num_blocks=2", "model.latent_layers=2"],
+}
+WIDTH_NAMES = {"narrow": "interface 64, latents 64 x 128, MLP ratios 2, preset depth",
+               "w256": "interface 256 (MLP ratio 4), preset latent count x 256, 2 blocks x 2 layers"}
 
 
 def _bytes(tensors) -> int:
@@ -76,46 +89,128 @@ def zero_worker(preset: str, stage: int) -> None:
                                        "optimizer": state, "grads": grads}), flush=True)
 
 
-def scale_worker(preset: str, ckpt: int, steps: int) -> None:
-    """One process, batch 1, a narrow model at the preset's full token count: peak memory, step time."""
+MODES = ("off", "block", "segments")  # activation checkpointing of every block: none, whole, stage by stage
+
+
+def scale_worker(preset: str, width: str, steps: int) -> None:
+    """One process, batch 1, the preset at its full token count (narrower / shallower as `width`
+    says): for each checkpointing mode, the step time and the peak memory of a step above the
+    memory held between steps.
+
+    Time: the median over `steps` steps of each mode, the modes interleaved (the machine's load
+    hits them alike).
+    Memory, one more step per mode: the peak of live allocations above those held before the
+    step, as a GPU's allocator counts it (torch.cuda.max_memory_allocated). On the CPU: glibc's
+    bytes in use (mallinfo2), read after every aten op of the step (forward, backward with its
+    recomputation, optimizer). The process's one-time costs (optimizer state, gradients, library
+    code paged in, thread buffers) fall before the baseline; the old version of this table took
+    the peak resident set above the start of the process, which counted them in every mode and
+    understated what checkpointing saves. (The resident set also depends on how glibc's heap
+    fragments: with the default heap the same steps peak 100-200 MiB higher in every mode.)"""
     import torch
 
     from rin_scale.config import load_config
     from rin_scale.diffusion import training_loss
-    from rin_scale.engine import build_engine, init_distributed
+    from rin_scale.engine import build_engine, configure_checkpointing, init_distributed
     from rin_scale.flops import count
     from rin_scale.model import RIN
     from rin_scale.train import split_clip
 
     init_distributed()
-    cfg = load_config(preset, NARROW + [f"train.activation_checkpointing={ckpt}", "train.global_batch=1",
-                                        "train.zero_stage=0", "train.precision=fp32"])
+    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    cfg = load_config(preset, WIDTHS[width] + ["train.activation_checkpointing=1", "train.global_batch=1",
+                                               "train.zero_stage=0", "train.precision=fp32"])
     torch.manual_seed(0)
-    engine, _, _ = build_engine(RIN(cfg.model), cfg, 1)
+    engine, _, _ = build_engine(RIN(cfg.model).to(dev), cfg, 1)
+    model = engine.module
+    staged = model.checkpoint_fn  # the trainer's: stage by stage (engine.by_stage)
+    configure_checkpointing(model, cfg, whole_blocks=True)
+    whole = model.checkpoint_fn
     m = cfg.model
     shape = (1, m.channels, m.frames, m.image_size, m.image_size) if m.is_video else \
         (1, m.channels, m.image_size, m.image_size)
-    x = torch.rand(shape) * 2 - 1
-    x0, cond = split_clip(x, m)
-    base = _rss()
-    times = []
-    for _ in range(steps):
+    x0, cond = split_clip(torch.rand(shape, device=dev) * 2 - 1, m)
+    labels = torch.zeros(1, dtype=torch.long, device=dev) if m.num_classes else None
+
+    def set_mode(mode):
+        model.checkpoint_fn = {"off": None, "block": whole, "segments": staged}[mode]
+
+    def step():
         t0 = time.perf_counter()
-        loss, _ = training_loss(engine, x0, cfg.diffusion, labels=torch.zeros(1, dtype=torch.long) if m.num_classes
-                                else None, cond=cond)
+        loss, _ = training_loss(engine, x0, cfg.diffusion, labels=labels, cond=cond)
         engine.backward(loss)
         engine.step()
-        times.append(time.perf_counter() - t0)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for mode in MODES:  # warm-up
+        set_mode(mode)
+        step()
+    times = {mode: [] for mode in MODES}
+    for _ in range(steps):
+        for mode in MODES:
+            set_mode(mode)
+            times[mode].append(step())
+    peak = {}
+    for mode in MODES:
+        set_mode(mode)
+        peak[mode] = _step_peak(dev, step)
     c = count(m)
-    print("SCALEMEM " + json.dumps({"preset": preset, "ckpt": ckpt, "tokens": c["interface_tokens"],
-                                    "params": c["params"], "gflops": c["gflops"], "peak_above_base": peak - base,
-                                    "peak": peak, "step_s": min(times), "loss": float(loss)}), flush=True)
+    print("SCALEMEM " + json.dumps({"preset": preset, "width": width, "tokens": c["interface_tokens"],
+                                    "params": c["params"], "gflops": c["gflops"],
+                                    "peak": peak, "step_s": {k: _median(v) for k, v in times.items()},
+                                    "device": dev.type}), flush=True)
 
 
-def _rss() -> int:
-    with open(f"/proc/{os.getpid()}/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def _median(v):
+    v = sorted(v)
+    return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+
+
+def _step_peak(dev, step) -> int:
+    """Peak bytes of live allocations during step() above those live before it."""
+    import gc
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    gc.collect()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        return torch.cuda.max_memory_allocated() - base
+
+    class LivePeak(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, _malloc_in_use())
+            return out
+
+    base = _malloc_in_use()
+    with LivePeak() as mode:
+        step()
+    return mode.peak - base
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+
+
+def _malloc_in_use() -> int:
+    """glibc's bytes in use: the main arena's allocated chunks plus all mmapped ones (mallinfo2)."""
+    try:
+        fn = ctypes.CDLL("libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        sys.exit("the CPU memory figures need glibc >= 2.33 (mallinfo2)")
+    fn.restype = _MallInfo2
+    m = fn()
+    return m.uordblks + m.hblkhd
 
 
 def _run(cmd, tag, nproc=1):
@@ -133,14 +228,16 @@ def _run(cmd, tag, nproc=1):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cifar10", help="model for the ZeRO table (default cifar10, 31M params)")
-    p.add_argument("--steps", type=int, default=2, help="steps per scale configuration (the fastest is reported)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per checkpointing mode (the median is reported)")
+    p.add_argument("--widths", nargs="+", default=["narrow", "w256"], choices=sorted(WIDTHS),
+                   help="reduced models to run (w256: imagenet1024 only)")
     p.add_argument("--skip-zero", action="store_true")
     p.add_argument("--skip-scale", action="store_true")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
-        kind, preset, n = args.worker[0], args.worker[1], int(args.worker[2])
-        return zero_worker(preset, n) if kind == "zero" else scale_worker(preset, n, args.steps)
+        kind, preset, arg = args.worker[0], args.worker[1], args.worker[2]
+        return zero_worker(preset, int(arg)) if kind == "zero" else scale_worker(preset, arg, args.steps)
 
     mb = 2**20
     if not args.skip_zero:
@@ -155,20 +252,21 @@ def main():
             print(f"| {stage} | {r['params'] / mb:.1f} | {r['master'] / mb:.1f} | {r['optimizer'] / mb:.1f} | "
                   f"{r['grads'] / mb:.1f} | {total / mb:.1f} | {total / base:.2f} |", flush=True)
     if not args.skip_scale:
-        print("\nFull token counts at a narrow width (interface 64, latents 64 x 128), batch 1, fp32, 1 process\n")
-        print("| preset | tokens | params | fwd GFLOPs | act. ckpt | peak above start (MiB) | step (s) |")
-        print("|---|---|---|---|---|---|---|")
-        for preset in ("imagenet1024", "kinetics600"):
-            res = {}
-            for ckpt in (0, 1):
-                r = _run(["--steps", str(args.steps), "--worker", "scale", preset, str(ckpt)], "SCALEMEM ")[0]
-                res[ckpt] = r
-                print(f"| {preset} | {r['tokens']} | {r['params'] / 1e6:.2f}M | {r['gflops']:.1f} | "
-                      f"{'every block' if ckpt else 'off'} | {r['peak_above_base'] / mb:.0f} | {r['step_s']:.2f} |",
-                      flush=True)
-            print(f"| {preset} | | | | on / off | {res[1]['peak_above_base'] / max(res[0]['peak_above_base'], 1):.2f} | "
-                  f"{res[1]['step_s'] / res[0]['step_s']:.2f} |", flush=True)
-
+        print(f"\nFull token counts, reduced width, batch 1, fp32, 1 process, {os.environ.get('OMP_NUM_THREADS')} "
+              f"threads; peak memory of a step above what is held between steps; median of {args.steps} steps, "
+              f"the modes interleaved\n")
+        print("| preset | model | tokens | params | fwd GFLOPs | act. ckpt | peak (MiB) | vs off | step (s) | vs off |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        names = {"off": "off", "block": "whole blocks", "segments": "read / compute / write chunks"}
+        for preset, width in [(p, w) for p in ("imagenet1024", "kinetics600") for w in args.widths
+                              if w == "narrow" or p == "imagenet1024"]:
+            r = _run(["--steps", str(args.steps), "--worker", "scale", preset, width], "SCALEMEM ")[0]
+            for mode in MODES:
+                pk, st = r["peak"][mode], r["step_s"][mode]
+                print(f"| {preset} | {width} | {r['tokens']} | {r['params'] / 1e6:.2f}M | {r['gflops']:.1f} | "
+                      f"{names[mode]} | {pk / mb:.0f} | {pk / max(r['peak']['off'], 1):.2f} | {st:.2f} | "
+                      f"{st / r['step_s']['off']:.2f} |", flush=True)
+        print("\nModels: " + "; ".join(f"{w}: {WIDTH_NAMES[w]}" for w in args.widths))
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from .config import ConfigError, DiffusionConfig
 
@@ -87,9 +88,10 @@ def training_loss(model, x0, cfg: DiffusionConfig, labels=None, cond=None, gener
     Returns (loss, details) with per-example `loss`, `t`, `gamma` and the `self_cond` mask.
     """
     b, device = x0.shape[0], x0.device
-    x0 = x0 * cfg.input_scale
-    if cond is not None:
-        cond = cond * cfg.input_scale
+    if cfg.input_scale != 1:  # (x * 1.0 == x: no image-sized copy at scale 1)
+        x0 = x0 * cfg.input_scale
+        if cond is not None:
+            cond = cond * cfg.input_scale
     t = _rand((b,), generator, device)
     gamma = gamma_fn(t, cfg.schedule, cfg).to(device)
     eps = _rand(x0.shape, generator, device, x0.dtype, normal=True)
@@ -113,7 +115,9 @@ def training_loss(model, x0, cfg: DiffusionConfig, labels=None, cond=None, gener
         prev = (latents * mask.view(-1, 1, 1).to(latents.dtype)).detach()
     out, _ = model(x_t, gamma, labels, prev, cond)
     target = _target(x0, eps, gamma, cfg.target)
-    per_example = (out.float() - target.float()).pow(2).flatten(1).mean(1)
+    # (out - target)^2 as F.mse_loss computes it: the same numbers as .sub().pow(2), but the
+    # backward pass keeps the two inputs it already has instead of an image-sized difference.
+    per_example = F.mse_loss(out.float(), target.float(), reduction="none").flatten(1).mean(1)
     details = {"loss": per_example.detach(), "t": t, "gamma": gamma, "self_cond": mask}
     return per_example.mean(), details
 

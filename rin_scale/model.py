@@ -183,11 +183,39 @@ class Block(nn.Module):
         self.write_mlp = MLP(d, m.interface_mlp_ratio) if m.interface_mlp_ratio > 0 else nn.Identity()
 
     def forward(self, x, z):
-        z = self.read_mlp(self.read(z, x))
+        z = self.compute_step(self.read_step(x, z))
+        return self.write_step(x, z), z
+
+    # The three stages, each a function of tensors, so that activation checkpointing can save
+    # only their inputs (forward_segments).
+
+    def read_step(self, x, z):
+        return self.read_mlp(self.read(z, x))
+
+    def compute_step(self, z):
         for layer in self.compute:
             z = layer(z)
-        x = self.write_mlp(self.write(x, z))
-        return x, z
+        return z
+
+    def write_step(self, x, z):
+        return self.write_mlp(self.write(x, z))
+
+    def forward_segments(self, x, z, checkpoint: Optional[Callable], chunk_tokens: int = 0):
+        """forward(), with read, compute and write each run through `checkpoint` (which saves a
+        stage's inputs and recomputes it in the backward pass): every stage is recomputed once,
+        as when the whole block is checkpointed, but the backward pass holds the activations of
+        one stage at a time instead of the whole block's. The write (cross-attention of each
+        interface token over the latents, then the interface MLP) treats the tokens
+        independently, so with chunk_tokens > 0 it runs in chunks of that many tokens, each
+        checkpointed: the interface's activations (16,384 tokens at 1024x1024) are then held one
+        chunk at a time, also in a no-grad pass (checkpoint None: chunks only). Same maths as
+        forward(), up to float rounding in the chunked products."""
+        run = checkpoint or (lambda fn, *args: fn(*args))
+        z = run(self.read_step, x, z)
+        z = run(self.compute_step, z)
+        if 0 < chunk_tokens < x.shape[1]:
+            return torch.cat([run(self.write_step, xc, z) for xc in x.split(chunk_tokens, dim=1)], dim=1), z
+        return run(self.write_step, x, z), z
 
 
 def sinusoidal(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -253,7 +281,9 @@ class RIN(nn.Module):
         self.out_norm = layer_norm(d)
         self.readout = nn.Linear(d, self.patch_dim)
 
-        # Activation checkpointing hook, set by the trainer (keeps DeepSpeed out of the model).
+        # Activation checkpointing hook, set by the trainer (keeps DeepSpeed out of the model):
+        # checkpoint_fn(block, x, z) runs every checkpoint_every-th block (rin_scale.engine's runs
+        # it stage by stage: Block.forward_segments).
         self.checkpoint_fn: Optional[Callable] = None
         self.checkpoint_every = 1
         self.reset_parameters()
