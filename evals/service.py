@@ -6,7 +6,9 @@ Polls RUN/snapshots/ for complete snapshots the ledger does not hold yet, loads 
 (no DeepSpeed), samples eval.num_samples with the configured sampler, scores them against the real
 data's reference statistics, adds a row to the ledger (evals.ledger) and writes TensorBoard scalars
 and a sample grid under RUN/eval/tb. A class-conditional model with eval.classifier_data set also
-gets a `class_accuracy` row. Claims (RUN/eval/claims/step-N.json, created exclusively) keep two
+gets a `class_accuracy` row and the digit-domain rows of evals.digits_cnn: `domain_fid` (features of
+a small CNN trained on the real training data, with the real held-out data's own distance as its
+`floor`) and `laplacian_ratio` (mean |Laplacian| of the samples / of the real held-out images). Claims (RUN/eval/claims/step-N.json, created exclusively) keep two
 services on one run from scoring the same snapshot; the holder renews its claim's heartbeat while
 scoring, and a claim is taken over when its heartbeat stops (a few periods, at most
 eval.claim_timeout) or, on the same host, when its process is gone. Snapshots deleted by
@@ -215,6 +217,20 @@ class Service:
         return reference_stats(self.cfg, self.extractor, self.progress)
 
     @functools.cached_property
+    def domain(self):
+        """evals.digits_cnn's DomainReference for a class-conditional image model with
+        eval.classifier_data (and data.shards, what its CNN trains on); None otherwise."""
+        e, m = self.cfg.eval, self.cfg.model
+        if not (e.classifier_data and m.num_classes > 0 and not m.is_video):
+            return None
+        if not self.cfg.data.shards:
+            log("no domain FID: the digits CNN trains on data.shards, which is not set")
+            return None
+        from .digits_cnn import domain_reference
+
+        return domain_reference(self.cfg.data.shards, e.classifier_data, m, e.cache_dir, self.progress)
+
+    @functools.cached_property
     def cond_frames(self) -> torch.Tensor:
         """Real clips' leading frames, one per sample: what video samples are conditioned on."""
         from rin_scale.data import leading_frames
@@ -231,6 +247,7 @@ class Service:
         todo = todo[:limit] if limit else todo
         if todo:  # missing weights or real data are the service's error, not a snapshot's
             self.reference
+            self.domain
             if self.cfg.model.is_video:
                 self.cond_frames
         for step, url in todo:
@@ -277,11 +294,21 @@ class Service:
                             "classifier": "sklearn SVC(C=10) on pixels",
                             "classifier_real_accuracy": result["classifier_real_accuracy"],
                             "classifier_data": self.cfg.eval.classifier_data})
+            if "domain_fid" in result:
+                dom = self.domain
+                out.append({**base, "metric": "domain_fid", "value": result["domain_fid"], "floor": dom.floor,
+                            "floor_samples": dom.floor_n, "extractor": dom.id, "reference": dom.url,
+                            "reference_samples": dom.n, "cnn_heldout_accuracy": dom.heldout_accuracy})
+                out.append({**base, "metric": "laplacian_ratio", "value": result["laplacian_ratio"],
+                            "sample_laplacian": result["sample_laplacian"], "real_laplacian": dom.real_laplacian})
             for row in out[1:] + out[:1]:  # the primary row last: it is what marks the step done
                 self._append(row)
             self._tensorboard(step, result, out)
             extra = (f", class accuracy {result['class_accuracy']:.3f} (classifier on real held-out data: "
                      f"{result['classifier_real_accuracy']:.3f})" if "class_accuracy" in result else "")
+            if "domain_fid" in result:
+                extra += (f", domain FID {result['domain_fid']:.3f} (real held-out: {result['domain_fid_floor']:.3f}), "
+                          f"Laplacian ratio {result['laplacian_ratio']:.2f}")
             log(f"step {step}: {self.metric.upper()} {result['value']:.4f} from {result['samples']} samples "
                 f"in {seconds:.0f} s{extra}")
             return len(out)
@@ -305,6 +332,11 @@ class Service:
         classifier = None
         if e.classifier_data and m.num_classes > 0 and not m.is_video:
             classifier = get_classifier(e.classifier_data, self.cfg.model)
+        domain = None
+        if classifier is not None and self.domain is not None:
+            from .digits_cnn import DomainScore
+
+            domain = DomainScore(self.domain)
         labels = balanced_labels(e.num_samples, m.num_classes) if m.num_classes > 0 else None
         conds = self.cond_frames if m.is_video else None
         gen = torch.Generator(self.device).manual_seed(self.cfg.train.seed)  # same noise for every snapshot
@@ -329,6 +361,8 @@ class Service:
             stats.update(x)
             if classifier is not None:
                 correct += int((classifier.predict(x) == lb.cpu().numpy()).sum())
+            if domain is not None:
+                domain.update(x)
             if sum(len(g) for g in grid) < shown:
                 grid.append(x[: shown - sum(len(g) for g in grid)].cpu())
             bar.update(b)
@@ -340,6 +374,10 @@ class Service:
         if classifier is not None:
             out["class_accuracy"] = correct / e.num_samples
             out["classifier_real_accuracy"] = classifier.real_accuracy
+        if domain is not None:
+            out.update(domain.result())
+            if not math.isfinite(out["domain_fid"]):
+                raise FloatingPointError(f"domain FID came out {out['domain_fid']}")
         return out
 
     # ---------------------------------------------------------------- outputs
@@ -360,6 +398,7 @@ class Service:
             self._tb = TBLog(self.run, subdir="eval/tb")
         scalars = {f"eval/{r['metric']}": r["value"] for r in rows}
         scalars["eval/classifier_real_accuracy"] = result.get("classifier_real_accuracy")  # None: skipped
+        scalars["eval/domain_fid_floor"] = result.get("domain_fid_floor")
         self._tb.scalars(scalars, step)
         self._tb.image("eval/samples", sample_grid(result["grid"]), step)
         self._tb.flush()

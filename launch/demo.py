@@ -92,9 +92,16 @@ def main(argv: list[str] | None = None) -> None:
         print(f"final snapshot: {newest[1]}")
     final: dict[str, float] = {}
     for row in ledger:
-        print(f"  step {row.get('step'):>6}  {row.get('metric'):>16} = {row.get('value')}")
+        floor = f"  (real held-out digits: {row['floor']:.4g})" if row.get("floor") is not None else ""
+        print(f"  step {row.get('step'):>6}  {row.get('metric'):>16} = {row.get('value')}{floor}")
         if newest and row.get("step") == newest[0] and row.get("value") is not None:
             final[row["metric"]] = row["value"]
+            if row.get("floor") is not None:
+                final[f"{row['metric']}_floor"] = row["floor"]
+    if "domain_fid" in final and "class_accuracy" in final:
+        print(f"final samples : domain FID {final['domain_fid']:.2f} (real-vs-real floor "
+              f"{final.get('domain_fid_floor', float('nan')):.2f}), class accuracy {final['class_accuracy']:.1%}, "
+              f"Laplacian ratio {final.get('laplacian_ratio', float('nan')):.2f} (1 = as smooth as real digits)")
     print(json.dumps({"final": final}))
     tb = storage.local_path(run_url) if storage.is_local(run_url) else run_url
     print(f"look at it   : tensorboard --logdir {tb} --host 127.0.0.1 --port 6006")

@@ -5,6 +5,7 @@ Stand-in: no pretrained Inception weights exist offline, so the service scores F
 InceptionV3 architecture at seeded random weights (it warns, and the ledger names the extractor).
 """
 import json
+import math
 import os
 import subprocess
 import sys
@@ -43,19 +44,28 @@ def test_shortened_demo_leaves_every_stage_output(tmp_path):
     assert acc.Scalars("train/loss")[-1].step == 12 and "samples/ema" in acc.Tags()["images"]
     assert "2 rank(s) on cpu, ZeRO-2" in proc.stdout
 
-    # 3. evaluation: a FID and a class-accuracy row per snapshot, the same in TensorBoard
+    # 3. evaluation: FID, class accuracy and the digit-domain metrics per snapshot, the same in TensorBoard
     ledger = eval_ledger.read(run)
-    for metric in ("fid", "class_accuracy"):
+    for metric in ("fid", "class_accuracy", "domain_fid", "laplacian_ratio"):
         rows = [r for r in ledger if r["metric"] == metric]
         assert [r["step"] for r in rows] == [6, 12] and all(r["status"] == "ok" for r in rows), ledger
     assert all(r["extractor"] == "inception-v3-random-seed0" for r in ledger if r["metric"] == "fid")
+    domain = [r for r in ledger if r["metric"] == "domain_fid"]
+    assert all(r["extractor"].startswith("digits-cnn-v1-") and r["floor_samples"] == 360 for r in domain)
+    assert len({r["floor"] for r in domain}) == 1  # computed once per reference
     ev = EventAccumulator(os.path.join(run, "eval", "tb"), size_guidance={"images": 0, "scalars": 0})
     ev.Reload()
     assert [e.step for e in ev.Scalars("eval/fid")] == [6, 12] and "eval/samples" in ev.Tags()["images"]
+    assert [e.step for e in ev.Scalars("eval/domain_fid")] == [6, 12]
 
-    # 4. the summary: where the run is, the final metrics, how to look at it
+    # 4. the summary: where the run is, the final metrics (domain FID and its real-vs-real floor, class
+    # accuracy), how to look at it
     final = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"final"')))["final"]
-    assert set(final) == {"fid", "class_accuracy"} and 0 <= final["class_accuracy"] <= 1
+    assert set(final) == {"fid", "class_accuracy", "domain_fid", "domain_fid_floor", "laplacian_ratio"}, final
+    assert all(math.isfinite(v) for v in final.values()), final
+    assert 0 <= final["class_accuracy"] <= 1 and final["domain_fid"] >= 0 and 0 < final["domain_fid_floor"]
+    assert final["domain_fid_floor"] == domain[-1]["floor"] and final["laplacian_ratio"] > 0
+    assert "final samples : domain FID" in proc.stdout and "real-vs-real floor" in proc.stdout
     assert f"tensorboard --logdir {run}" in proc.stdout and f"rin_scale.sample {run}" in proc.stdout
 
     # 5. the sampling CLI on the run: a grid with one column per class, ADM-style npz, same seed same samples

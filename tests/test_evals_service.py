@@ -194,7 +194,7 @@ def test_fid_and_class_accuracy_for_a_class_conditional_model(tmp_path, image_da
     snapshot(run, cfg, model, 250)
     assert main(["--run", run, "--once", "--quiet"]) == 0
     rows = {r["metric"]: r for r in ledger(run)}
-    assert set(rows) == {"fid", "class_accuracy"}
+    assert set(rows) == {"fid", "class_accuracy", "domain_fid", "laplacian_ratio"}  # + evals.digits_cnn
     fid, acc = rows["fid"], rows["class_accuracy"]
     assert fid["status"] == "ok" and fid["value"] > 0 and fid["samples"] == 4 and fid["reference_samples"] == 4
     assert fid["extractor"].startswith("inception-v3-2015-12-05-")
@@ -329,3 +329,98 @@ def test_non_finite_samples_or_features_give_error_rows(tmp_path, video_data):
     last = ledger(run)[-1]
     assert (last["step"], last["status"]) == (30, "error") and "non-finite features" in last["error"]
     assert Service(run, progress=False).run_once() == 0  # not retried
+
+
+# --------------------------------------------------------------------------------------------
+# Digit-domain metrics (evals.digits_cnn): a CNN trained on the real training digits
+
+
+def digit_shards(out: str, split: str, n: int) -> str:
+    """The first n digits of an embedded split, sharded by data_tools.shard."""
+    import argparse
+
+    from data_tools import embedded
+    from data_tools.shard import build_items, make_shards as _make
+
+    args = argparse.Namespace(embedded="digits", split=split, resize=0, clip_frames=0, kind="auto", source=None)
+    items, _, kind = build_items(args)
+    opts = {"kind": kind, "shard_size": 1000, "shard_bytes": 0, "resize": 0, "format": None, "clip_frames": 0,
+            "frame_stride": 1, "source": f"embedded:digits:{split}"}
+    _make(items[:n], out, opts, embedded.CLASSES, "data", 1, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def digit_splits(tmp_path_factory):
+    d = tmp_path_factory.mktemp("evals-domain")
+    return {"train": digit_shards(str(d / "train"), "train", 300), "heldout": digit_shards(str(d / "heldout"), "heldout", 100),
+            "inception": save_random_inception(str(d / "inception-random.pth")), "cache": str(d / "cache")}
+
+
+def test_the_digits_cnn_is_deterministic_and_its_metrics_track_quality(digit_splits):
+    import torch.nn.functional as F
+
+    from evals import digits_cnn
+    from rin_scale.config import ModelConfig
+
+    m = ModelConfig(image_size=16, channels=3)
+    x, y = digits_cnn.load_images(digit_splits["train"], m)
+    a, b = digits_cnn.train_cnn(x, y, epochs=2), digits_cnn.train_cnn(x, y, epochs=2)
+    assert all(torch.equal(v, b.state_dict()[k]) for k, v in a.state_dict().items())  # bit-identical
+
+    dom = digits_cnn.domain_reference(digit_splits["train"], digit_splits["heldout"], m, digit_splits["cache"],
+                                      progress=False)
+    assert dom.n == 300 and dom.floor_n == 100 and dom.id.startswith("digits-cnn-v1-")
+    assert dom.heldout_accuracy > 0.9  # it knows the digits
+    xh, _ = digits_cnn.load_images(digit_splits["heldout"], m)
+
+    def score(imgs):
+        s = digits_cnn.DomainScore(dom)
+        s.update(imgs)
+        return s.result()
+
+    real = score(xh)
+    assert real["domain_fid"] == pytest.approx(dom.floor, rel=1e-9) and real["laplacian_ratio"] == pytest.approx(1.0)
+    gen = torch.Generator().manual_seed(0)
+    noisy = score((xh + 0.3 * torch.randn(xh.shape, generator=gen)).clamp(-1, 1))
+    blurred = score(F.avg_pool2d(xh, 3, stride=1, padding=1, count_include_pad=False))
+    upside_down = score(torch.flip(xh, dims=(2,)))
+    assert noisy["laplacian_ratio"] > 1.5 and blurred["laplacian_ratio"] < 0.8
+    assert upside_down["domain_fid"] > 3 * dom.floor and upside_down["laplacian_ratio"] == pytest.approx(1.0, abs=0.01)
+    assert noisy["domain_fid"] > dom.floor and blurred["domain_fid"] > dom.floor
+
+    # Cached, keyed by the data: a plain state dict read back with weights_only=True, the same network.
+    files = sorted(os.listdir(os.path.join(digit_splits["cache"], "digits_cnn")))
+    assert len(files) == 2 and files[0] == f"{dom.id}.pt" and files[1].startswith("reference-")  # + the statistics
+    saved = torch.load(os.path.join(digit_splits["cache"], "digits_cnn", files[0]), weights_only=True)
+    assert all(torch.equal(v, saved["state_dict"][k]) for k, v in dom.net.state_dict().items())
+    net, net_id = digits_cnn.get_cnn(digit_splits["train"], m, digit_splits["cache"], progress=False)
+    assert net_id == dom.id
+
+
+def test_domain_fid_floor_and_laplacian_ratio_rows_for_digits(tmp_path, digit_splits):
+    run = str(tmp_path / "run")
+    cfg, model = make_run(run, "tiny", [
+        f"data.shards={digit_splits['train']}", f"eval.classifier_data={digit_splits['heldout']}",
+        f"eval.inception_weights={digit_splits['inception']}", f"eval.cache_dir={digit_splits['cache']}",
+        "eval.num_samples=20", "eval.batch=10", "eval.steps=2", "eval.reference_samples=10"])
+    snapshot(run, cfg, model, 250)
+    assert main(["--run", run, "--once", "--quiet"]) == 0
+    rows = {r["metric"]: r for r in ledger(run)}
+    assert set(rows) == {"fid", "class_accuracy", "domain_fid", "laplacian_ratio"}
+    dom, lap = rows["domain_fid"], rows["laplacian_ratio"]
+    assert dom["status"] == "ok" and dom["samples"] == 20 and dom["extractor"].startswith("digits-cnn-v1-")
+    assert 0 < dom["floor"] < dom["value"] and dom["floor_samples"] == 100 and dom["reference_samples"] == 300
+    # An untrained model samples noise: far from the digits, and much rougher than them.
+    assert dom["value"] > 3 * dom["floor"] and lap["value"] > 2 and lap["real_laplacian"] > 0
+    tb = tb_scalars(os.path.join(run, "eval", "tb"))
+    for tag in ("eval/domain_fid", "eval/domain_fid_floor", "eval/laplacian_ratio"):
+        assert [s for s, _ in tb[tag]] == [250], tag
+    assert [v for _, v in tb["eval/domain_fid_floor"]] == [pytest.approx(dom["floor"], rel=1e-5)]
+    # The next snapshot (and the next service) reuses the cached CNN and floor: same floor, same extractor.
+    snapshot(run, cfg, model, 500)
+    assert main(["--run", run, "--once", "--quiet"]) == 0
+    again = [r for r in ledger(run) if r["metric"] == "domain_fid"]
+    assert [r["step"] for r in again] == [250, 500] and again[1]["floor"] == dom["floor"]
+    assert again[1]["extractor"] == dom["extractor"] and again[1]["value"] == pytest.approx(dom["value"])
+    assert len(os.listdir(os.path.join(digit_splits["cache"], "digits_cnn"))) == 2  # weights and statistics
