@@ -8,7 +8,10 @@ data's reference statistics, adds a row to the ledger (evals.ledger) and writes 
 and a sample grid under RUN/eval/tb. A class-conditional model with eval.classifier_data set also
 gets a `class_accuracy` row and the digit-domain rows of evals.digits_cnn: `domain_fid` (features of
 a small CNN trained on the real training data, with the real held-out data's own distance as its
-`floor`) and `laplacian_ratio` (mean |Laplacian| of the samples / of the real held-out images). Claims (RUN/eval/claims/step-N.json, created exclusively) keep two
+`floor`) and `laplacian_ratio` (mean |Laplacian| of the samples / of the real held-out images). A
+video model with eval.classifier_data (labelled held-out clips) is conditioned on those clips' given
+frames and also gets the rows of evals.video_metrics: `frame_mse` (per predicted frame, beside the
+repeat-last-frame and data-mean baselines) and `frame_accuracy` (the digit recognised). Claims (RUN/eval/claims/step-N.json, created exclusively) keep two
 services on one run from scoring the same snapshot; the holder renews its claim's heartbeat while
 scoring, and a claim is taken over when its heartbeat stops (a few periods, at most
 eval.claim_timeout) or, on the same host, when its process is gone. Snapshots deleted by
@@ -231,12 +234,26 @@ class Service:
         return domain_reference(self.cfg.data.shards, e.classifier_data, m, e.cache_dir, self.progress)
 
     @functools.cached_property
+    def video(self):
+        """evals.video_metrics' VideoReference (held-out clips, data-mean frame, frame classifier) for a
+        video model with eval.classifier_data; None otherwise."""
+        e, m = self.cfg.eval, self.cfg.model
+        if not (e.classifier_data and m.is_video and m.cond_frames and self.cfg.data.shards):
+            return None
+        from .video_metrics import video_reference
+
+        return video_reference(self.cfg.data.shards, e.classifier_data, m, e.num_samples)
+
+    @functools.cached_property
     def cond_frames(self) -> torch.Tensor:
-        """Real clips' leading frames, one per sample: what video samples are conditioned on."""
+        """Real clips' leading frames, one per sample: what video samples are conditioned on (the
+        held-out clips' when eval.classifier_data is set, so predictions can be checked against them)."""
         from rin_scale.data import leading_frames
 
         if not self.cfg.data.shards:
             raise ConfigError("video evaluation needs data.shards (real clips give the conditioning frames)")
+        if self.video is not None:
+            return self.video.cond(self.cfg.model.cond_frames)
         return leading_frames(self.cfg.data.shards, self.cfg.model, self.cfg.eval.num_samples)
 
     def run_once(self, pending=None, limit: int = 0) -> int:
@@ -294,6 +311,8 @@ class Service:
                             "classifier": "sklearn SVC(C=10) on pixels",
                             "classifier_real_accuracy": result["classifier_real_accuracy"],
                             "classifier_data": self.cfg.eval.classifier_data})
+            if "frame_mse" in result:
+                out += self._video_rows(base, result)
             if "domain_fid" in result:
                 dom = self.domain
                 out.append({**base, "metric": "domain_fid", "value": result["domain_fid"], "floor": dom.floor,
@@ -309,9 +328,25 @@ class Service:
             if "domain_fid" in result:
                 extra += (f", domain FID {result['domain_fid']:.3f} (real held-out: {result['domain_fid_floor']:.3f}), "
                           f"Laplacian ratio {result['laplacian_ratio']:.2f}")
+            if "frame_mse" in result:
+                extra += (f", frame MSE {result['frame_mse']:.4f} (repeat last frame {result['frame_mse_repeat_last']:.4f}, "
+                          f"data mean {result['frame_mse_data_mean']:.4f}), digit recognised in "
+                          f"{result['frame_accuracy']:.1%} of predicted frames (true frames: {result['frame_accuracy_real']:.1%})")
             log(f"step {step}: {self.metric.upper()} {result['value']:.4f} from {result['samples']} samples "
                 f"in {seconds:.0f} s{extra}")
             return len(out)
+
+    def _video_rows(self, base: dict, result: dict) -> list[dict]:
+        r = result
+        mse = {**base, "metric": "frame_mse", "value": r["frame_mse"], "per_frame": r["frame_mse_per_frame"],
+               "repeat_last": r["frame_mse_repeat_last"], "repeat_last_per_frame": r["frame_mse_repeat_last_per_frame"],
+               "data_mean": r["frame_mse_data_mean"], "data_mean_per_frame": r["frame_mse_data_mean_per_frame"],
+               "data_mean_is": f"mean frame (per pixel and channel) of {self.video.train_clips} training clips",
+               "space": "[-1, 1] pixels", "heldout_data": self.video.heldout_url, "clips": r["clips"]}
+        acc = {**base, "metric": "frame_accuracy", "value": r["frame_accuracy"], "real": r["frame_accuracy_real"],
+               "classifier": f"sklearn SVC(C=10) on grey digit crops of {self.video.classifier.n} training frames",
+               "heldout_data": self.video.heldout_url}
+        return [mse, acc]
 
     def _sampler(self, dcfg) -> str:
         return self.cfg.eval.sampler or dcfg.sampler
@@ -339,6 +374,11 @@ class Service:
             domain = DomainScore(self.domain)
         labels = balanced_labels(e.num_samples, m.num_classes) if m.num_classes > 0 else None
         conds = self.cond_frames if m.is_video else None
+        video = None
+        if m.is_video and self.video is not None:
+            from .video_metrics import VideoScore
+
+            video = VideoScore(self.video, m.cond_frames)
         gen = torch.Generator(self.device).manual_seed(self.cfg.train.seed)  # same noise for every snapshot
         correct, grid, shown = 0, [], 16 if m.is_video else 64
         bar = tqdm(total=e.num_samples, desc=f"step {step}", unit="sample", disable=not self.progress,
@@ -356,6 +396,8 @@ class Service:
             if not torch.isfinite(x).all():  # clamped and rounded to uint8, NaNs would score as black
                 raise FloatingPointError("non-finite samples (NaN or inf): the snapshot's weights are broken")
             x = x.clamp(-1, 1)
+            if video is not None:
+                video.update(x, start)
             if cond is not None:  # FVD scores the whole clip: given frames, then predicted ones
                 x = torch.cat([cond.float(), x], dim=2)
             stats.update(x)
@@ -374,6 +416,8 @@ class Service:
         if classifier is not None:
             out["class_accuracy"] = correct / e.num_samples
             out["classifier_real_accuracy"] = classifier.real_accuracy
+        if video is not None:
+            out.update(video.result())
         if domain is not None:
             out.update(domain.result())
             if not math.isfinite(out["domain_fid"]):
@@ -399,6 +443,10 @@ class Service:
         scalars = {f"eval/{r['metric']}": r["value"] for r in rows}
         scalars["eval/classifier_real_accuracy"] = result.get("classifier_real_accuracy")  # None: skipped
         scalars["eval/domain_fid_floor"] = result.get("domain_fid_floor")
+        for k in ("frame_mse_repeat_last", "frame_mse_data_mean", "frame_accuracy_real"):
+            scalars[f"eval/{k}"] = result.get(k)
+        for i, v in enumerate(result.get("frame_mse_per_frame", [])):
+            scalars[f"eval/frame_mse_by_frame/{i + 1}"] = v
         self._tb.scalars(scalars, step)
         self._tb.image("eval/samples", sample_grid(result["grid"]), step)
         self._tb.flush()
