@@ -8,12 +8,15 @@ Filesystems are made once per process and protocol and never shared across fork 
 fork-safe: gcsfs issue 379), so DataLoader workers and pool processes each make their own.
 Transient storage errors (connection refused, timeouts, HTTP 429 and 5xx) are retried with backoff
 by `retry`; everything else (missing objects, corrupt bytes, permissions) is raised at once.
+gcsfs's and fsspec's own log records of transient errors are demoted to DEBUG: `retry`'s one line
+per outage says what is happening.
 """
 from __future__ import annotations
 
 import errno
 import io
 import json
+import logging
 import os
 import random
 import time
@@ -265,6 +268,26 @@ class Backoff:
                      f"up to {left:.0f} s")
         time.sleep(min(self.delay * (0.5 + random.random()), left))
         self.delay = min(self.delay * 2, 60.0)
+
+
+class _QuietTransient(logging.Filter):
+    """gcsfs (and fsspec's prefetcher under it) log a full traceback each time gcsfs's own retries
+    (about 30 s) run out, though `retry` and the loader then wait on: an outage of minutes would fill
+    the log with what looks like crashes. Records of a transient error, as exc_info or as an argument,
+    become DEBUG (kept only where that is enabled); other errors still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        excs = [e for e in (record.exc_info[1] if record.exc_info else None, *args) if isinstance(e, BaseException)]
+        if record.levelno <= logging.DEBUG or not any(is_transient(e) for e in excs):
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
+# A logger's filters see only the records made at that logger, not its children's: each one used.
+for _name in ("gcsfs", "gcsfs.credentials", "gcsfs.zonal_file", "fsspec", "fsspec.asyn", "fsspec.prefetcher"):
+    logging.getLogger(_name).addFilter(_QuietTransient())
 
 
 def retry(fn, what: str, seconds: float = RETRY_SECONDS, log=print):

@@ -1,6 +1,6 @@
 """rin_scale.storage: transient errors are waited out, everything else fails at once; a bucket
 outage in the middle of an epoch (a real GCS API server stopped and started again) costs no
-sample and changes no batch."""
+sample and changes no batch, and the log says so in one line per worker, without gcsfs's tracebacks."""
 import os
 import threading
 import time
@@ -65,9 +65,15 @@ class RestartableGCS:
         self.proc.wait(timeout=10)
 
 
-def test_bucket_outage_mid_epoch_is_waited_out_with_no_sample_lost(tmp_path, monkeypatch):
+def test_bucket_outage_mid_epoch_is_waited_out_with_no_sample_lost(tmp_path, monkeypatch, capfd):
+    import logging
+
     from data_tools.shard import main as shard_main
 
+    # What a user's logging setup (or Python's last-resort handler) would print; pytest's own handlers
+    # keep records away from stderr, and the DataLoader workers' records from caplog.
+    shown = logging.StreamHandler()
+    logging.getLogger().addHandler(shown)
     server = RestartableGCS(tmp_path / "gcs")
     server.start()
     monkeypatch.setenv("STORAGE_EMULATOR_HOST", server.url)
@@ -95,7 +101,12 @@ def test_bucket_outage_mid_epoch_is_waited_out_with_no_sample_lost(tmp_path, mon
         keys, errors = epoch(outage_after=3)
         assert time.time() - t0 > 35  # the outage really happened and was waited out
         assert errors == 0 and keys == baseline
+        err = capfd.readouterr().err
+        # one line of ours per outage and worker, not gcsfs's traceback each time its own retries run out
+        assert "[storage] waiting for storage while reading gs://outage/" in err, err[-2000:]
+        assert "Traceback" not in err and "out of retries" not in err, err[-4000:]
     finally:
+        logging.getLogger().removeHandler(shown)
         if server.proc.poll() is None:
             server.stop()
         storage._FS_CACHE.clear()
@@ -113,3 +124,28 @@ def test_unreachable_gcs_endpoint_is_one_line_naming_endpoint_and_credentials(tm
     assert out.returncode == 2 and time.time() - t0 < 30 and "Traceback" not in out.stderr, out.stderr[-2000:]
     line = out.stderr.strip().splitlines()[-1]
     assert "http://no-such-host.invalid:1" in line and "credentials in use: anonymous" in line, line
+
+
+def test_gcsfs_traceback_of_a_transient_error_is_quiet_and_others_still_show():
+    import logging
+
+    records = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record)
+
+    keep = Keep()
+    gcsfs_log, prefetch_log = logging.getLogger("gcsfs"), logging.getLogger("fsspec.prefetcher")
+    logging.getLogger().addHandler(keep)
+    try:
+        for exc in (ConnectionRefusedError(111, "Connection refused"), PermissionError("403 Forbidden")):
+            try:
+                raise exc
+            except OSError as e:
+                gcsfs_log.exception(f"_request out of retries on exception: {e}")
+                prefetch_log.error("Global error state set in BackgroundPrefetcher: %s", e)
+    finally:
+        logging.getLogger().removeHandler(keep)
+    assert [(r.name, r.levelname) for r in records] == [("gcsfs", "ERROR"), ("fsspec.prefetcher", "ERROR")]
+    assert all(isinstance(r.exc_info[1] if r.exc_info else r.args[0], PermissionError) for r in records)
