@@ -272,7 +272,7 @@ def train(cfg) -> int:
 def _train(cfg) -> int:
     tr, state = set_up(cfg)
     tc = cfg.train
-    meter = Meter(state.step)
+    meter = Meter(state.step, tr.dev)
     state.started = time.time()
     while state.step < tc.total_steps:
         result = train_step(tr, state, meter)
@@ -485,7 +485,7 @@ def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
     for _ in range(tr.accum):
         batch = tr.batches.next()
         x0, cond = split_clip(batch["x"].to(tr.dev, non_blocking=True), cfg.model)
-        labels = batch["label"].to(tr.dev) if cfg.model.num_classes else None
+        labels = batch["label"].to(tr.dev, non_blocking=True) if cfg.model.num_classes else None
         with tr.compute.precision.autocast(tr.dev):
             loss, details = training_loss(engine, x0, cfg.diffusion, labels=labels, cond=cond)
         engine.backward(loss)
@@ -520,20 +520,24 @@ def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
 
 class Meter:
     """Sums over the logging window (the steps since the last log line): loss, loss by noise level,
-    step time, data wait; and where the window started, for images per second."""
+    step time, data wait; and where the window started, for images per second. The noise-level
+    sums stay on the training device: copying them to the host every micro-batch would make the
+    host wait for the GPU there, instead of queueing the next micro-batch's work."""
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, dev: torch.device = torch.device("cpu")):
+        self.dev = dev
         self.reset(step, time.perf_counter())
 
     def reset(self, step: int, now: float) -> None:
         self.first_step, self.started = step, now
         self.steps, self.loss, self.step_time, self.data_wait = 0, 0.0, 0.0, 0.0
-        self.bucket_sum, self.bucket_n = torch.zeros(NOISE_BUCKETS), torch.zeros(NOISE_BUCKETS)
+        self.bucket_sum = torch.zeros(NOISE_BUCKETS, device=self.dev)
+        self.bucket_n = torch.zeros(NOISE_BUCKETS, device=self.dev)
 
     def add_noise_levels(self, t: torch.Tensor, losses: torch.Tensor) -> None:
         """Per-example losses, summed by the quarter of t in [0, 1] they were drawn in."""
-        bucket = (t.float().cpu() * NOISE_BUCKETS).long().clamp(max=NOISE_BUCKETS - 1)
-        self.bucket_sum.index_add_(0, bucket, losses.float().cpu())
+        bucket = (t.detach().float().to(self.dev) * NOISE_BUCKETS).long().clamp(max=NOISE_BUCKETS - 1)
+        self.bucket_sum.index_add_(0, bucket, losses.detach().float().to(self.dev))
         self.bucket_n.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float32))
 
     def add_step(self, loss: float, step_time: float, data_wait: float) -> None:
@@ -544,8 +548,8 @@ class Meter:
 
     def loss_by_t(self) -> dict:
         """{"loss_by_t/0.00-0.25": mean loss, ...} over all ranks (collective); empty quarters left out."""
-        n = all_mean(self.bucket_n.clone())
-        mean = all_mean(self.bucket_sum.clone()) / n.clamp_min(1e-9)
+        n = all_mean(self.bucket_n.clone()).cpu()
+        mean = all_mean(self.bucket_sum.clone()).cpu() / n.clamp_min(1e-9)
         return {f"loss_by_t/{i / NOISE_BUCKETS:.2f}-{(i + 1) / NOISE_BUCKETS:.2f}": mean[i].item()
                 for i in range(NOISE_BUCKETS) if n[i] > 0}
 
