@@ -44,8 +44,10 @@ def digits(split: str = "train", size: int = 16):
 def moving_digits(split: str = "train", frames: int = 16, size: int = 16, digit_size: int = 8):
     """Yields (name, uint8 TxHxWx3 clip, label): one digit bouncing across the frame per source image.
 
-    Start position, velocity and tint are drawn from a generator seeded by the image index, so the
-    set is the same on every machine.
+    Constant velocity with mirror bounces, on whole pixels: start position and velocity (1 or 2
+    pixels a frame on each axis, either sign) are integers, so two given frames determine the rest
+    of the clip (sub-pixel speeds rounded to pixels made the future ambiguous). Start, velocity and
+    tint are drawn from a generator seeded by the image index: the same set on every machine.
     """
     images, labels = _load()
     span = size - digit_size
@@ -53,15 +55,15 @@ def moving_digits(split: str = "train", frames: int = 16, size: int = 16, digit_
         rng = np.random.default_rng(i)
         d = np.asarray(Image.fromarray(images[i], "L").resize((digit_size, digit_size), Image.BILINEAR))
         tint = rng.uniform(0.5, 1.0, size=3)
-        pos = rng.uniform(0, span, size=2)
-        vel = rng.uniform(0.6, 1.6, size=2) * rng.choice([-1, 1], size=2)
+        pos = rng.integers(0, span + 1, size=2)
+        vel = rng.integers(1, 3, size=2) * rng.choice([-1, 1], size=2)
         clip = np.zeros((frames, size, size, 3), np.uint8)
         for t in range(frames):
-            y, x = (int(round(p)) for p in pos)
+            y, x = pos
             clip[t, y:y + digit_size, x:x + digit_size] = (d[..., None] * tint).astype(np.uint8)
             pos = pos + vel
-            for k in range(2):  # bounce off the walls
+            for k in range(2):  # mirror bounce off the walls
                 if pos[k] < 0 or pos[k] > span:
+                    pos[k] = -pos[k] if pos[k] < 0 else 2 * span - pos[k]
                     vel[k] = -vel[k]
-                    pos[k] = min(max(pos[k], 0), span)
         yield f"moving{i:04d}", clip, int(labels[i])

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 CROP = 12  # side of the normalised digit crop the classifier sees
 INK = 0.35  # a pixel is ink when its grey level is above this fraction of the frame's brightest
 MEAN_CLIPS = 1000  # training clips averaged into the data-mean frame
+HELDOUT_CLIPS = 2000  # held-out clips read, of which a seeded draw of eval.num_samples is scored
 CLASSIFIER_FRAMES = 4000  # training frames the classifier is fitted on
 _CACHE: dict = {}
 
@@ -105,17 +106,24 @@ class VideoReference(NamedTuple):
 
 
 def video_reference(train_url: str, heldout_url: str, model_cfg, n: int) -> VideoReference:
-    """Held-out clips (the first n, cycled when fewer), the mean frame and the classifier of the
-    training clips; cached per process (the service scores many snapshots)."""
+    """n held-out clips (a seeded draw: shards keep their source's order, and the embedded digits
+    cycle 0..9, so the first ones are a few classes; cycled when fewer), the mean frame and the
+    classifier of the training clips; cached per process (the service scores many snapshots)."""
     key = (train_url, heldout_url, model_cfg.frames, model_cfg.image_size, model_cfg.channels, n)
     if key not in _CACHE:
-        held, held_y = read_clips(heldout_url, model_cfg, n)
-        idx = torch.arange(n) % len(held)
+        held, held_y = read_clips(heldout_url, model_cfg, HELDOUT_CLIPS)
+        idx = heldout_order(len(held), n)
         train, train_y = read_clips(train_url, model_cfg, MEAN_CLIPS)
         mean = train.mean(dim=(0, 2))
         _CACHE[key] = VideoReference(held[idx], held_y[idx], mean, FrameClassifier(train, train_y), heldout_url,
                                      len(train))
     return _CACHE[key]
+
+
+def heldout_order(available: int, n: int) -> torch.Tensor:
+    """Which of `available` held-out clips the n samples are conditioned on, in order."""
+    perm = torch.randperm(available, generator=torch.Generator().manual_seed(0))
+    return perm[torch.arange(n) % available]
 
 
 def frame_errors(pred: torch.Tensor, true: torch.Tensor) -> torch.Tensor:

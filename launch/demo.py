@@ -95,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
     run(launcher + ["-m", "rin_scale.train"] + train_cfg, env={"OMP_NUM_THREADS": "1"})
 
     print(f"[demo] 3/3 score the snapshots with the eval service ({metric.upper()})")
-    run([py, "-m", "evals.service", "--run", run_url, "--once"])
+    # One thread for the video model's small sampling batches: two threads on a shared 2-core machine
+    # were measured ~10x slower (each step waits for the busier core).
+    run([py, "-m", "evals.service", "--run", run_url, "--once"], env={"OMP_NUM_THREADS": "1"} if args.video else None)
 
     from evals import ledger as eval_ledger
 

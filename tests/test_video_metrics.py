@@ -89,7 +89,8 @@ def test_service_conditions_on_held_out_clips_and_writes_the_rows(data, tmp_path
     snapshot(run, cfg, model, 10)
     svc = Service(run, progress=False)
 
-    held, held_y = vm.read_clips(data["heldout"], cfg.model, 4)
+    held, held_y = vm.read_clips(data["heldout"], cfg.model, 100)
+    held, held_y = held[vm.heldout_order(len(held), 4)], held_y[vm.heldout_order(len(held), 4)]
     train, _ = vm.read_clips(data["train"], cfg.model, 4)
     assert torch.equal(svc.cond_frames, held[:, :, :COND])  # the held-out clips' given frames
     assert not torch.equal(svc.cond_frames, train[:, :, :COND])

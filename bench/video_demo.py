@@ -1,0 +1,177 @@
+"""The video demo's model in process (no DeepSpeed), scored with the eval service's frame measures.
+
+    OMP_NUM_THREADS=2 .venv/bin/python bench/video_demo.py [--steps 1500 | --minutes M] [--samples 64]
+        [--sample-steps 50] [--seed 0] [--grid strips.png] [overrides ...]
+
+The tiny_video preset plus `section.key=value` overrides trains on the embedded moving digits'
+training clips (sharded by data_tools.shard into --data the first time, decoded once into memory;
+a random window of model.frames per clip, as the data pipeline takes it) with the trainer's
+optimizer, LR schedule, EMA and loss, batch train.global_batch. Then the EMA model predicts the
+held-out clips' continuations (their given frames as conditioning, fixed noise) and one JSON row
+gives evals.video_metrics' measures: per-frame MSE beside the repeat-last and data-mean baselines,
+and the digit recognised in predicted frames. The tool behind the tiny_video preset's settings.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from rin_scale.config import load_config  # noqa: E402
+
+DATA = "runs/bench-data"
+
+
+def shard(root: str, split: str) -> str:
+    url = os.path.join(root, f"moving_digits-{split}")
+    if not os.path.exists(os.path.join(url, "data-manifest.json")):
+        subprocess.run([sys.executable, "-m", "data_tools.shard", "--embedded", "moving_digits", "--split", split, url],
+                       check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return url
+
+
+def load_clips(url: str, model_cfg, frames: int) -> torch.Tensor:
+    """Every clip at url, whole (frames long), in [-1, 1]."""
+    from evals.video_metrics import read_clips
+
+    m = dataclasses.replace(model_cfg, frames=frames)
+    return read_clips(url, m, 10**9)[0]
+
+
+def train(cfg, clips: torch.Tensor, seed: int, steps: int = 0, minutes: float = 0.0, log=print):
+    from rin_scale.diffusion import training_loss
+    from rin_scale.ema import EMA
+    from rin_scale.model import RIN
+    from rin_scale.optim import make_optimizer, make_scheduler
+    from rin_scale.train import split_clip
+
+    torch.manual_seed(seed)
+    model = RIN(cfg.model)
+    gen = torch.Generator().manual_seed(1000 + seed)
+    b, n, t_all, t = cfg.train.global_batch, len(clips), clips.shape[2], cfg.model.frames
+
+    def batch():
+        idx = torch.randint(0, n, (b,), generator=gen)
+        start = torch.randint(0, t_all - t + 1, (b,), generator=gen)
+        return torch.stack([clips[i, :, s:s + t] for i, s in zip(idx.tolist(), start.tolist())])
+
+    def step_fn(opt, sched, ema, k):
+        x0, cond = split_clip(batch(), cfg.model)
+        loss, _ = training_loss(model, x0, cfg.diffusion, cond=cond, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.train.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        opt.step()
+        sched.step()
+        ema.update(ema.decay_at(k, cfg.train.ema_warmup))
+        return loss.item()
+
+    if minutes:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        opt, ema = make_optimizer(model, cfg), EMA(model, cfg.train.ema_decay)
+        sched = make_scheduler(opt, cfg)
+        step_fn(opt, sched, ema, 1)
+        t1 = time.time()
+        for k in range(6):
+            step_fn(opt, sched, ema, k + 2)
+        per = (time.time() - t1) / 6
+        steps = max(int(minutes * 60 / per), 10)
+        model.load_state_dict(state)
+        log(f"  {per * 1000:.0f} ms/step -> {steps} steps in {minutes} min")
+    cfg.train.total_steps = steps
+    cfg.train.warmup_steps = min(cfg.train.warmup_steps, max(steps // 10, 1))
+    opt = make_optimizer(model, cfg)
+    sched = make_scheduler(opt, cfg)
+    ema = EMA(model, cfg.train.ema_decay)
+    model.train()
+    losses, t0 = [], time.time()
+    for k in range(1, steps + 1):
+        losses.append(step_fn(opt, sched, ema, k))
+        if k % max(steps // 5, 1) == 0:
+            log(f"  step {k}/{steps}  loss {np.mean(losses[-50:]):.4f}  {time.time() - t0:.0f} s")
+    ema_model = RIN(cfg.model)
+    ema_model.load_state_dict(ema.full_state())
+    return ema_model.eval(), {"steps": steps, "train_seconds": round(time.time() - t0, 1),
+                              "train_loss": float(np.mean(losses[-max(len(losses) // 10, 1):]))}
+
+
+@torch.no_grad()
+def evaluate(model, cfg, ref, samples: int, sample_steps: int, sampler: str, grid: str = "") -> dict:
+    from evals.video_metrics import VideoScore
+    from rin_scale.diffusion import sample
+
+    m, k = cfg.model, cfg.model.cond_frames
+    score, gen, preds, t0 = VideoScore(ref, k), torch.Generator().manual_seed(cfg.train.seed), [], time.time()
+    for start in range(0, samples, 16):
+        cond = ref.clips[start:start + 16, :, :k]
+        x = sample(model, (len(cond), *m.sample_shape), cfg.diffusion, cond=cond, steps=sample_steps,
+                   sampler=sampler, generator=gen).float().clamp(-1, 1)
+        score.update(x, start)
+        preds.append(x)
+    out = score.result()
+    out["sample_seconds"] = round(time.time() - t0, 1)
+    if grid:
+        save_strips(ref.clips[:8], torch.cat(preds)[:8], k, grid)
+    return out
+
+
+def save_strips(clips: torch.Tensor, pred: torch.Tensor, k: int, path: str, zoom: int = 4) -> None:
+    """Per clip two rows: given + predicted frames, given + true frames; `zoom`x nearest."""
+    from PIL import Image
+
+    from rin_scale.media import to_uint8
+
+    rows = []
+    for clip, p in zip(clips, pred):
+        for frames in (torch.cat([clip[:, :k], p], 1), clip):
+            rows.append(torch.cat([torch.nn.functional.pad(f, (1, 1, 1, 1), value=0.2) for f in frames.unbind(1)], 2))
+        rows.append(torch.full_like(rows[-1][:, :3], 0.2))
+    img = to_uint8(torch.cat(rows, 1)).permute(1, 2, 0).numpy()
+    Image.fromarray(img).resize((img.shape[1] * zoom, img.shape[0] * zoom), Image.NEAREST).save(path)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--minutes", type=float, default=0.0)
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--sample-steps", type=int, default=0)
+    p.add_argument("--sampler", default="")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=DATA)
+    p.add_argument("--grid", default="")
+    p.add_argument("--out", default="runs/video_demo.jsonl")
+    p.add_argument("overrides", nargs="*")
+    args = p.parse_args(argv)
+    from evals.video_metrics import video_reference
+
+    cfg = load_config("tiny_video", args.overrides)
+    train_url, held_url = shard(args.data, "train"), shard(args.data, "heldout")
+    ref = video_reference(train_url, held_url, cfg.model, args.samples)
+    clips = load_clips(train_url, cfg.model, 16)
+    print(f"{len(clips)} training clips, {args.overrides}", flush=True)
+    model, info = train(cfg, clips, args.seed, args.steps, args.minutes)
+    res = evaluate(model, cfg, ref, args.samples, args.sample_steps or cfg.diffusion.sample_steps,
+                   args.sampler or cfg.diffusion.sampler, args.grid)
+    row = {"overrides": args.overrides, "seed": args.seed, **info, **res,
+           "params": sum(q.numel() for q in model.parameters())}
+    print(json.dumps(row), flush=True)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
