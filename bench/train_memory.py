@@ -34,9 +34,12 @@ WIDTHS = {
     # (imagenet1024: 304) x 256 (full: 1024), 8 heads; 2 blocks x 2 layers (full: 6 x 4)
     "w256": ["model.interface_dim=256", "model.latent_dim=256", "model.latent_heads=8", "model.read_write_heads=8",
              "model.interface_mlp_ratio=4", "model.latent_mlp_ratio=4", "model.num_blocks=2", "model.latent_layers=2"],
+    # the preset's widths (imagenet1024: interface 512, latents 304 x 1024, 16 heads), 2 blocks x 1 layer
+    "full2x1": ["model.num_blocks=2", "model.latent_layers=1"],
 }
 WIDTH_NAMES = {"narrow": "interface 64, latents 64 x 128, MLP ratios 2, preset depth",
-               "w256": "interface 256 (MLP ratio 4), preset latent count x 256, 2 blocks x 2 layers"}
+               "w256": "interface 256 (MLP ratio 4), preset latent count x 256, 2 blocks x 2 layers",
+               "full2x1": "the preset's widths, 2 blocks x 1 layer"}
 
 
 def _bytes(tensors) -> int:
@@ -100,13 +103,16 @@ def scale_worker(preset: str, width: str, steps: int) -> None:
     Time: the median over `steps` steps of each mode, the modes interleaved (the machine's load
     hits them alike).
     Memory, one more step per mode: the peak of live allocations above those held before the
-    step, as a GPU's allocator counts it (torch.cuda.max_memory_allocated). On the CPU: glibc's
-    bytes in use (mallinfo2), read after every aten op of the step (forward, backward with its
-    recomputation, optimizer). The process's one-time costs (optimizer state, gradients, library
-    code paged in, thread buffers) fall before the baseline; the old version of this table took
-    the peak resident set above the start of the process, which counted them in every mode and
-    understated what checkpointing saves. (The resident set also depends on how glibc's heap
-    fragments: with the default heap the same steps peak 100-200 MiB higher in every mode.)"""
+    step, as a GPU's allocator counts it (torch.cuda.max_memory_allocated), over the forwards and
+    the backward (what checkpointing changes) and over the whole step (the optimizer's own peak
+    included: LAMB holds every tensor's update until the trust ratios are known, another copy
+    of the gradients, which can exceed the activations once they are checkpointed). On the CPU:
+    glibc's bytes in use (mallinfo2), read after every aten op. The process's one-time costs
+    (optimizer state, library code paged in, thread buffers) fall before the baseline; the old
+    version of this table took the peak resident set above the start of the process, which
+    counted them in every mode and understated what checkpointing saves. (The resident set also
+    depends on how glibc's heap fragments: with the default heap the same steps peak 100-200 MiB
+    higher in every mode.)"""
     import torch
 
     from rin_scale.config import load_config
@@ -135,10 +141,11 @@ def scale_worker(preset: str, width: str, steps: int) -> None:
     def set_mode(mode):
         model.checkpoint_fn = {"off": None, "block": whole, "segments": staged}[mode]
 
-    def step():
+    def step(before_optimizer=lambda: None):
         t0 = time.perf_counter()
         loss, _ = training_loss(engine, x0, cfg.diffusion, labels=labels, cond=cond)
         engine.backward(loss)
+        before_optimizer()
         engine.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
@@ -155,7 +162,7 @@ def scale_worker(preset: str, width: str, steps: int) -> None:
     peak = {}
     for mode in MODES:
         set_mode(mode)
-        peak[mode] = _step_peak(dev, step)
+        peak[mode] = _step_peaks(dev, step)
     c = count(m)
     print("SCALEMEM " + json.dumps({"preset": preset, "width": width, "tokens": c["interface_tokens"],
                                     "params": c["params"], "gflops": c["gflops"],
@@ -168,33 +175,37 @@ def _median(v):
     return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
-def _step_peak(dev, step) -> int:
-    """Peak bytes of live allocations during step() above those live before it."""
+def _step_peaks(dev, step) -> dict:
+    """Peak bytes of live allocations above those live before step(): over its forwards and
+    backward ("fb"), and over the whole step, optimizer included ("step")."""
     import gc
 
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     gc.collect()
+    out = {}
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
-        step()
-        return torch.cuda.max_memory_allocated() - base
+        step(lambda: out.__setitem__("fb", torch.cuda.max_memory_allocated() - base))
+        out["step"] = torch.cuda.max_memory_allocated() - base
+        return out
 
     class LivePeak(TorchDispatchMode):
         peak = 0
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
+            res = func(*args, **(kwargs or {}))
             self.peak = max(self.peak, _malloc_in_use())
-            return out
+            return res
 
     base = _malloc_in_use()
     with LivePeak() as mode:
-        step()
-    return mode.peak - base
+        step(lambda: out.__setitem__("fb", mode.peak - base))
+    out["step"] = mode.peak - base
+    return out
 
 
 class _MallInfo2(ctypes.Structure):
@@ -230,7 +241,7 @@ def main():
     p.add_argument("--preset", default="cifar10", help="model for the ZeRO table (default cifar10, 31M params)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per checkpointing mode (the median is reported)")
     p.add_argument("--widths", nargs="+", default=["narrow", "w256"], choices=sorted(WIDTHS),
-                   help="reduced models to run (w256: imagenet1024 only)")
+                   help="reduced models to run (w256, full2x1: imagenet1024 only; full2x1 takes ~20 s a step on 2 cores)")
     p.add_argument("--skip-zero", action="store_true")
     p.add_argument("--skip-scale", action="store_true")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -255,16 +266,18 @@ def main():
         print(f"\nFull token counts, reduced width, batch 1, fp32, 1 process, {os.environ.get('OMP_NUM_THREADS')} "
               f"threads; peak memory of a step above what is held between steps; median of {args.steps} steps, "
               f"the modes interleaved\n")
-        print("| preset | model | tokens | params | fwd GFLOPs | act. ckpt | peak (MiB) | vs off | step (s) | vs off |")
-        print("|---|---|---|---|---|---|---|---|---|---|")
+        print("| preset | model | tokens | params | fwd GFLOPs | act. ckpt | peak fwd+bwd (MiB) | vs off "
+              "| peak step (MiB) | vs off | step (s) | vs off |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
         names = {"off": "off", "block": "whole blocks", "segments": "read / compute / write chunks"}
         for preset, width in [(p, w) for p in ("imagenet1024", "kinetics600") for w in args.widths
                               if w == "narrow" or p == "imagenet1024"]:
             r = _run(["--steps", str(args.steps), "--worker", "scale", preset, width], "SCALEMEM ")[0]
             for mode in MODES:
-                pk, st = r["peak"][mode], r["step_s"][mode]
+                pk, off, st = r["peak"][mode], r["peak"]["off"], r["step_s"][mode]
                 print(f"| {preset} | {width} | {r['tokens']} | {r['params'] / 1e6:.2f}M | {r['gflops']:.1f} | "
-                      f"{names[mode]} | {pk / mb:.0f} | {pk / max(r['peak']['off'], 1):.2f} | {st:.2f} | "
+                      f"{names[mode]} | {pk['fb'] / mb:.0f} | {pk['fb'] / max(off['fb'], 1):.2f} | "
+                      f"{pk['step'] / mb:.0f} | {pk['step'] / max(off['step'], 1):.2f} | {st:.2f} | "
                       f"{st / r['step_s']['off']:.2f} |", flush=True)
         print("\nModels: " + "; ".join(f"{w}: {WIDTH_NAMES[w]}" for w in args.widths))
 
