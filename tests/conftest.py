@@ -83,3 +83,20 @@ def gcs_bucket(gcs_server, request):
     fs = gcsfs.GCSFileSystem(endpoint_url=gcs_server, token="anon", skip_instance_cache=True)
     fs.mkdir(name)
     return f"gs://{name}"
+
+
+def bf16_missing() -> str | None:
+    """Why bf16 training is not tested here, or None: on the CPU it needs avx512_bf16 or amx_bf16
+    (the flags that make train.precision=auto's probe pick bf16); without them torch emulates bf16,
+    several times slower than fp32. Flags, not the probe: a timing reads otherwise on a busy machine."""
+    import torch
+
+    if torch.cuda.is_available():
+        return None if torch.cuda.is_bf16_supported() else "this GPU has no bf16"
+    try:
+        flags = set(open("/proc/cpuinfo").read().split())
+    except OSError:
+        return "no /proc/cpuinfo to read the CPU's avx512_bf16 / amx_bf16 flags from"
+    if flags & {"avx512_bf16", "amx_bf16"}:
+        return None
+    return "this CPU has no native bf16 (neither avx512_bf16 nor amx_bf16): torch would emulate it, slowly"
