@@ -10,6 +10,11 @@ optimizer, LR schedule, EMA and loss, batch train.global_batch. Then the EMA mod
 held-out clips' continuations (their given frames as conditioning, fixed noise) and one JSON row
 gives evals.video_metrics' measures: per-frame MSE beside the repeat-last and data-mean baselines,
 and the digit recognised in predicted frames. The tool behind the tiny_video preset's settings.
+
+    .venv/bin/python bench/video_demo.py --strips RUN --grid docs/video_demo_strips.png
+
+draws the README's strips from a run's newest snapshot instead: the first 8 of the held-out clips
+the eval service scores (same clips, same noise), given + predicted frames over given + true ones.
 """
 from __future__ import annotations
 
@@ -140,6 +145,26 @@ def save_strips(clips: torch.Tensor, pred: torch.Tensor, k: int, path: str, zoom
     Image.fromarray(img).resize((img.shape[1] * zoom, img.shape[0] * zoom), Image.NEAREST).save(path)
 
 
+def strips(run: str, path: str, n: int = 8) -> int:
+    from rin_scale import rundir
+    from rin_scale.diffusion import sample
+    from rin_scale.rundir import load_run_config, load_snapshot_model
+
+    from evals.video_metrics import video_reference
+
+    cfg = load_run_config(run, [])
+    step, url = rundir.newest_complete(run, "snapshots")
+    model, dcfg, _ = load_snapshot_model(url, torch.device("cpu"))
+    e, m = cfg.eval, cfg.model
+    ref = video_reference(cfg.data.shards, e.classifier_data, m, e.num_samples)
+    gen = torch.Generator().manual_seed(cfg.train.seed)  # as the eval service: its first batch
+    x = sample(model, (e.batch, *m.sample_shape), dcfg, cond=ref.cond(m.cond_frames)[:e.batch],
+               steps=e.steps or dcfg.sample_steps, sampler=e.sampler or dcfg.sampler, generator=gen)
+    save_strips(ref.clips[:n], x[:n].float().clamp(-1, 1), m.cond_frames, path)
+    print(f"{path}: step {step}, held-out clips {ref.labels[:n].tolist()}")
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=1500)
@@ -151,19 +176,35 @@ def main(argv=None) -> int:
     p.add_argument("--data", default=DATA)
     p.add_argument("--grid", default="")
     p.add_argument("--out", default="runs/video_demo.jsonl")
+    p.add_argument("--save", default="", help="write the EMA weights here (torch.save of the state dict)")
+    p.add_argument("--load", default="", help="evaluate these EMA weights instead of training")
+    p.add_argument("--strips", default="", help="a run directory: strips of its newest snapshot to --grid")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     from evals.video_metrics import video_reference
+
+    if args.strips:
+        return strips(args.strips, args.grid or "strips.png")
 
     cfg = load_config("tiny_video", args.overrides)
     train_url, held_url = shard(args.data, "train"), shard(args.data, "heldout")
     ref = video_reference(train_url, held_url, cfg.model, args.samples)
     clips = load_clips(train_url, cfg.model, 16)
     print(f"{len(clips)} training clips, {args.overrides}", flush=True)
-    model, info = train(cfg, clips, args.seed, args.steps, args.minutes)
+    if args.load:
+        from rin_scale.model import RIN
+
+        model, info = RIN(cfg.model), {"loaded": args.load}
+        model.load_state_dict(torch.load(args.load, weights_only=True))
+        model.eval()
+    else:
+        model, info = train(cfg, clips, args.seed, args.steps, args.minutes)
+    if args.save:
+        torch.save(model.state_dict(), args.save)
     res = evaluate(model, cfg, ref, args.samples, args.sample_steps or cfg.diffusion.sample_steps,
                    args.sampler or cfg.diffusion.sampler, args.grid)
-    row = {"overrides": args.overrides, "seed": args.seed, **info, **res,
+    row = {"overrides": args.overrides, "seed": args.seed, **info, "sampler": args.sampler, "sample_steps":
+           args.sample_steps, **res,
            "params": sum(q.numel() for q in model.parameters())}
     print(json.dumps(row), flush=True)
     if args.out:

@@ -51,18 +51,27 @@ def tiny() -> Config:
 
 @preset
 def tiny_video() -> Config:
-    """A small frame-conditioned video RIN: 8 frames of 16x16 (2 given, 6 predicted), 2x4x4 patches."""
-    cfg = tiny()
-    cfg.model.frames, cfg.model.cond_frames, cfg.model.patch_frames = 8, 2, 2
-    cfg.model.patch_size = 4
-    cfg.model.num_classes = 0
-    cfg.data.kind = "video"
-    cfg.train.run_dir = "runs/tiny_video"
-    cfg.train.global_batch = 16
-    cfg.eval.num_samples = 64
-    cfg.eval.batch = 16
-    cfg.eval.metric = "fvd"
-    return cfg
+    """A small frame-conditioned video RIN: 8 frames of 16x16 (2 given, 6 predicted), 2x2x4 patches
+    (4x2x8x8 = 128 interface tokens), otherwise the tiny model's shape (spelled out here, so the image
+    preset can change apart). Measured with bench/video_demo.py (1,600 steps of batch 16, 64 held-out
+    clips, DDIM 50): patch 2 reached a lower loss than patch 4 (whose 96-value tokens stayed
+    speckle), 4 frames per patch cost less than 2 at the same loss, and predicting x0 instead of v
+    gave a per-frame MSE of 0.154 against 0.186 (repeat-last-frame baseline 0.216, data mean 0.106).
+    At this budget the model still hardly uses the given frames (shuffling them across clips changes
+    its x0 prediction by ~1%): it predicts the clip's colour, not the digit's shape or place."""
+    return Config(
+        model=ModelConfig(image_size=16, channels=3, frames=8, cond_frames=2, patch_frames=4, patch_size=2,
+                          interface_dim=96, interface_mlp_ratio=2, latent_dim=128, num_latents=16,
+                          latent_mlp_ratio=4, num_blocks=2, latent_layers=2, latent_heads=4, read_write_heads=4,
+                          dropout=0.0, drop_path=0.0, num_classes=0),
+        diffusion=DiffusionConfig(schedule="sigmoid", target="x0", sample_steps=50, sampler="ddim"),
+        data=DataConfig(kind="video", workers=1, shuffle_buffer=500, hflip=False),
+        train=TrainConfig(run_dir="runs/tiny_video", global_batch=16, total_steps=3000, zero_stage=2,
+                          optimizer="adamw", lr=2e-3, weight_decay=0.01, warmup_steps=100, lr_floor=0.1,
+                          ema_decay=0.999, ema_warmup=True, state_every=250, snapshot_every=250, log_every=25,
+                          sample_every=250, sample_count=20),
+        eval=EvalConfig(metric="fvd", num_samples=64, batch=16),
+    )
 
 
 @preset

@@ -110,3 +110,19 @@ def test_service_conditions_on_held_out_clips_and_writes_the_rows(data, tmp_path
     for tag in ("eval/frame_mse", "eval/frame_mse_repeat_last", "eval/frame_mse_data_mean", "eval/frame_accuracy",
                 "eval/frame_mse_by_frame/6", "eval/fvd"):
         assert [s for s, _ in tb[tag]] == [10], tag
+
+
+def test_demo_summary_line_carries_the_measures_and_both_baselines(capsys):
+    from launch.demo import _video_summary
+
+    ledger = [{"step": 10, "metric": "fvd", "value": 0.01},
+              {"step": 10, "metric": "frame_mse", "value": 0.05, "per_frame": [0.04, 0.06], "repeat_last": 0.2,
+               "data_mean": 0.1, "clips": 64},
+              {"step": 10, "metric": "frame_accuracy", "value": 0.9, "real": 0.95}]
+    final = {"fvd": 0.01, "frame_mse": 0.05, "frame_accuracy": 0.9}
+    _video_summary(ledger, 10, final)
+    assert final == {"fvd": 0.01, "frame_mse": 0.05, "frame_accuracy": 0.9, "frame_mse_repeat_last": 0.2,
+                     "frame_mse_data_mean": 0.1, "frame_accuracy_real": 0.95}
+    line = capsys.readouterr().out
+    assert "per-frame MSE 0.0500" in line and "repeat-last-frame 0.2000" in line and "data mean frame 0.1000" in line
+    assert "90.0% of predicted frames" in line and "pipeline check" in line
