@@ -30,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from rin_scale.config import load_config  # noqa: E402
 
@@ -130,18 +131,22 @@ def evaluate(model, cfg, ref, samples: int, sample_steps: int, sampler: str, gri
     return out
 
 
-def save_strips(clips: torch.Tensor, pred: torch.Tensor, k: int, path: str, zoom: int = 4) -> None:
-    """Per clip two rows: given + predicted frames, given + true frames; `zoom`x nearest."""
+def save_strips(clips: torch.Tensor, pred: torch.Tensor, k: int, path: str, zoom: int = 4, cols: int = 2) -> None:
+    """Per clip two rows: given + predicted frames over given + true frames; clips in `cols`
+    columns, `zoom`x nearest."""
     from PIL import Image
 
     from rin_scale.media import to_uint8
 
-    rows = []
+    blocks = []
     for clip, p in zip(clips, pred):
-        for frames in (torch.cat([clip[:, :k], p], 1), clip):
-            rows.append(torch.cat([torch.nn.functional.pad(f, (1, 1, 1, 1), value=0.2) for f in frames.unbind(1)], 2))
-        rows.append(torch.full_like(rows[-1][:, :3], 0.2))
-    img = to_uint8(torch.cat(rows, 1)).permute(1, 2, 0).numpy()
+        rows = [torch.cat([F.pad(f, (1, 1, 1, 1), value=0.2) for f in frames.unbind(1)], 2)
+                for frames in (torch.cat([clip[:, :k], p], 1), clip)]
+        blocks.append(F.pad(torch.cat(rows, 1), (2, 2, 2, 2), value=1.0))
+    while len(blocks) % cols:
+        blocks.append(torch.full_like(blocks[0], 1.0))
+    grid = torch.cat([torch.cat(blocks[r:r + cols], 2) for r in range(0, len(blocks), cols)], 1)
+    img = to_uint8(grid).permute(1, 2, 0).numpy()
     Image.fromarray(img).resize((img.shape[1] * zoom, img.shape[0] * zoom), Image.NEAREST).save(path)
 
 
