@@ -2,7 +2,7 @@
 processes, score the snapshots with the eval service, print where everything is.
 
     python -m launch.demo                  # class-conditional digits, tiny preset, ZeRO-2
-    python -m launch.demo --video          # moving digits, tiny_video preset, FVD
+    python -m launch.demo --video          # moving digits, tiny_video preset: predicted frames vs held-out truth
     python -m launch.demo --steps 200 train.lr=1e-3   # shorter; overrides go to the trainer
 
 Each stage runs the same command a user would run by hand (printed before it runs), so the demo
