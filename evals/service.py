@@ -329,9 +329,10 @@ class Service:
                 extra += (f", domain FID {result['domain_fid']:.3f} (real held-out: {result['domain_fid_floor']:.3f}), "
                           f"Laplacian ratio {result['laplacian_ratio']:.2f}")
             if "frame_mse" in result:
-                extra += (f", frame MSE {result['frame_mse']:.4f} (repeat last frame {result['frame_mse_repeat_last']:.4f}, "
-                          f"data mean {result['frame_mse_data_mean']:.4f}), digit recognised in "
-                          f"{result['frame_accuracy']:.1%} of predicted frames (true frames: {result['frame_accuracy_real']:.1%})")
+                r = result
+                extra += (f", frame MSE {r['frame_mse']:.4f} (repeat last frame {r['frame_mse_repeat_last']:.4f}, "
+                          f"data mean {r['frame_mse_data_mean']:.4f}), digit recognised in {r['frame_accuracy']:.1%} "
+                          f"of predicted frames (true frames: {r['frame_accuracy_real']:.1%})")
             log(f"step {step}: {self.metric.upper()} {result['value']:.4f} from {result['samples']} samples "
                 f"in {seconds:.0f} s{extra}")
             return len(out)
