@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
         eval_samples = args.eval_samples or 64
     else:
         dataset, preset, metric = "digits", "tiny", "fid"
-        steps = args.steps or 1600
+        steps = args.steps or 2400
         eval_samples = args.eval_samples or 500
     data_train = storage.join(out, "data", f"{dataset}-train")
     data_heldout = storage.join(out, "data", f"{dataset}-heldout")
