@@ -77,73 +77,25 @@ class Data:
 
 
 def train(cfg, data: Data, seed: int, steps: int = 0, minutes: float = 0.0, log=None):
-    """A RIN trained as the trainer trains it (optimizer, schedule, EMA, loss), without DeepSpeed.
-    Returns (EMA model, {steps, seconds, train_loss})."""
-    from rin_scale.diffusion import training_loss
-    from rin_scale.ema import EMA
-    from rin_scale.model import RIN
-    from rin_scale.optim import make_optimizer, make_scheduler
+    """A RIN trained as the trainer trains it, without DeepSpeed (bench/_inproc.py), on the
+    training digits in shuffled epochs. Returns (EMA model, {steps, train_seconds, train_loss})."""
+    from _inproc import fit
 
-    torch.manual_seed(seed)
-    model = RIN(cfg.model)
-    gen = torch.Generator().manual_seed(1000 + seed)  # batches, t, noise, label dropout, self-cond coins
-    b = cfg.train.global_batch
-    n = len(data.x)
-    order, pos = torch.randperm(n, generator=gen), 0
+    b, n = cfg.train.global_batch, len(data.x)
 
-    def batch():
-        nonlocal order, pos
-        if pos + b > n:
-            order, pos = torch.randperm(n, generator=gen), 0
-        idx = order[pos:pos + b]
-        pos += b
-        return data.x[idx], data.y[idx]
-
-    def step_fn(opt, sched, ema, k):
-        x0, y = batch()
-        loss, _ = training_loss(model, x0, cfg.diffusion, labels=y, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        sched.step()
-        ema.update(ema.decay_at(k, cfg.train.ema_warmup))
-        return loss.item()
-
-    if minutes:  # time a few steps of a throwaway copy, then size the run to the wall time
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        opt = make_optimizer(model, cfg)
-        sched = make_scheduler(opt, cfg)
-        ema = EMA(model, cfg.train.ema_decay)
-        step_fn(opt, sched, ema, 1)  # warm-up
-        t1 = time.time()
-        for k in range(8):
-            step_fn(opt, sched, ema, k + 2)
-        per = (time.time() - t1) / 8
-        steps = max(int(minutes * 60 / per), 10)
-        model.load_state_dict(state)
-        gen.manual_seed(1000 + seed)
+    def make_batches(gen):
         order, pos = torch.randperm(n, generator=gen), 0
-        if log:
-            log(f"  {per * 1000:.0f} ms/step -> {steps} steps in {minutes} min")
-    cfg.train.total_steps = steps
-    cfg.train.warmup_steps = min(cfg.train.warmup_steps, max(steps // 10, 1))
-    opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg)
-    ema = EMA(model, cfg.train.ema_decay)
-    model.train()
-    losses = []
-    t0 = time.time()
-    for k in range(1, steps + 1):
-        losses.append(step_fn(opt, sched, ema, k))
-        if log and k % max(steps // 5, 1) == 0:
-            log(f"  step {k}/{steps}  loss {np.mean(losses[-50:]):.4f}  {time.time() - t0:.0f} s")
-    seconds = time.time() - t0
-    ema_model = RIN(cfg.model)
-    ema_model.load_state_dict(ema.full_state())
-    tail = losses[-max(len(losses) // 10, 1):]
-    return ema_model.eval(), {"steps": steps, "train_seconds": round(seconds, 1), "train_loss": float(np.mean(tail))}
+
+        def batch():
+            nonlocal order, pos
+            if pos + b > n:
+                order, pos = torch.randperm(n, generator=gen), 0
+            idx = order[pos:pos + b]
+            pos += b
+            return data.x[idx], {"labels": data.y[idx]}
+        return batch
+
+    return fit(cfg, seed, make_batches, steps, minutes, log)
 
 
 @torch.no_grad()

@@ -28,7 +28,6 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
@@ -54,61 +53,23 @@ def load_clips(url: str, model_cfg, frames: int) -> torch.Tensor:
 
 
 def train(cfg, clips: torch.Tensor, seed: int, steps: int = 0, minutes: float = 0.0, log=print):
-    from rin_scale.diffusion import training_loss
-    from rin_scale.ema import EMA
-    from rin_scale.model import RIN
-    from rin_scale.optim import make_optimizer, make_scheduler
+    """The video model trained in process (bench/_inproc.py) on random windows of the clips."""
+    from _inproc import fit
+
     from rin_scale.train import split_clip
 
-    torch.manual_seed(seed)
-    model = RIN(cfg.model)
-    gen = torch.Generator().manual_seed(1000 + seed)
     b, n, t_all, t = cfg.train.global_batch, len(clips), clips.shape[2], cfg.model.frames
 
-    def batch():
-        idx = torch.randint(0, n, (b,), generator=gen)
-        start = torch.randint(0, t_all - t + 1, (b,), generator=gen)
-        return torch.stack([clips[i, :, s:s + t] for i, s in zip(idx.tolist(), start.tolist())])
+    def make_batches(gen):
+        def batch():
+            idx = torch.randint(0, n, (b,), generator=gen)
+            start = torch.randint(0, t_all - t + 1, (b,), generator=gen)
+            x0, cond = split_clip(torch.stack([clips[i, :, s:s + t] for i, s in zip(idx.tolist(), start.tolist())]),
+                                  cfg.model)
+            return x0, {"cond": cond}
+        return batch
 
-    def step_fn(opt, sched, ema, k):
-        x0, cond = split_clip(batch(), cfg.model)
-        loss, _ = training_loss(model, x0, cfg.diffusion, cond=cond, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.train.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        opt.step()
-        sched.step()
-        ema.update(ema.decay_at(k, cfg.train.ema_warmup))
-        return loss.item()
-
-    if minutes:
-        state = {k: v.clone() for k, v in model.state_dict().items()}
-        opt, ema = make_optimizer(model, cfg), EMA(model, cfg.train.ema_decay)
-        sched = make_scheduler(opt, cfg)
-        step_fn(opt, sched, ema, 1)
-        t1 = time.time()
-        for k in range(6):
-            step_fn(opt, sched, ema, k + 2)
-        per = (time.time() - t1) / 6
-        steps = max(int(minutes * 60 / per), 10)
-        model.load_state_dict(state)
-        log(f"  {per * 1000:.0f} ms/step -> {steps} steps in {minutes} min")
-    cfg.train.total_steps = steps
-    cfg.train.warmup_steps = min(cfg.train.warmup_steps, max(steps // 10, 1))
-    opt = make_optimizer(model, cfg)
-    sched = make_scheduler(opt, cfg)
-    ema = EMA(model, cfg.train.ema_decay)
-    model.train()
-    losses, t0 = [], time.time()
-    for k in range(1, steps + 1):
-        losses.append(step_fn(opt, sched, ema, k))
-        if k % max(steps // 5, 1) == 0:
-            log(f"  step {k}/{steps}  loss {np.mean(losses[-50:]):.4f}  {time.time() - t0:.0f} s")
-    ema_model = RIN(cfg.model)
-    ema_model.load_state_dict(ema.full_state())
-    return ema_model.eval(), {"steps": steps, "train_seconds": round(time.time() - t0, 1),
-                              "train_loss": float(np.mean(losses[-max(len(losses) // 10, 1):]))}
+    return fit(cfg, seed, make_batches, steps, minutes, log)
 
 
 @torch.no_grad()
