@@ -30,7 +30,7 @@ import json
 import os
 import sys
 import time
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
