@@ -15,17 +15,18 @@ import torch
 from evals.frechet import FeatureStats, FrechetReference, frechet_distance
 
 
-def make_shards(out: str, dataset: str, n: int, frames: int = 16, shard_size: int = 1000) -> str:
-    """The first n samples of an embedded dataset's held-out split, sharded by data_tools.shard."""
+def make_shards(out: str, dataset: str, n: int, frames: int = 16, shard_size: int = 1000,
+                split: str = "heldout") -> str:
+    """The first n samples of a split of an embedded dataset, sharded by data_tools.shard."""
     from data_tools import embedded
     from data_tools.shard import build_items, make_shards as _make
 
-    args = argparse.Namespace(embedded=dataset, split="heldout", resize=0, clip_frames=frames, kind="auto",
+    args = argparse.Namespace(embedded=dataset, split=split, resize=0, clip_frames=frames, kind="auto",
                               source=None)
     items, classes, kind = build_items(args)
     opts = {"kind": kind, "shard_size": shard_size, "shard_bytes": 0, "resize": 0, "format": None,
             "clip_frames": frames if dataset == "moving_digits" else 0, "frame_stride": 1,
-            "source": f"embedded:{dataset}:heldout"}
+            "source": f"embedded:{dataset}:{split}"}
     _make(items[:n], out, opts, embedded.CLASSES, "data", 1, progress=False)
     return out
 

@@ -335,25 +335,11 @@ def test_non_finite_samples_or_features_give_error_rows(tmp_path, video_data):
 # Digit-domain metrics (evals.digits_cnn): a CNN trained on the real training digits
 
 
-def digit_shards(out: str, split: str, n: int) -> str:
-    """The first n digits of an embedded split, sharded by data_tools.shard."""
-    import argparse
-
-    from data_tools import embedded
-    from data_tools.shard import build_items, make_shards as _make
-
-    args = argparse.Namespace(embedded="digits", split=split, resize=0, clip_frames=0, kind="auto", source=None)
-    items, _, kind = build_items(args)
-    opts = {"kind": kind, "shard_size": 1000, "shard_bytes": 0, "resize": 0, "format": None, "clip_frames": 0,
-            "frame_stride": 1, "source": f"embedded:digits:{split}"}
-    _make(items[:n], out, opts, embedded.CLASSES, "data", 1, progress=False)
-    return out
-
-
 @pytest.fixture(scope="module")
 def digit_splits(tmp_path_factory):
     d = tmp_path_factory.mktemp("evals-domain")
-    return {"train": digit_shards(str(d / "train"), "train", 300), "heldout": digit_shards(str(d / "heldout"), "heldout", 100),
+    return {"train": make_shards(str(d / "train"), "digits", 300, split="train"),
+            "heldout": make_shards(str(d / "heldout"), "digits", 100),
             "inception": save_random_inception(str(d / "inception-random.pth")), "cache": str(d / "cache")}
 
 

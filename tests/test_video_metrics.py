@@ -4,34 +4,20 @@ predicted frames; then the eval service conditioning on the held-out clips and w
 
 Stand-in: FVD's I3D is evals.extractors' small TorchScript stand-in (no pretrained weights here).
 """
-import argparse
-
 import pytest
 import torch
 
 from evals import video_metrics as vm
+from test_evals_metrics import make_shards
 
 FRAMES, COND = 8, 2
-
-
-def shards(out: str, split: str, n: int) -> str:
-    """The first n clips of a moving-digits split, sharded by data_tools.shard."""
-    from data_tools import embedded
-    from data_tools.shard import build_items, make_shards
-
-    args = argparse.Namespace(embedded="moving_digits", split=split, resize=0, clip_frames=FRAMES, kind="auto",
-                              source=None)
-    items, _, kind = build_items(args)
-    opts = {"kind": kind, "shard_size": 1000, "shard_bytes": 0, "resize": 0, "format": None, "clip_frames": FRAMES,
-            "frame_stride": 1, "source": f"embedded:moving_digits:{split}"}
-    make_shards(items[:n], out, opts, embedded.CLASSES, "data", 1, progress=False)
-    return out
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("video-metrics")
-    return {"train": shards(str(d / "train"), "train", 40), "heldout": shards(str(d / "heldout"), "heldout", 6),
+    return {"train": make_shards(str(d / "train"), "moving_digits", 40, frames=FRAMES, split="train"),
+            "heldout": make_shards(str(d / "heldout"), "moving_digits", 6, frames=FRAMES),
             "dir": d}
 
 
