@@ -12,6 +12,22 @@ import torch
 _CACHE: dict = {}
 
 
+def read_samples(url: str, model_cfg, limit: int = 0, labelled_only: bool = False):
+    """(x (N, ...) in [-1, 1], labels (N,)) of the first `limit` (0: all) decodable samples at url;
+    x is empty when there are none."""
+    from rin_scale.data import iter_samples
+
+    xs, ys = [], []
+    for x, y, _ in iter_samples(url, model_cfg):
+        if labelled_only and int(y) < 0:
+            continue
+        xs.append(x)
+        ys.append(int(y))
+        if limit and len(xs) >= limit:
+            break
+    return (torch.stack(xs) if xs else torch.empty(0)), torch.tensor(ys, dtype=torch.long)
+
+
 class SampleClassifier:
     """An RBF SVM on raw pixels in [-1, 1]; digits-sized data fits in well under a second."""
 
@@ -19,16 +35,8 @@ class SampleClassifier:
         from sklearn.model_selection import cross_val_score
         from sklearn.svm import SVC
 
-        from rin_scale.data import iter_samples
-
-        xs, ys = [], []
-        for x, y, _ in iter_samples(url, model_cfg):
-            if int(y) < 0:
-                continue
-            xs.append(x.numpy().ravel())
-            ys.append(int(y))
-            if limit and len(xs) >= limit:
-                break
+        x, y = read_samples(url, model_cfg, limit, labelled_only=True)
+        xs, ys = [v.numpy().ravel() for v in x], y.tolist()
         counts = np.bincount(ys, minlength=1) if ys else np.zeros(1, int)
         present = counts[counts > 0]
         if len(present) < 2:

@@ -96,17 +96,12 @@ def laplacian_energy(x: torch.Tensor) -> torch.Tensor:
 
 def load_images(url: str, model_cfg, limit: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(x (N,C,H,W) in [-1, 1], labels (N,)) of every decodable sample at url (the first `limit`)."""
-    from rin_scale.data import iter_samples
+    from .classifier import read_samples
 
-    xs, ys = [], []
-    for x, y, _ in iter_samples(url, model_cfg):
-        xs.append(x)
-        ys.append(int(y))
-        if limit and len(xs) >= limit:
-            break
-    if len(xs) < 2:
-        raise ValueError(f"{url!r} gave {len(xs)} readable images: the digits CNN needs real labelled images")
-    return torch.stack(xs), torch.tensor(ys)
+    x, y = read_samples(url, model_cfg, limit)
+    if len(x) < 2:
+        raise ValueError(f"{url!r} gave {len(x)} readable images: the digits CNN needs real labelled images")
+    return x, y
 
 
 # --------------------------------------------------------------------------------------------

@@ -59,20 +59,13 @@ def digit_crops(frames: torch.Tensor) -> np.ndarray:
 
 def read_clips(url: str, model_cfg, limit: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `limit` labelled clips at url: (clips (n, C, T, H, W) in [-1, 1], labels (n,))."""
-    from rin_scale.data import iter_samples
+    from .classifier import read_samples
 
-    clips, labels = [], []
-    for x, y, _ in iter_samples(url, model_cfg):
-        if int(y) < 0:
-            continue
-        clips.append(x)
-        labels.append(int(y))
-        if len(clips) >= limit:
-            break
-    if not clips:
+    clips, labels = read_samples(url, model_cfg, limit, labelled_only=True)
+    if not len(clips):
         raise ValueError(f"{url!r} holds no readable labelled clips: video frame measures need moving-digits "
                          f"shards with class labels (cls)")
-    return torch.stack(clips), torch.tensor(labels)
+    return clips, labels
 
 
 class FrameClassifier:
