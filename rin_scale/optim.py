@@ -62,7 +62,8 @@ class Lamb(torch.optim.Optimizer):
         self.overflow = not _all_finite(p.grad for p in params)
         if self.overflow:
             return None
-        updates, norms, adapt = [], [], []
+        _count_step(self)
+        todo, norms = [], []
         for g in self.param_groups:
             b1, b2 = g["betas"]
             for p in g["params"]:
@@ -74,20 +75,17 @@ class Lamb(torch.optim.Optimizer):
                     st["exp_avg"] = torch.zeros_like(p, dtype=torch.float32)
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 st["step"] += 1
-                k = st["step"].item()
-                grad = p.grad.float()
-                st["exp_avg"].lerp_(grad, 1 - b1)
-                st["exp_avg_sq"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                m_hat = st["exp_avg"] / (1 - b1 ** k)
-                v_hat = st["exp_avg_sq"] / (1 - b2 ** k)
-                u = m_hat / (v_hat.sqrt() + g["eps"])
-                if g["weight_decay"]:
-                    u.add_(p.float(), alpha=g["weight_decay"])
-                updates.append((g, p, u))
-                norms.append(torch.stack([p.float().pow(2).sum(), u.pow(2).sum()]))
-                adapt.append(bool(g.get("adapt", True)))
-        _count_step(self)
-        if not updates:
+                k = st["step"].item()  # a CPU tensor: no device sync
+                bias = (1 / (1 - b1 ** k), 1 / math.sqrt(1 - b2 ** k))
+                u_sq = p.new_zeros((), dtype=torch.float32)
+                for w, grad, m, v in _slices(p, p.grad, st["exp_avg"], st["exp_avg_sq"]):
+                    grad = grad.float()
+                    m.lerp_(grad, 1 - b1)
+                    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                    u_sq += torch.linalg.vector_norm(_direction(g, bias, w, m, v)) ** 2
+                norms.append(torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) ** 2, u_sq]))
+                todo.append((g, p, st, bias))
+        if not todo:
             return None
         norms = torch.stack(norms)
         if self.partitioned and dist.is_initialized() and dist.get_world_size() > 1:
@@ -95,10 +93,41 @@ class Lamb(torch.optim.Optimizer):
         wn, un = norms.sqrt().unbind(1)
         one = torch.ones_like(wn)
         trust = torch.where((wn > 0) & (un > 0), wn / torch.where(un > 0, un, one), one)
-        trust = torch.where(torch.tensor(adapt, device=trust.device), trust, one)
-        for (g, p, u), r in zip(updates, trust):  # no .item(): no host sync per tensor on GPUs
-            p.add_(u.mul_(r * -g["lr"]).to(p.dtype))
+        trust = torch.where(torch.tensor([g.get("adapt", True) for g, *_ in todo], device=trust.device), trust, one)
+        for (g, p, st, bias), r in zip(todo, trust):  # r stays a tensor: no host sync per tensor on GPUs
+            scale = r * -g["lr"]
+            for w, m, v in _slices(p, st["exp_avg"], st["exp_avg_sq"]):
+                w.add_(_direction(g, bias, w, m, v).mul_(scale).to(w.dtype))
         return None
+
+
+# Elements per slice of a CPU tensor in the LAMB step. The trust ratio needs ||u|| before any
+# weight moves, so the step runs twice over each tensor (moments and ||u||, then the update,
+# recomputing u); slices this size keep u and its temporaries in cache, so memory traffic is that
+# of the moments and weights alone. The step is memory-bound: measured on the cifar10 model (31M
+# parameters, 2 threads; bench/train_throughput.py) 0.2 s in one pass over whole tensors. GPUs take
+# whole tensors (fewer kernel launches).
+CPU_SLICE = 1 << 18
+
+
+def _slices(*tensors):
+    """Matching flat slices of same-shaped tensors (one slice each for GPU or non-contiguous ones)."""
+    first = tensors[0]
+    if first.device.type != "cpu" or not all(t.is_contiguous() for t in tensors):
+        yield tensors
+        return
+    flat = [t.view(-1) for t in tensors]
+    for s in range(0, first.numel(), CPU_SLICE):
+        yield tuple(f[s:s + CPU_SLICE] for f in flat)
+
+
+def _direction(g, bias, w, m, v):
+    """LAMB's u = m_hat / (sqrt(v_hat) + eps) + wd * w, as a new fp32 tensor."""
+    u = v.sqrt().mul_(bias[1]).add_(g["eps"])
+    torch.div(m, u, out=u).mul_(bias[0])
+    if g["weight_decay"]:
+        u.add_(w.float(), alpha=g["weight_decay"])
+    return u
 
 
 class AdamW(torch.optim.AdamW):

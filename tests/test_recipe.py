@@ -7,6 +7,7 @@ import torch
 
 from rin_scale.config import load_config
 from rin_scale.model import RIN
+from rin_scale import optim
 from rin_scale.optim import Lamb, make_optimizer, make_scheduler, param_groups
 from rin_scale.presets import get_preset
 
@@ -23,8 +24,10 @@ def adam_direction(p, g, eps, wd):
     return g / (g.abs() + eps) + wd * p
 
 
-@pytest.mark.parametrize("partitioned", [False, True])
-def test_lamb_trust_ratio_skips_biases_and_layernorms_only(partitioned):
+@pytest.mark.parametrize("partitioned,cpu_slice", [(False, None), (True, None), (False, 7)])
+def test_lamb_trust_ratio_skips_biases_and_layernorms_only(partitioned, cpu_slice, monkeypatch):
+    if cpu_slice:  # tensors in many slices of the cache-sized step, some of them ragged
+        monkeypatch.setattr(optim, "CPU_SLICE", cpu_slice)
     cfg = small_lamb_cfg(f"train.zero_stage={1 if partitioned else 0}")
     torch.manual_seed(0)
     model = RIN(cfg.model)
