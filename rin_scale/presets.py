@@ -35,6 +35,10 @@ def tiny() -> Config:
     equal CPU time (900 steps of patch 4 vs 600 of patch 2): train loss 0.127 vs 0.136, domain FID 49.5
     vs 62.0, Laplacian ratio 1.86 vs 2.85; patch 1 (interface 64) had a higher loss at equal steps.
 
+    No label dropout, as the authors' class-conditional CIFAR-10: the demo scores samples without
+    guidance, and at 2,400 demo steps dropping 10% of the labels cost class accuracy (90.2% vs 93.6%)
+    and domain FID (14.1 vs 12.8), one run each. So no classifier-free guidance for this preset.
+
     Pairs with the embedded digits dataset (data_tools.embedded), the demo's default. Predicts v:
     with eps, x0 = (x_t - sqrt(1 - gamma) eps) / sqrt(gamma) multiplies the network's error by up to
     1e4 at the first sampling steps, and a model this small and this briefly trained samples noise
@@ -44,7 +48,7 @@ def tiny() -> Config:
         model=ModelConfig(image_size=16, channels=3, patch_size=4, interface_dim=96, interface_mlp_ratio=2,
                           latent_dim=128, num_latents=16, latent_mlp_ratio=4, num_blocks=2, latent_layers=2,
                           latent_heads=4, read_write_heads=4, dropout=0.0, drop_path=0.0, num_classes=10,
-                          class_dropout=0.1),
+                          class_dropout=0.0),
         diffusion=DiffusionConfig(schedule="sigmoid", target="v", sample_steps=50, sampler="ddim"),
         data=DataConfig(workers=1, shuffle_buffer=500, hflip=False),
         train=TrainConfig(run_dir="runs/tiny", global_batch=64, total_steps=2000, zero_stage=2,

@@ -117,6 +117,10 @@ def main(argv=None) -> int:
         m = model.cfg
         if a.label is not None and not 0 <= a.label < m.num_classes:
             raise ConfigError(f"--class {a.label}: the model has {m.num_classes} classes (0..{m.num_classes - 1})")
+        if a.guidance and not m.class_dropout:
+            raise ConfigError(f"--guidance {a.guidance}: this model was trained without label dropout "
+                              "(model.class_dropout=0), so it has no unconditional prediction to guide with; "
+                              "sample without --guidance, or train with model.class_dropout=0.1")
         n = a.n or (10 * m.num_classes if 0 < m.num_classes <= 10 else 64)
         cond = None
         if m.is_video and m.cond_frames:

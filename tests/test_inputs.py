@@ -301,6 +301,17 @@ def test_sample_refuses_bad_numbers_in_one_line_before_loading_anything(tmp_path
         assert e.value.code == 2 and err.count("\n") == 1 and needle in err, (args, err)
 
 
+def test_sample_refuses_guidance_for_a_model_trained_without_label_dropout(snapshot, tmp_path, capsys):
+    """The tiny preset trains without label dropout (the demo scores samples without guidance): its
+    null class was never trained, so --guidance is refused in one line, before any sampling."""
+    from rin_scale.sample import main as sample_main
+
+    assert sample_main([snapshot, "--guidance", "1", "--out", str(tmp_path / "g.png"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --guidance 1.0:") and "model.class_dropout=0" in err and "\n" not in err, err
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_sample_creates_the_output_folders_and_checks_them_before_sampling(snapshot, tmp_path, capsys):
     import numpy as np
 
