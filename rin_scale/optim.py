@@ -27,16 +27,18 @@ def _count_step(optimizer) -> None:
 
 
 def _all_finite(tensors) -> bool:
-    """True when every tensor is finite on every rank (collective). One flag on the gradients' device
-    (NCCL reduces CUDA tensors only), one host sync per step."""
+    """True when every tensor is finite on every rank (collective). One sum on the gradients' device
+    (NCCL reduces CUDA tensors only), one host sync per step. A NaN or Inf anywhere makes the sum
+    non-finite, and a sum reads each tensor once (isfinite + any wrote a bool copy of each); finite
+    values whose sum overflows fp32 (3e38) would count as non-finite, as they should."""
     tensors = list(tensors)
     dev = tensors[0].device if tensors else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    bad = torch.zeros(1, device=dev)
+    total = torch.zeros(1, device=dev)
     for x in tensors:
-        bad += (~torch.isfinite(x)).any()
+        total += x.sum(dtype=torch.float32)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(bad)
-    return bad.item() == 0
+        dist.all_reduce(total)
+    return bool(torch.isfinite(total).item())
 
 
 class Lamb(torch.optim.Optimizer):
@@ -94,19 +96,24 @@ class Lamb(torch.optim.Optimizer):
         one = torch.ones_like(wn)
         trust = torch.where((wn > 0) & (un > 0), wn / torch.where(un > 0, un, one), one)
         trust = torch.where(torch.tensor([g.get("adapt", True) for g, *_ in todo], device=trust.device), trust, one)
-        for (g, p, st, bias), r in zip(todo, trust):  # r stays a tensor: no host sync per tensor on GPUs
-            scale = r * -g["lr"]
+        # One host sync per step (the finite check has one already), not one per tensor: the update
+        # w - lr r (c1 m / d + wd w) = w (1 - lr r wd) - lr r c1 m / d takes Python scalars.
+        for (g, p, st, bias), r in zip(todo, trust.tolist()):
+            lr, wd = g["lr"] * r, g["weight_decay"]
             for w, m, v in _slices(p, st["exp_avg"], st["exp_avg_sq"]):
-                w.add_(_direction(g, bias, w, m, v).mul_(scale).to(w.dtype))
+                if wd:
+                    w.mul_(1 - lr * wd)
+                w.addcdiv_(m, _denom(g, bias, v), value=-lr * bias[0])
         return None
 
 
 # Elements per slice of a CPU tensor in the LAMB step. The trust ratio needs ||u|| before any
 # weight moves, so the step runs twice over each tensor (moments and ||u||, then the update,
-# recomputing u); slices this size keep u and its temporaries in cache, so memory traffic is that
-# of the moments and weights alone. The step is memory-bound: measured on the cifar10 model (31M
-# parameters, 2 threads; bench/train_throughput.py) 0.2 s in one pass over whole tensors. GPUs take
-# whole tensors (fewer kernel launches).
+# recomputing sqrt(v_hat)); slices this size keep the temporaries in cache, so memory traffic is
+# that of the moments and weights alone. On the cifar10 model (31M parameters, 2 threads, AVX-512
+# EPYC) this step with the sum-based finite check takes ~0.09 s, against ~0.2 s for whole tensors,
+# u kept for every tensor and isfinite; 2^16 and 2^20 were slower. GPUs take whole tensors (fewer
+# kernel launches).
 CPU_SLICE = 1 << 18
 
 
@@ -121,13 +128,17 @@ def _slices(*tensors):
         yield tuple(f[s:s + CPU_SLICE] for f in flat)
 
 
+def _denom(g, bias, v):
+    """sqrt(v_hat) + eps, with bias = (1 / (1 - b1^k), 1 / sqrt(1 - b2^k)): a new fp32 tensor."""
+    return v.sqrt().mul_(bias[1]).add_(g["eps"])
+
+
 def _direction(g, bias, w, m, v):
-    """LAMB's u = m_hat / (sqrt(v_hat) + eps) + wd * w, as a new fp32 tensor."""
-    u = v.sqrt().mul_(bias[1]).add_(g["eps"])
-    torch.div(m, u, out=u).mul_(bias[0])
+    """LAMB's u = m_hat / (sqrt(v_hat) + eps) + wd * w = c1 m / d + wd w, as a new fp32 tensor."""
     if g["weight_decay"]:
-        u.add_(w.float(), alpha=g["weight_decay"])
-    return u
+        return torch.addcdiv(w.float() * g["weight_decay"], m, _denom(g, bias, v), value=bias[0])
+    d = _denom(g, bias, v)
+    return torch.div(m, d, out=d).mul_(bias[0])
 
 
 class AdamW(torch.optim.AdamW):

@@ -73,11 +73,12 @@ def test_lamb_step_is_adam_direction_times_trust_ratio():
     assert opt.param_groups[0]["step"] == 1
 
 
+@pytest.mark.parametrize("bad", [[1.0, float("nan"), 0.0], [1.0, float("inf"), 0.0], [float("inf"), -float("inf"), 0.0]])
 @pytest.mark.parametrize("cls", [Lamb, AdamW])
-def test_non_finite_gradient_skips_the_step(cls):
+def test_non_finite_gradient_skips_the_step(cls, bad):
     w = torch.nn.Parameter(torch.ones(3))
     opt = cls([w], lr=0.1)
-    w.grad = torch.tensor([1.0, float("nan"), 0.0])
+    w.grad = torch.tensor(bad)  # NaN; Inf; Infs of both signs, whose sum is NaN
     opt.step()
     assert opt.overflow and torch.equal(w.detach(), torch.ones(3))
     w.grad = torch.tensor([1.0, 1.0, 1.0])
