@@ -346,6 +346,17 @@ def dump_yaml(cfg: Config) -> str:
 # Validation: everything a run would otherwise trip over minutes or hours in
 
 
+def guidance_problem(m: "ModelConfig") -> str:
+    """Why classifier-free guidance cannot run on a model of this config, or "" when it can: it needs a
+    class-conditional model trained with label dropout (its unconditional prediction, the null class)."""
+    if m.num_classes <= 0:
+        return "needs a class-conditional model (model.num_classes > 0)"
+    if m.class_dropout <= 0:
+        return ("this model was trained without label dropout (model.class_dropout=0), so it has no "
+                "unconditional prediction to guide with")
+    return ""
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -396,7 +407,7 @@ def validate(cfg: Config) -> Config:
     _check(0 < d.input_scale <= 1, f"diffusion.input_scale={d.input_scale} must lie in (0, 1]")
     _check(0 <= d.self_cond_rate <= 1, f"diffusion.self_cond_rate={d.self_cond_rate} must lie in [0, 1]")
     _check(d.sample_steps >= 1, "diffusion.sample_steps must be at least 1")
-    _check(d.guidance == 0 or (m.num_classes > 0 and m.class_dropout > 0),
+    _check(d.guidance == 0 or not guidance_problem(m),
            "diffusion.guidance > 0 needs a class-conditional model trained with label dropout "
            "(model.num_classes > 0 and model.class_dropout > 0)")
 

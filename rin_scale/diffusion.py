@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .config import ConfigError, DiffusionConfig
+from .config import ConfigError, DiffusionConfig, guidance_problem
 
 GAMMA_MIN = 1e-9
 
@@ -154,9 +154,11 @@ def sample(model, shape, cfg: DiffusionConfig, labels=None, cond=None, steps=Non
 
     guided = w and w > 0
     if guided:
-        num_classes = getattr(getattr(net, "cfg", None), "num_classes", 0)
-        if not num_classes or labels is None:
-            raise ConfigError("guidance > 0 needs a class-conditional model and labels to guide towards")
+        net_cfg = getattr(net, "cfg", None)
+        problem = guidance_problem(net_cfg) if net_cfg is not None else "needs a class-conditional model"
+        if problem or labels is None:
+            raise ConfigError(f"guidance > 0: {problem or 'needs labels to guide towards'}")
+        num_classes = net_cfg.num_classes
         labels = labels.to(device)
         labels = torch.cat([labels, torch.full_like(labels, num_classes)])
         cond = torch.cat([cond, cond]) if cond is not None else None

@@ -19,7 +19,7 @@ import torch
 from tqdm import tqdm
 
 from . import rundir, storage
-from .config import ConfigError
+from .config import ConfigError, guidance_problem
 from .data import DataError, leading_frames
 from .media import to_uint8
 
@@ -117,10 +117,9 @@ def main(argv=None) -> int:
         m = model.cfg
         if a.label is not None and not 0 <= a.label < m.num_classes:
             raise ConfigError(f"--class {a.label}: the model has {m.num_classes} classes (0..{m.num_classes - 1})")
-        if a.guidance and not m.class_dropout:
-            raise ConfigError(f"--guidance {a.guidance}: this model was trained without label dropout "
-                              "(model.class_dropout=0), so it has no unconditional prediction to guide with; "
-                              "sample without --guidance, or train with model.class_dropout=0.1")
+        problem = a.guidance and guidance_problem(m)
+        if problem:  # now, not after loading data and printing the plan
+            raise ConfigError(f"--guidance {a.guidance}: {problem}; sample without --guidance")
         n = a.n or (10 * m.num_classes if 0 < m.num_classes <= 10 else 64)
         cond = None
         if m.is_video and m.cond_frames:
