@@ -36,10 +36,12 @@ WIDTHS = {
              "model.interface_mlp_ratio=4", "model.latent_mlp_ratio=4", "model.num_blocks=2", "model.latent_layers=2"],
     # the preset's widths (imagenet1024: interface 512, latents 304 x 1024, 16 heads), 2 blocks x 1 layer
     "full2x1": ["model.num_blocks=2", "model.latent_layers=1"],
+    # the preset itself (imagenet1024: 6 blocks x 4 layers): about a minute a step on 2 cores
+    "full": [],
 }
 WIDTH_NAMES = {"narrow": "interface 64, latents 64 x 128, MLP ratios 2, preset depth",
                "w256": "interface 256 (MLP ratio 4), preset latent count x 256, 2 blocks x 2 layers",
-               "full2x1": "the preset's widths, 2 blocks x 1 layer"}
+               "full2x1": "the preset's widths, 2 blocks x 1 layer", "full": "the preset as it is"}
 
 
 def _bytes(tensors) -> int:
@@ -163,10 +165,17 @@ def scale_worker(preset: str, width: str, steps: int) -> None:
     for mode in MODES:
         set_mode(mode)
         peak[mode] = _step_peaks(dev, step)
+    # Activations on the same model outside the engine (the engine forbids autograd's own backward).
+    plain = RIN(cfg.model).to(dev)
+    acts = {}
+    for mode in MODES:
+        plain.checkpoint_fn = {"off": None, "block": whole, "segments": staged}[mode]
+        acts[mode] = _activation_peak(dev, lambda: training_loss(plain, x0, cfg.diffusion, labels=labels,
+                                                                 cond=cond)[0], plain)
     c = count(m)
     print("SCALEMEM " + json.dumps({"preset": preset, "width": width, "tokens": c["interface_tokens"],
                                     "params": c["params"], "gflops": c["gflops"],
-                                    "peak": peak, "step_s": {k: _median(v) for k, v in times.items()},
+                                    "peak": peak, "activations": acts, "step_s": {k: _median(v) for k, v in times.items()},
                                     "device": dev.type}), flush=True)
 
 
@@ -208,6 +217,51 @@ def _step_peaks(dev, step) -> dict:
     return out
 
 
+def _activation_peak(dev, loss_fn, model) -> int:
+    """Peak bytes of activations over a forward and backward: live allocations above those live
+    before, less the parameters' gradients allocated so far. This is what checkpointing changes and
+    what grows with the micro-batch; a step's peak also holds the gradients (4 bytes a parameter,
+    1.5 GiB for imagenet1024) and the engine's copies of them, which dominate at batch 1 and full
+    width. The backward is autograd's own (DeepSpeed's engine.backward adds its gradient all-reduce),
+    and the gradients are dropped after."""
+    import gc
+
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    gc.collect()
+
+    def grad_bytes():
+        return sum(p.grad.nbytes for p in params if p.grad is not None)
+
+    if dev.type == "cuda":  # per-op readings are too slow there; the peak less all the gradients
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        loss_fn().backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base - grad_bytes()
+    else:
+        class LivePeak(TorchDispatchMode):
+            peak = 0
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                res = func(*args, **(kwargs or {}))
+                self.peak = max(self.peak, _malloc_in_use() - grad_bytes())
+                return res
+
+        base = _malloc_in_use()
+        with LivePeak() as mode:
+            loss_fn().backward()
+        peak = mode.peak - base
+    for p in params:
+        p.grad = None
+    return peak
+
+
 class _MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
                                                 "uordblks", "fordblks", "keepcost")]
@@ -241,7 +295,7 @@ def main():
     p.add_argument("--preset", default="cifar10", help="model for the ZeRO table (default cifar10, 31M params)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per checkpointing mode (the median is reported)")
     p.add_argument("--widths", nargs="+", default=["narrow", "w256"], choices=sorted(WIDTHS),
-                   help="reduced models to run (w256, full2x1: imagenet1024 only; full2x1 takes ~20 s a step on 2 cores)")
+                   help="models to run (w256, full2x1, full: imagenet1024 only; full2x1 takes ~20 s a step on 2 cores, full ~1 min)")
     p.add_argument("--skip-zero", action="store_true")
     p.add_argument("--skip-scale", action="store_true")
     p.add_argument("--worker", nargs="+", help=argparse.SUPPRESS)
@@ -267,8 +321,8 @@ def main():
               f"threads; peak memory of a step above what is held between steps; median of {args.steps} steps, "
               f"the modes interleaved\n")
         print("| preset | model | tokens | params | fwd GFLOPs | act. ckpt | peak fwd+bwd (MiB) | vs off "
-              "| peak step (MiB) | vs off | step (s) | vs off |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+              "| peak step (MiB) | vs off | activations (MiB) | vs off | step (s) | vs off |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         names = {"off": "off", "block": "whole blocks", "segments": "read / compute / write chunks"}
         for preset, width in [(p, w) for p in ("imagenet1024", "kinetics600") for w in args.widths
                               if w == "narrow" or p == "imagenet1024"]:
@@ -277,7 +331,9 @@ def main():
                 pk, off, st = r["peak"][mode], r["peak"]["off"], r["step_s"][mode]
                 print(f"| {preset} | {width} | {r['tokens']} | {r['params'] / 1e6:.2f}M | {r['gflops']:.1f} | "
                       f"{names[mode]} | {pk['fb'] / mb:.0f} | {pk['fb'] / max(off['fb'], 1):.2f} | "
-                      f"{pk['step'] / mb:.0f} | {pk['step'] / max(off['step'], 1):.2f} | {st:.2f} | "
+                      f"{pk['step'] / mb:.0f} | {pk['step'] / max(off['step'], 1):.2f} | "
+                      f"{r['activations'][mode] / mb:.0f} | "
+                      f"{r['activations'][mode] / max(r['activations']['off'], 1):.2f} | {st:.2f} | "
                       f"{st / r['step_s']['off']:.2f} |", flush=True)
         print("\nModels: " + "; ".join(f"{w}: {WIDTH_NAMES[w]}" for w in args.widths))
 
