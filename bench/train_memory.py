@@ -237,7 +237,7 @@ def _activation_peak(dev, loss_fn, model) -> int:
     def grad_bytes():
         return sum(p.grad.nbytes for p in params if p.grad is not None)
 
-    if dev.type == "cuda":  # per-op readings are too slow there; the peak less all the gradients
+    if dev.type == "cuda":  # no per-op readings there: the peak less all the gradients (a lower bound)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
