@@ -184,13 +184,28 @@ def _median(v):
     return v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
 
 
+def _live_peak(less=lambda: 0):
+    """A dispatch mode whose .peak is the largest glibc bytes-in-use, less less(), read after every
+    aten op run under it (the CPU has no max_memory_allocated)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LivePeak(TorchDispatchMode):
+        peak = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            res = func(*args, **(kwargs or {}))
+            self.peak = max(self.peak, _malloc_in_use() - less())
+            return res
+
+    return LivePeak()
+
+
 def _step_peaks(dev, step) -> dict:
     """Peak bytes of live allocations above those live before step(): over its forwards and
     backward ("fb"), and over the whole step, optimizer included ("step")."""
     import gc
 
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     gc.collect()
     out = {}
@@ -202,16 +217,8 @@ def _step_peaks(dev, step) -> dict:
         out["step"] = torch.cuda.max_memory_allocated() - base
         return out
 
-    class LivePeak(TorchDispatchMode):
-        peak = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            res = func(*args, **(kwargs or {}))
-            self.peak = max(self.peak, _malloc_in_use())
-            return res
-
     base = _malloc_in_use()
-    with LivePeak() as mode:
+    with _live_peak() as mode:
         step(lambda: out.__setitem__("fb", mode.peak - base))
     out["step"] = mode.peak - base
     return out
@@ -227,7 +234,6 @@ def _activation_peak(dev, loss_fn, model) -> int:
     import gc
 
     import torch
-    from torch.utils._python_dispatch import TorchDispatchMode
 
     params = [p for p in model.parameters() if p.requires_grad]
     for p in params:
@@ -245,16 +251,8 @@ def _activation_peak(dev, loss_fn, model) -> int:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base - grad_bytes()
     else:
-        class LivePeak(TorchDispatchMode):
-            peak = 0
-
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                res = func(*args, **(kwargs or {}))
-                self.peak = max(self.peak, _malloc_in_use() - grad_bytes())
-                return res
-
         base = _malloc_in_use()
-        with LivePeak() as mode:
+        with _live_peak(less=grad_bytes) as mode:
             loss_fn().backward()
         peak = mode.peak - base
     for p in params:

@@ -352,7 +352,7 @@ def guidance_problem(m: "ModelConfig") -> str:
     if m.num_classes <= 0:
         return "needs a class-conditional model (model.num_classes > 0)"
     if m.class_dropout <= 0:
-        return ("this model was trained without label dropout (model.class_dropout=0), so it has no "
+        return ("needs a model trained with label dropout: with model.class_dropout=0 it has no "
                 "unconditional prediction to guide with")
     return ""
 
@@ -407,9 +407,8 @@ def validate(cfg: Config) -> Config:
     _check(0 < d.input_scale <= 1, f"diffusion.input_scale={d.input_scale} must lie in (0, 1]")
     _check(0 <= d.self_cond_rate <= 1, f"diffusion.self_cond_rate={d.self_cond_rate} must lie in [0, 1]")
     _check(d.sample_steps >= 1, "diffusion.sample_steps must be at least 1")
-    _check(d.guidance == 0 or not guidance_problem(m),
-           "diffusion.guidance > 0 needs a class-conditional model trained with label dropout "
-           "(model.num_classes > 0 and model.class_dropout > 0)")
+    problem = d.guidance and guidance_problem(m)
+    _check(not problem, f"diffusion.guidance={d.guidance}: {problem}")
 
     _one_of("data.kind", data.kind, ("image", "video"))
     _check((data.kind == "video") == m.is_video,
