@@ -39,6 +39,10 @@ def tiny() -> Config:
     guidance, and at 2,400 demo steps dropping 10% of the labels cost class accuracy (90.2% vs 93.6%)
     and domain FID (14.1 vs 12.8), one run each. So no classifier-free guidance for this preset.
 
+    Three read-write rounds of one latent layer each, not two of two: at the demo's 2,400 steps
+    domain FID 10.47 / 10.39 against 12.83 / 20.00 and class accuracy 94.0% / 92.4% against
+    93.6% / 87.6% (seeds 0 / 1); more rounds let the latents refine what they read.
+
     Pairs with the embedded digits dataset (data_tools.embedded), the demo's default. Predicts v:
     with eps, x0 = (x_t - sqrt(1 - gamma) eps) / sqrt(gamma) multiplies the network's error by up to
     1e4 at the first sampling steps, and a model this small and this briefly trained samples noise
@@ -46,7 +50,7 @@ def tiny() -> Config:
     """
     return Config(
         model=ModelConfig(image_size=16, channels=3, patch_size=4, interface_dim=96, interface_mlp_ratio=2,
-                          latent_dim=128, num_latents=16, latent_mlp_ratio=4, num_blocks=2, latent_layers=2,
+                          latent_dim=128, num_latents=16, latent_mlp_ratio=4, num_blocks=3, latent_layers=1,
                           latent_heads=4, read_write_heads=4, dropout=0.0, drop_path=0.0, num_classes=10,
                           class_dropout=0.0),
         diffusion=DiffusionConfig(schedule="sigmoid", target="v", sample_steps=50, sampler="ddim"),
