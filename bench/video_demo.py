@@ -1,7 +1,7 @@
 """The video demo's model in process (no DeepSpeed), scored with the eval service's frame measures.
 
     OMP_NUM_THREADS=2 .venv/bin/python bench/video_demo.py [--steps 1500 | --minutes M] [--samples 64]
-        [--sample-steps 50] [--seed 0] [--grid strips.png] [overrides ...]
+        [--sample-steps 50] [--seed 0] [--grid strips.png] [--static] [overrides ...]
 
 The tiny_video preset plus `section.key=value` overrides trains on the embedded moving digits'
 training clips (sharded by data_tools.shard into --data the first time, decoded once into memory;
@@ -9,7 +9,12 @@ a random window of model.frames per clip, as the data pipeline takes it) with th
 optimizer, LR schedule, EMA and loss, batch train.global_batch. Then the EMA model predicts the
 held-out clips' continuations (their given frames as conditioning, fixed noise) and one JSON row
 gives evals.video_metrics' measures: per-frame MSE beside the repeat-last and data-mean baselines,
-and the digit recognised in predicted frames. The tool behind the tiny_video preset's settings.
+and the digit recognised in predicted frames, and whether the model uses the given frames at all:
+the per-frame MSE of its one-pass x0 prediction at gamma = 0.3 with each clip's own given frames
+and with another clip's. The tool behind the tiny_video preset's settings.
+
+--static holds every clip still (each frame = its first, for training and the held-out clips): a
+diagnostic that needs no motion, only copying the given digit into the predicted frames.
 
     .venv/bin/python bench/video_demo.py --strips RUN --grid docs/video_demo_strips.png
 
@@ -87,8 +92,26 @@ def evaluate(model, cfg, ref, samples: int, sample_steps: int, sampler: str, gri
         preds.append(x)
     out = score.result()
     out["sample_seconds"] = round(time.time() - t0, 1)
+    out.update(conditioning_use(model, cfg, ref.clips[:samples]))
     if grid:
         save_strips(ref.clips[:8], torch.cat(preds)[:8], k, grid)
+    return out
+
+
+@torch.no_grad()
+def conditioning_use(model, cfg, clips: torch.Tensor, gamma: float = 0.3) -> dict:
+    """Per-frame MSE of one x0 prediction (fixed noise at gamma) given each clip's own given
+    frames, and given the next clip's: equal rows = the prediction ignores the given frames."""
+    from rin_scale.diffusion import predict_x0
+
+    b, d = cfg.diffusion.input_scale, cfg.diffusion
+    cond, x0 = clips[:, :, :cfg.model.cond_frames] * b, clips[:, :, cfg.model.cond_frames:] * b
+    g = torch.full((len(clips),), gamma)
+    x_t = gamma ** 0.5 * x0 + (1 - gamma) ** 0.5 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    out = {}
+    for name, c in (("own", cond), ("shuffled", cond.roll(1, 0))):
+        pred = predict_x0(model(x_t, g, None, None, c)[0].float(), x_t, g, d.target, b) / b
+        out[f"x0_mse_{name}_given_frames"] = [round(float(v), 4) for v in (pred - x0 / b).pow(2).mean(dim=(0, 1, 3, 4))]
     return out
 
 
@@ -145,6 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--save", default="", help="write the EMA weights here (torch.save of the state dict)")
     p.add_argument("--load", default="", help="evaluate these EMA weights instead of training")
     p.add_argument("--strips", default="", help="a run directory: strips of its newest snapshot to --grid")
+    p.add_argument("--static", action="store_true", help="every clip held still: copying only, no motion")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
     from evals.video_metrics import video_reference
@@ -156,6 +180,9 @@ def main(argv=None) -> int:
     train_url, held_url = shard(args.data, "train"), shard(args.data, "heldout")
     ref = video_reference(train_url, held_url, cfg.model, args.samples)
     clips = load_clips(train_url, cfg.model, 16)
+    if args.static:
+        clips = clips[:, :, :1].expand_as(clips).clone()
+        ref = ref._replace(clips=ref.clips[:, :, :1].expand_as(ref.clips).clone())
     print(f"{len(clips)} training clips, {args.overrides}", flush=True)
     if args.load:
         from rin_scale.model import RIN
@@ -169,7 +196,7 @@ def main(argv=None) -> int:
         torch.save(model.state_dict(), args.save)
     res = evaluate(model, cfg, ref, args.samples, args.sample_steps or cfg.diffusion.sample_steps,
                    args.sampler or cfg.diffusion.sampler, args.grid)
-    row = {"overrides": args.overrides, "seed": args.seed, **info, "sampler": args.sampler, "sample_steps":
+    row = {"overrides": args.overrides, "seed": args.seed, "static": args.static, **info, "sampler": args.sampler, "sample_steps":
            args.sample_steps, **res,
            "params": sum(q.numel() for q in model.parameters())}
     print(json.dumps(row), flush=True)
