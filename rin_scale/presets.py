@@ -74,7 +74,9 @@ def tiny_video() -> Config:
     64 latents (0.160), no self-conditioning (0.162), 4 blocks of 1 layer (0.187) and 8x4x4 patches
     with a 192-wide interface (0.122, the data mean's blur) did no better. At this budget the model
     still hardly uses the given frames (shuffling them across clips moves its x0 prediction by
-    ~0.01): it predicts the clip's colour, not the digit's shape or place."""
+    ~0.01): it predicts the clip's colour, not the digit's shape or place. `--static` (clips held
+    still) shows why: only the frames that share a patch with the given ones are copied; the latents
+    route nothing of the given frames to other tokens (README, the video demo)."""
     return Config(
         model=ModelConfig(image_size=16, channels=3, frames=8, cond_frames=2, patch_frames=4, patch_size=2,
                           interface_dim=96, interface_mlp_ratio=2, latent_dim=128, num_latents=16,
