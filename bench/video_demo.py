@@ -104,14 +104,15 @@ def conditioning_use(model, cfg, clips: torch.Tensor, gamma: float = 0.3) -> dic
     frames, and given the next clip's: equal rows = the prediction ignores the given frames."""
     from rin_scale.diffusion import predict_x0
 
-    b, d = cfg.diffusion.input_scale, cfg.diffusion
-    cond, x0 = clips[:, :, :cfg.model.cond_frames] * b, clips[:, :, cfg.model.cond_frames:] * b
+    d, k = cfg.diffusion, cfg.model.cond_frames
+    cond, x0 = clips[:, :, :k] * d.input_scale, clips[:, :, k:] * d.input_scale  # as training_loss scales them
     g = torch.full((len(clips),), gamma)
     x_t = gamma ** 0.5 * x0 + (1 - gamma) ** 0.5 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
     out = {}
     for name, c in (("own", cond), ("shuffled", cond.roll(1, 0))):
-        pred = predict_x0(model(x_t, g, None, None, c)[0].float(), x_t, g, d.target, b) / b
-        out[f"x0_mse_{name}_given_frames"] = [round(float(v), 4) for v in (pred - x0 / b).pow(2).mean(dim=(0, 1, 3, 4))]
+        pred = predict_x0(model(x_t, g, None, None, c)[0].float(), x_t, g, d.target, d.input_scale)
+        err = (pred - x0).div(d.input_scale).pow(2).mean(dim=(0, 1, 3, 4))
+        out[f"x0_mse_{name}_given_frames"] = [round(float(v), 4) for v in err]
     return out
 
 
@@ -196,8 +197,8 @@ def main(argv=None) -> int:
         torch.save(model.state_dict(), args.save)
     res = evaluate(model, cfg, ref, args.samples, args.sample_steps or cfg.diffusion.sample_steps,
                    args.sampler or cfg.diffusion.sampler, args.grid)
-    row = {"overrides": args.overrides, "seed": args.seed, "static": args.static, **info, "sampler": args.sampler, "sample_steps":
-           args.sample_steps, **res,
+    row = {"overrides": args.overrides, "seed": args.seed, "static": args.static, **info, "sampler": args.sampler,
+           "sample_steps": args.sample_steps, **res,
            "params": sum(q.numel() for q in model.parameters())}
     print(json.dumps(row), flush=True)
     if args.out:
