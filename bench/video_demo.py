@@ -116,6 +116,11 @@ def conditioning_use(model, cfg, clips: torch.Tensor, gamma: float = 0.3) -> dic
     return out
 
 
+def still(clips: torch.Tensor) -> torch.Tensor:
+    """(B, C, T, H, W) clips whose every frame is their first."""
+    return clips[:, :, :1].expand_as(clips).clone()
+
+
 def save_strips(clips: torch.Tensor, pred: torch.Tensor, k: int, path: str, zoom: int = 4, cols: int = 2) -> None:
     """Per clip two rows: given + predicted frames over given + true frames; clips in `cols`
     columns, `zoom`x nearest."""
@@ -182,8 +187,7 @@ def main(argv=None) -> int:
     ref = video_reference(train_url, held_url, cfg.model, args.samples)
     clips = load_clips(train_url, cfg.model, 16)
     if args.static:
-        clips = clips[:, :, :1].expand_as(clips).clone()
-        ref = ref._replace(clips=ref.clips[:, :, :1].expand_as(ref.clips).clone())
+        clips, ref = still(clips), ref._replace(clips=still(ref.clips))
     print(f"{len(clips)} training clips, {args.overrides}", flush=True)
     if args.load:
         from rin_scale.model import RIN
