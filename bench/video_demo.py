@@ -11,7 +11,9 @@ held-out clips' continuations (their given frames as conditioning, fixed noise) 
 gives evals.video_metrics' measures: per-frame MSE beside the repeat-last and data-mean baselines,
 and the digit recognised in predicted frames, and whether the model uses the given frames at all:
 the per-frame MSE of its one-pass x0 prediction at gamma = 0.3 with each clip's own given frames
-and with another clip's. The tool behind the tiny_video preset's settings.
+and with another clip's; and what its latents carry in that pass (`latent_use`: their rms, each
+block's write entropy, and how much of the first given frame a ridge probe recovers from them,
+beside the same probe on the stem's tokens). The tool behind the tiny_video preset's settings.
 
 --static holds every clip still (each frame = its first, for training and the held-out clips): a
 diagnostic that needs no motion, only copying the given digit into the predicted frames.
@@ -78,7 +80,7 @@ def train(cfg, clips: torch.Tensor, seed: int, steps: int = 0, minutes: float = 
 
 
 @torch.no_grad()
-def evaluate(model, cfg, ref, samples: int, sample_steps: int, sampler: str, grid: str = "") -> dict:
+def evaluate(model, cfg, ref, probe_clips, samples: int, sample_steps: int, sampler: str, grid: str = "") -> dict:
     from evals.video_metrics import VideoScore
     from rin_scale.diffusion import sample
 
@@ -93,9 +95,20 @@ def evaluate(model, cfg, ref, samples: int, sample_steps: int, sampler: str, gri
     out = score.result()
     out["sample_seconds"] = round(time.time() - t0, 1)
     out.update(conditioning_use(model, cfg, ref.clips[:samples]))
+    out.update(latent_use(model, cfg, *probe_clips))
     if grid:
         save_strips(ref.clips[:8], torch.cat(preds)[:8], k, grid)
     return out
+
+
+def one_pass_inputs(cfg, clips: torch.Tensor, gamma: float):
+    """(given frames, x0, gamma per clip, x_t) of clips, scaled as training_loss scales them, with
+    fixed noise (seed 0) at gamma."""
+    d, k = cfg.diffusion, cfg.model.cond_frames
+    cond, x0 = clips[:, :, :k] * d.input_scale, clips[:, :, k:] * d.input_scale
+    g = torch.full((len(clips),), gamma)
+    x_t = gamma ** 0.5 * x0 + (1 - gamma) ** 0.5 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    return cond, x0, g, x_t
 
 
 @torch.no_grad()
@@ -104,16 +117,58 @@ def conditioning_use(model, cfg, clips: torch.Tensor, gamma: float = 0.3) -> dic
     frames, and given the next clip's: equal rows = the prediction ignores the given frames."""
     from rin_scale.diffusion import predict_x0
 
-    d, k = cfg.diffusion, cfg.model.cond_frames
-    cond, x0 = clips[:, :, :k] * d.input_scale, clips[:, :, k:] * d.input_scale  # as training_loss scales them
-    g = torch.full((len(clips),), gamma)
-    x_t = gamma ** 0.5 * x0 + (1 - gamma) ** 0.5 * torch.randn(x0.shape, generator=torch.Generator().manual_seed(0))
+    d = cfg.diffusion
+    cond, x0, g, x_t = one_pass_inputs(cfg, clips, gamma)
     out = {}
     for name, c in (("own", cond), ("shuffled", cond.roll(1, 0))):
         pred = predict_x0(model(x_t, g, None, None, c)[0].float(), x_t, g, d.target, d.input_scale)
         err = (pred - x0).div(d.input_scale).pow(2).mean(dim=(0, 1, 3, 4))
         out[f"x0_mse_{name}_given_frames"] = [round(float(v), 4) for v in err]
     return out
+
+
+def ridge_r2(a_train, y_train, a_test, y_test, lams=(0.01, 0.1, 1.0)) -> float:
+    """Held-out R^2 of ridge regression from features a to targets y (features standardized on the
+    training rows; penalty lam * rows, in the dual form), the best over lams."""
+    mu, sd = a_train.mean(0), a_train.std(0) + 1e-6
+    a, b = (a_train - mu) / sd, (a_test - mu) / sd
+    ym = y_train.mean(0)
+    best = -float("inf")
+    for lam in lams:
+        w = a.T @ torch.linalg.solve(a @ a.T + lam * len(a) * torch.eye(len(a)), y_train - ym)
+        best = max(best, float(1 - (b @ w + ym - y_test).pow(2).sum() / (y_test - ym).pow(2).sum()))
+    return round(best, 3)
+
+
+@torch.no_grad()
+def latent_use(model, cfg, train_clips: torch.Tensor, held_clips: torch.Tensor, gamma: float = 0.3) -> dict:
+    """What the latents carry, from one pass at gamma (fixed noise): the final latents' rms; each
+    block's write entropy over the latents (rin_scale.routing: 1 = a token reads every latent
+    evenly, 0 = one latent); and how much of the first given frame a ridge probe recovers on the
+    held-out clips (R^2, fitted on the training clips) from the final latents, and, as the probe's
+    check, from the interface tokens of the first token-frame (the stem's output, before any block)."""
+    from rin_scale.routing import record_attention
+
+    def passes(clips, record=False):
+        lat, tok, ent = [], [], []
+        for i in range(0, len(clips), 128):
+            cond, _, g, x_t = one_pass_inputs(cfg, clips[i:i + 128], gamma)
+            with record_attention(model) as rec:
+                rec.on = record
+                lat.append(model(x_t, g, None, None, cond)[1].float().flatten(1))
+            if record:
+                ent.append(torch.stack([w["entropy"].mean(1) for w in rec.records[-1]["write"]], 1))
+            first = model.tokenize(torch.cat([cond, x_t], 2))[:, :model.num_tokens // (cfg.model.frames // cfg.model.patch_frames)]
+            tok.append(first.float().flatten(1))
+        return torch.cat(lat), torch.cat(tok), (torch.cat(ent).mean(0) if record else None)
+
+    lat_tr, tok_tr, _ = passes(train_clips)
+    lat_ho, tok_ho, ent = passes(held_clips, record=True)
+    frame = lambda c: c[:, :, 0].flatten(1)  # noqa: E731
+    return {"latent_rms": round(float(lat_ho.pow(2).mean().sqrt()), 2),
+            "write_entropy_per_block": [round(float(v), 3) for v in ent],
+            "given_frame_r2_from_latents": ridge_r2(lat_tr, frame(train_clips), lat_ho, frame(held_clips)),
+            "given_frame_r2_from_tokens": ridge_r2(tok_tr, frame(train_clips), tok_ho, frame(held_clips))}
 
 
 def still(clips: torch.Tensor) -> torch.Tensor:
@@ -185,9 +240,9 @@ def main(argv=None) -> int:
     cfg = load_config("tiny_video", args.overrides)
     train_url, held_url = shard(args.data, "train"), shard(args.data, "heldout")
     ref = video_reference(train_url, held_url, cfg.model, args.samples)
-    clips = load_clips(train_url, cfg.model, 16)
+    clips, held = load_clips(train_url, cfg.model, 16), load_clips(held_url, cfg.model, 16)
     if args.static:
-        clips, ref = still(clips), ref._replace(clips=still(ref.clips))
+        clips, held, ref = still(clips), still(held), ref._replace(clips=still(ref.clips))
     print(f"{len(clips)} training clips, {args.overrides}", flush=True)
     if args.load:
         from rin_scale.model import RIN
@@ -199,7 +254,9 @@ def main(argv=None) -> int:
         model, info = train(cfg, clips, args.seed, args.steps, args.minutes)
     if args.save:
         torch.save(model.state_dict(), args.save)
-    res = evaluate(model, cfg, ref, args.samples, args.sample_steps or cfg.diffusion.sample_steps,
+    # the latent probe's clips: the first model.frames of every training and held-out clip
+    probe = [c[:, :, :cfg.model.frames] for c in (clips, held)]
+    res = evaluate(model, cfg, ref, probe, args.samples, args.sample_steps or cfg.diffusion.sample_steps,
                    args.sampler or cfg.diffusion.sampler, args.grid)
     row = {"overrides": args.overrides, "seed": args.seed, "static": args.static, **info, "sampler": args.sampler,
            "sample_steps": args.sample_steps, **res,
