@@ -50,6 +50,8 @@ class ModelConfig:
     class_dropout: float = _f(0.1, "label dropout for classifier-free guidance (0 = off)")
     rw_out_init: str = _f("zero", "output projections of read / write: zero (identity at init; for AdamW) | "
                                   "glorot (the authors'; for LAMB, see bench/recipe_init.py)")
+    pos_encoding: str = _f("learned", "interface positions: learned (trunc normal 0.02) | sin_cos_plus_learned "
+                                      "(the authors' option: fixed 2-D sin-cos codes + a learned residual from zero)")
 
     @property
     def is_video(self) -> bool:
@@ -388,6 +390,7 @@ def validate(cfg: Config) -> Config:
     _check(0 <= m.dropout < 1 and 0 <= m.drop_path < 1, "model.dropout and model.drop_path must lie in [0, 1)")
     _check(m.num_classes >= 0, "model.num_classes must be 0 (unconditional) or the number of classes")
     _one_of("model.rw_out_init", m.rw_out_init, ("zero", "glorot"))
+    _one_of("model.pos_encoding", m.pos_encoding, ("learned", "sin_cos_plus_learned"))
     if m.frames:
         _check(0 <= m.cond_frames < m.frames,
                f"model.cond_frames={m.cond_frames} must be less than model.frames={m.frames}")

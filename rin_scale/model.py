@@ -228,6 +228,19 @@ def sinusoidal(values: torch.Tensor, dim: int) -> torch.Tensor:
     return (emb - emb.mean(-1, keepdim=True)) / (emb.std(-1, keepdim=True, correction=0) + 1e-6)
 
 
+def sin_cos_2d(rows: int, cols: int, dim: int, scale: float = 1e4) -> torch.Tensor:
+    """(rows * cols, dim) fixed position codes, as the authors' get_2d_position_codes with their
+    normalization_max = time_scaling = 1e4: the first dim / 2 channels code the row, the rest the
+    column; each coordinate is scaled to [0, scale], then sin on even and cos on odd frequencies."""
+    def codes(n):
+        c = torch.arange(n, dtype=torch.float64) / max(n - 1, 1) * scale
+        i = torch.arange(dim // 2)
+        ang = c[:, None] / 10000.0 ** (2 * (i // 2) / (dim // 2))
+        return torch.cat([ang[:, 0::2].sin(), ang[:, 1::2].cos()], -1)
+    y, x = codes(rows), codes(cols)
+    return torch.cat([y[:, None].expand(rows, cols, -1), x[None].expand(rows, cols, -1)], -1).reshape(-1, dim).float()
+
+
 class RIN(nn.Module):
     """Recurrent Interface Network over images (B,C,H,W) or frame-conditioned video (B,C,T,H,W).
 
@@ -263,7 +276,14 @@ class RIN(nn.Module):
             self.num_tokens = grid
             self.patch_dim = m.channels * p * p
         self.stem_norm = layer_norm(d)
+        # model.pos_encoding: "learned" (trunc normal 0.02), or the authors' "sin_cos_plus_learned":
+        # fixed 2-D codes (repeated over time for video; not saved, rebuilt) + a learned residual from 0
         self.pos_emb = nn.Parameter(torch.empty(1, self.num_tokens, d))
+        if m.pos_encoding == "sin_cos_plus_learned":
+            fixed = sin_cos_2d(m.image_size // p, m.image_size // p, d).repeat(self.num_tokens // grid, 1)
+            self.register_buffer("pos_fixed", fixed[None], persistent=False)
+        elif m.pos_encoding != "learned":
+            raise ConfigError(f"model.pos_encoding={m.pos_encoding!r} is not one of learned, sin_cos_plus_learned")
 
         self.num_reserved = 1 + (1 if m.num_classes > 0 else 0)
         self.latent_init = nn.Parameter(torch.empty(1, m.num_latents - self.num_reserved, dl))
@@ -298,7 +318,10 @@ class RIN(nn.Module):
                 nn.init.zeros_(mod.bias)
             elif isinstance(mod, nn.Embedding):  # the class token: one-hot -> Dense, initialized as a Dense
                 nn.init.xavier_uniform_(mod.weight)
-        nn.init.trunc_normal_(self.pos_emb, std=0.02)
+        if self.cfg.pos_encoding == "learned":
+            nn.init.trunc_normal_(self.pos_emb, std=0.02)
+        else:
+            nn.init.zeros_(self.pos_emb)
         nn.init.trunc_normal_(self.latent_init, std=0.02)
         nn.init.zeros_(self.prev_norm.weight)
         nn.init.zeros_(self.prev_norm.bias)
@@ -343,7 +366,8 @@ class RIN(nn.Module):
     def tokenize(self, x):
         tokens = self.stem(x)  # (B, d, [T',] H', W')
         tokens = rearrange(tokens, "b d ... -> b (...) d")
-        return self.stem_norm(tokens) + self.pos_emb
+        tokens = self.stem_norm(tokens) + self.pos_emb
+        return tokens + self.pos_fixed if self.cfg.pos_encoding != "learned" else tokens
 
     def untokenize(self, tokens):
         m = self.cfg

@@ -39,6 +39,24 @@ def test_video_output_shapes_unconditioned_and_frame_conditioned():
     assert not torch.allclose(out1, out2)
 
 
+def test_sin_cos_positions_are_fixed_codes_plus_a_learned_residual_rebuilt_not_saved():
+    """model.pos_encoding=sin_cos_plus_learned (the authors' option): each place of a
+    frame gets its own unit-scale code, the same at every time step; the learned part starts at
+    zero; the codes are rebuilt from the config, not stored in checkpoints."""
+    m = RIN(small(frames=4, patch_frames=2, num_classes=0, pos_encoding="sin_cos_plus_learned"))
+    codes = m.pos_fixed[0]
+    assert codes.shape == (2 * 16, 32)
+    assert torch.equal(codes[:16], codes[16:])
+    assert (torch.cdist(codes[:16], codes[:16]) + torch.eye(16)).min() > 0.5
+    assert abs(codes.pow(2).mean().sqrt().item() - 0.5 ** 0.5) < 1e-6  # sin and cos: rms 1/sqrt(2)
+    assert not m.pos_emb.any()
+    assert "pos_fixed" not in m.state_dict()
+    m2 = RIN(m.cfg)
+    m2.load_state_dict(m.state_dict())
+    x = torch.randn(2, 3, 4, 8, 8)
+    assert torch.equal(m(x, torch.full((2,), 0.5))[0], m2(x, torch.full((2,), 0.5))[0])
+
+
 def test_kinetics_and_1024_presets_have_the_papers_token_counts():
     with torch.device("meta"):
         assert RIN(get_preset("kinetics600").model).num_tokens == 2048
