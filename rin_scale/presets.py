@@ -43,6 +43,12 @@ def tiny() -> Config:
     domain FID 10.47 / 10.39 against 12.83 / 20.00 and class accuracy 94.0% / 92.4% against
     93.6% / 87.6% (seeds 0 / 1), for about 5% more training time.
 
+    Positions: the authors' fixed 2-D sin-cos codes plus a learned residual from zero
+    (`sin_cos_plus_learned`), not learned ones at std 0.02, whose place signal starts ~50x below the
+    stem's unit-scale features: at the demo's 2,400 steps domain FID 7.80 / 8.07 against
+    10.47 / 10.39, class accuracy 97.2% / 94.0% against 94.0% / 92.4%, Laplacian ratio 1.34 / 1.41
+    against 1.46 / 1.49 (seeds 0 / 1).
+
     Pairs with the embedded digits dataset (data_tools.embedded), the demo's default. Predicts v:
     with eps, x0 = (x_t - sqrt(1 - gamma) eps) / sqrt(gamma) multiplies the network's error by up to
     1e4 at the first sampling steps, and a model this small and this briefly trained samples noise
@@ -52,7 +58,7 @@ def tiny() -> Config:
         model=ModelConfig(image_size=16, channels=3, patch_size=4, interface_dim=96, interface_mlp_ratio=2,
                           latent_dim=128, num_latents=16, latent_mlp_ratio=4, num_blocks=3, latent_layers=1,
                           latent_heads=4, read_write_heads=4, dropout=0.0, drop_path=0.0, num_classes=10,
-                          class_dropout=0.0),
+                          class_dropout=0.0, pos_encoding="sin_cos_plus_learned"),
         diffusion=DiffusionConfig(schedule="sigmoid", target="v", sample_steps=50, sampler="ddim"),
         data=DataConfig(workers=1, shuffle_buffer=500, hflip=False),
         train=TrainConfig(run_dir="runs/tiny", global_batch=64, total_steps=2000, zero_stage=2,
