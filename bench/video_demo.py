@@ -149,6 +149,8 @@ def latent_use(model, cfg, train_clips: torch.Tensor, held_clips: torch.Tensor, 
     check, from the interface tokens of the first token-frame (the stem's output, before any block)."""
     from rin_scale.routing import record_attention
 
+    grid = (cfg.model.image_size // cfg.model.patch_size) ** 2  # tokens per token-frame
+
     def passes(clips, record=False):
         lat, tok, ent = [], [], []
         for i in range(0, len(clips), 128):
@@ -158,8 +160,7 @@ def latent_use(model, cfg, train_clips: torch.Tensor, held_clips: torch.Tensor, 
                 lat.append(model(x_t, g, None, None, cond)[1].float().flatten(1))
             if record:
                 ent.append(torch.stack([w["entropy"].mean(1) for w in rec.records[-1]["write"]], 1))
-            first = model.tokenize(torch.cat([cond, x_t], 2))[:, :model.num_tokens // (cfg.model.frames // cfg.model.patch_frames)]
-            tok.append(first.float().flatten(1))
+            tok.append(model.tokenize(torch.cat([cond, x_t], 2))[:, :grid].float().flatten(1))
         return torch.cat(lat), torch.cat(tok), (torch.cat(ent).mean(0) if record else None)
 
     lat_tr, tok_tr, _ = passes(train_clips)
