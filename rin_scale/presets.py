@@ -49,6 +49,10 @@ def tiny() -> Config:
     10.47 / 10.39, class accuracy 97.2% / 94.0% against 94.0% / 92.4%, Laplacian ratio 1.34 / 1.41
     against 1.46 / 1.49 (seeds 0 / 1).
 
+    Samples with DDPM 100, not DDIM 50: on the final snapshots of the two seeds above, domain FID
+    6.61 / 7.62 against 7.80 / 8.07, class accuracy 95.4% / 94.2% against 97.2% / 94.0% (DDIM 100:
+    7.95 / 96.8% on seed 0; DDPM 200: 7.17 / 93.6% on seed 1), for twice the sampling steps.
+
     Pairs with the embedded digits dataset (data_tools.embedded), the demo's default. Predicts v:
     with eps, x0 = (x_t - sqrt(1 - gamma) eps) / sqrt(gamma) multiplies the network's error by up to
     1e4 at the first sampling steps, and a model this small and this briefly trained samples noise
@@ -59,7 +63,7 @@ def tiny() -> Config:
                           latent_dim=128, num_latents=16, latent_mlp_ratio=4, num_blocks=3, latent_layers=1,
                           latent_heads=4, read_write_heads=4, dropout=0.0, drop_path=0.0, num_classes=10,
                           class_dropout=0.0, pos_encoding="sin_cos_plus_learned"),
-        diffusion=DiffusionConfig(schedule="sigmoid", target="v", sample_steps=50, sampler="ddim"),
+        diffusion=DiffusionConfig(schedule="sigmoid", target="v", sample_steps=100, sampler="ddpm"),
         data=DataConfig(workers=1, shuffle_buffer=500, hflip=False),
         train=TrainConfig(run_dir="runs/tiny", global_batch=64, total_steps=2000, zero_stage=2,
                           optimizer="adamw", lr=2e-3, weight_decay=0.01, warmup_steps=100, lr_floor=0.1,
