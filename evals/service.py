@@ -354,8 +354,8 @@ class Service:
 
     @functools.cached_property
     def precision(self):
-        """The trainer's rule (train.precision, default auto): bf16 autocast on GPUs and on CPUs whose
-        bf16 matmul is clearly faster, where it samples ~1.6x faster; the model trained under it."""
+        """The trainer's rule (train.precision, default auto), the precision the model trained in:
+        bf16 autocast on GPUs and on CPUs whose bf16 matmul is clearly faster, fp32 elsewhere."""
         from rin_scale.engine import choose_precision
 
         p = choose_precision(self.cfg.train.precision, self.device)
@@ -392,9 +392,9 @@ class Service:
             video = VideoScore(self.video, m.cond_frames)
         gen = torch.Generator(self.device).manual_seed(self.cfg.train.seed)  # same noise for every snapshot
         correct, grid, shown, sample_seconds = 0, [], 16 if m.is_video else 64, 0.0
+        autocast = self.precision.autocast(self.device)
         bar = tqdm(total=e.num_samples, desc=f"step {step}", unit="sample", disable=not self.progress,
                    file=sys.stderr)
-        autocast = self.precision.autocast(self.device)
         for start in range(0, e.num_samples, e.batch):
             b = min(e.batch, e.num_samples - start)
             lb = labels[start:start + b].to(self.device) if labels is not None else None
