@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     run([py, "-m", "data_tools.shard", "--embedded", dataset, "--split", "heldout", data_heldout])
 
     print(f"[demo] 2/3 train the {preset} preset with DeepSpeed ZeRO-2 on {args.procs} local processes")
-    # One EMA snapshot, at the end: scoring one costs about 80 s of the 2-core CPU (500 samples, DDIM 50,
+    # One EMA snapshot, at the end: scoring one costs about 100 s of the 2-core CPU (500 samples, DDPM 100,
     # InceptionV3 at 299x299), training time better spent; TensorBoard's sample grids every quarter
     # show the progress, and the rolling states every quarter make a re-run resume.
     train_cfg = [preset, f"train.run_dir={run_url}", f"data.shards={data_train}", "train.zero_stage=2",
