@@ -4,9 +4,9 @@
         [--report 0 25 50 100 250 500] [--batch 4] [--latents 16] [--image-size N] [--out FILE.jsonl]
     .venv/bin/python bench/recipe_init.py --table FILE.jsonl      (print the table of saved runs)
 
-The README's table (cifar10: 2 x 2,000 steps, 33 min of one core; imagenet64: 2 x 5,000 steps,
-40 min with one process per init on two cores):
-    --families cifar10 --image-size 16 --report 0 100 500 1000 2000 --out runs/recipe_init.jsonl
+The README's table (2 x 5,000 steps per family, one process per init on two cores: cifar10 63 min
+while demo runs shared the cores, imagenet64 40 min):
+    --families cifar10 --inits zero|glorot --image-size 16 --report 0 100 500 1000 2000 5000 --out FILE.jsonl
     --families imagenet64 --inits zero|glorot --image-size 32 --report 0 100 500 1000 2000 5000 --out ...
 
 For each preset family the preset's model widths (interface d, latent d', MLP ratios, heads, patch,
