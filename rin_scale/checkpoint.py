@@ -168,6 +168,25 @@ def saved_meta(folder: str) -> dict:
         return json.load(f)
 
 
+def check_state_fits(folder: str, model: torch.nn.Module) -> None:
+    """ConfigError in one line when the state in `folder` holds another model shape than `model`
+    (a re-run after the preset or a model.* override changed), instead of DeepSpeed's traceback
+    from deep inside its load. Read from the state's EMA file: names and shapes, no tensor data."""
+    from safetensors import safe_open
+
+    with safe_open(os.path.join(folder, "ema.safetensors"), "pt") as f:
+        saved = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    now = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    if saved == now:
+        return
+    diff = [f"{k} missing" for k in now if k not in saved][:2] + [f"{k} not in the config's model" for k in saved
+                                                                  if k not in now][:2]
+    diff += [f"{k} {list(saved[k])} saved, {list(now[k])} now" for k in now if k in saved and saved[k] != now[k]][:2]
+    raise ConfigError(f"the run's newest state {folder} holds a model of another shape than this config's "
+                      f"({'; '.join(diff)}): resume with the model.* settings it was trained with (the run's "
+                      "config.yaml, or a config-*.yaml beside it), or start a new run with another train.run_dir")
+
+
 def saved_world_size(folder: str) -> int:
     return saved_meta(folder)["world_size"]
 

@@ -339,7 +339,7 @@ class Trainer:
 def set_up(cfg) -> tuple[Trainer, TrainState]:
     """Processes, precision, engine, EMA, loader and logs; resumed from the newest complete state
     in RUN/states if there is one."""
-    from .checkpoint import find_resume, load_state, saved_meta, universal_for
+    from .checkpoint import check_state_fits, find_resume, load_state, saved_meta, universal_for
     from .data import ShardLoader, check_dataset
     from .ema import EMA
     from .engine import build_engine, device, init_distributed
@@ -352,8 +352,6 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
     micro, accum = check_world(cfg, world)
     check_dataset(cfg.data, cfg.model, micro, world)  # bad data: one line before the engine is built
     take_lease(cfg, rank)  # before anything is written to the run
-    if rank == 0:
-        write_config(cfg)
     dev = device()
 
     # The newest complete state, found first: one saved by another world size under ZeRO 1-3 is
@@ -361,6 +359,11 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
     # and a resumed run keeps the precision its first job chose.
     resume = find_resume(cfg)
     saved = saved_meta(resume.folder) if resume is not None else {}
+    if resume is not None:  # shapes only: a model on the meta device allocates nothing, draws no random numbers
+        with torch.device("meta"):
+            check_state_fits(resume.folder, RIN(cfg.model))
+    if rank == 0:  # after the check: a refused start leaves the run's config.yaml as it was
+        write_config(cfg)
     compute = measure_compute(tc, rank, dev, saved.get("precision"))
     log0(rank, f"{world} rank(s) on {dev.type}, ZeRO-{tc.zero_stage}, micro-batch {micro} x {accum} accumulation "
                f"x {world} = {tc.global_batch}; precision {compute.precision.name} ({compute.precision.reason}); "

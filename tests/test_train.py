@@ -118,6 +118,14 @@ def test_two_ranks_zero2_logs_snapshots_and_resumes_exactly(shards, tmp_path, pr
     assert sorted(c) == list(range(1, 11)) and all(math.isfinite(c[s]) for s in (9, 10))
     assert json.load(open(os.path.join(full, "states", rundir.step_name(10), "trainer.json")))["world_size"] == 1
 
+    # A re-run whose model has another shape (the preset changed since, or a model.* override) is
+    # refused in one line naming the fix, and leaves the run's config.yaml as it was.
+    config = open(os.path.join(full, "config.yaml")).read()
+    proc = train(full, 1, *common, "train.total_steps=12", "model.num_blocks=2", shards=shards, check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "holds a model of another shape" in proc.stderr and "train.run_dir" in proc.stderr, proc.stderr[-3000:]
+    assert open(os.path.join(full, "config.yaml")).read() == config
+
 
 @pytest.mark.timeout(600)
 def test_zero_states_resume_at_a_new_world_size_with_their_optimizer_moments(shards, tmp_path):
