@@ -52,6 +52,8 @@ class ModelConfig:
                                   "glorot (the authors'; for LAMB, see bench/recipe_init.py)")
     pos_encoding: str = _f("learned", "interface positions: learned (trunc normal 0.02) | sin_cos_plus_learned "
                                       "(the authors' option: fixed 2-D sin-cos codes + a learned residual from zero)")
+    conv_kernel_size: int = _f(0, "the authors' optional depthwise conv over the interface's token grid after each "
+                                  "write (their conv_kernel_size; 3-D for video); 0 = off, as their configs")
 
     @property
     def is_video(self) -> bool:
@@ -359,6 +361,11 @@ def guidance_problem(m: "ModelConfig") -> str:
     return ""
 
 
+def conv_groups(dim: int) -> int:
+    """GroupNorm groups of the interface conv: min(dim / 4, 32), as the authors' DepthwiseConvBlock."""
+    return max(1, min(dim // 4, 32))
+
+
 def _check(cond: bool, msg: str) -> None:
     if not cond:
         raise ConfigError(msg)
@@ -391,6 +398,12 @@ def validate(cfg: Config) -> Config:
     _check(m.num_classes >= 0, "model.num_classes must be 0 (unconditional) or the number of classes")
     _one_of("model.rw_out_init", m.rw_out_init, ("zero", "glorot"))
     _one_of("model.pos_encoding", m.pos_encoding, ("learned", "sin_cos_plus_learned"))
+    _check(m.conv_kernel_size == 0 or (m.conv_kernel_size > 0 and m.conv_kernel_size % 2 == 1),
+           f"model.conv_kernel_size={m.conv_kernel_size}: use 0 (off) or an odd size such as 3, so that the "
+           f"conv keeps every token in place")
+    _check(m.conv_kernel_size == 0 or m.interface_dim % conv_groups(m.interface_dim) == 0,
+           f"model.conv_kernel_size > 0 group-normalizes the interface in {conv_groups(m.interface_dim)} groups, "
+           f"which do not divide model.interface_dim={m.interface_dim}: use a multiple of 32 or of 4 below 128")
     if m.frames:
         _check(0 <= m.cond_frames < m.frames,
                f"model.cond_frames={m.cond_frames} must be less than model.frames={m.frames}")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from .config import ConfigError, ModelConfig, conv_groups
 
 LN_EPS = 1e-6  # as in the authors' code
 
@@ -168,11 +168,33 @@ class SelfAttend(nn.Module):
         return self.mlp(z)
 
 
+class TokenConv(nn.Module):
+    """The authors' optional conv unit on the interface after each write (their DepthwiseConvBlock,
+    `conv_kernel_size`; off in their configs): x + pointwise(SiLU(GroupNorm(depthwise(x)))) over
+    the token grid, the pointwise conv starting at zero (theirs at scale 1e-10), so the block
+    starts as the identity. Read and write treat the interface tokens independently; this is their
+    only exchange with their neighbours except through the latents. Video: a 3-D kernel over
+    (T', H', W') (an extension: their conv is 2-D)."""
+
+    def __init__(self, dim: int, kernel: int, grid: tuple[int, ...]):
+        super().__init__()
+        conv = nn.Conv3d if len(grid) == 3 else nn.Conv2d
+        self.grid = grid
+        self.depthwise = conv(dim, dim, kernel, padding=kernel // 2, groups=dim)
+        self.norm = nn.GroupNorm(conv_groups(dim), dim, eps=LN_EPS)
+        self.pointwise = conv(dim, dim, 1)
+
+    def forward(self, x):
+        h = rearrange(x, "b n d -> b d n").reshape(x.shape[0], x.shape[2], *self.grid)
+        h = self.pointwise(F.silu(self.norm(self.depthwise(h))))
+        return x + rearrange(h.flatten(2), "b d n -> b n d")
+
+
 class Block(nn.Module):
     """read (latents attend to the interface, then an MLP on the latents) -> compute (k layers on
     the latents) -> write (interface attends to the latents, then an MLP on the interface)."""
 
-    def __init__(self, m: ModelConfig, drop_paths: list[float]):
+    def __init__(self, m: ModelConfig, drop_paths: list[float], grid: tuple[int, ...]):
         super().__init__()
         d, dl = m.interface_dim, m.latent_dim
         self.read = CrossAttend(dl, d, m.read_write_heads)
@@ -181,10 +203,12 @@ class Block(nn.Module):
             SelfAttend(dl, m.latent_heads, m.latent_mlp_ratio, m.dropout, p) for p in drop_paths)
         self.write = CrossAttend(d, dl, m.read_write_heads)
         self.write_mlp = MLP(d, m.interface_mlp_ratio) if m.interface_mlp_ratio > 0 else nn.Identity()
+        self.conv = TokenConv(d, m.conv_kernel_size, grid) if m.conv_kernel_size else None
 
     def forward(self, x, z):
         z = self.compute_step(self.read_step(x, z))
-        return self.write_step(x, z), z
+        x = self.write_step(x, z)
+        return (self.conv_step(x) if self.conv is not None else x), z
 
     # The three stages, each a function of tensors, so that activation checkpointing can save
     # only their inputs (forward_segments).
@@ -200,6 +224,9 @@ class Block(nn.Module):
     def write_step(self, x, z):
         return self.write_mlp(self.write(x, z))
 
+    def conv_step(self, x):
+        return self.conv(x)
+
     def forward_segments(self, x, z, checkpoint: Optional[Callable], chunk_tokens: int = 0):
         """forward(), with read, compute and write each run through `checkpoint` (which saves a
         stage's inputs and recomputes it in the backward pass): every stage is recomputed once,
@@ -209,13 +236,16 @@ class Block(nn.Module):
         independently, so with chunk_tokens > 0 it runs in chunks of that many tokens, each
         checkpointed: the interface's activations (16,384 tokens at 1024x1024) are then held one
         chunk at a time, also in a no-grad pass (checkpoint None: chunks only). Same maths as
-        forward(), up to float rounding in the chunked products."""
+        forward(), up to float rounding in the chunked products. The interface conv, which mixes
+        neighbouring tokens, runs after the chunks are joined, checkpointed as a fourth stage."""
         run = checkpoint or (lambda fn, *args: fn(*args))
         z = run(self.read_step, x, z)
         z = run(self.compute_step, z)
         if 0 < chunk_tokens < x.shape[1]:
-            return torch.cat([run(self.write_step, xc, z) for xc in x.split(chunk_tokens, dim=1)], dim=1), z
-        return run(self.write_step, x, z), z
+            x = torch.cat([run(self.write_step, xc, z) for xc in x.split(chunk_tokens, dim=1)], dim=1)
+        else:
+            x = run(self.write_step, x, z)
+        return (run(self.conv_step, x) if self.conv is not None else x), z
 
 
 def sinusoidal(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -266,7 +296,8 @@ class RIN(nn.Module):
             raise ConfigError(f"model.patch_size={m.patch_size} does not divide model.image_size={m.image_size}")
         d, dl = m.interface_dim, m.latent_dim
         p, pt = m.patch_size, m.patch_frames
-        grid = (m.image_size // p) ** 2
+        side = m.image_size // p
+        grid = side * side
         if m.is_video:
             self.stem = nn.Conv3d(m.channels, d, (pt, p, p), stride=(pt, p, p))
             self.num_tokens = grid * (m.frames // pt)
@@ -297,7 +328,9 @@ class RIN(nn.Module):
         self.prev_norm = layer_norm(dl)
 
         # drop-path: the same rate on every latent layer, as the authors (no ramp over depth)
-        self.blocks = nn.ModuleList(Block(m, [m.drop_path] * m.latent_layers) for _ in range(m.num_blocks))
+        token_grid = (self.num_tokens // grid, side, side) if m.is_video else (side, side)
+        self.blocks = nn.ModuleList(Block(m, [m.drop_path] * m.latent_layers, token_grid)
+                                    for _ in range(m.num_blocks))
         self.out_norm = layer_norm(d)
         self.readout = nn.Linear(d, self.patch_dim)
 
@@ -325,6 +358,9 @@ class RIN(nn.Module):
         nn.init.trunc_normal_(self.latent_init, std=0.02)
         nn.init.zeros_(self.prev_norm.weight)
         nn.init.zeros_(self.prev_norm.bias)
+        for block in self.blocks:
+            if block.conv is not None:
+                nn.init.zeros_(block.conv.pointwise.weight)
         # model.rw_out_init: "glorot" (the authors' code; the LAMB presets) keeps the Glorot output
         # projections of read and write set above. "zero" starts read and write as identities: under
         # AdamW (tiny) the first read otherwise adds interface features of norm ~sqrt(d) to latents
@@ -346,18 +382,18 @@ class RIN(nn.Module):
         for mname, mod in self.named_modules():
             for pname, _ in mod.named_parameters(recurse=False):
                 full = f"{mname}.{pname}" if mname else pname
-                if pname == "bias" or isinstance(mod, (nn.LayerNorm, nn.Embedding)) or mod is self:
+                if pname == "bias" or isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.Embedding)) or mod is self:
                     names.add(full)
         return names
 
     def trust_ratio_exempt_names(self) -> set[str]:
-        """Biases and LayerNorm scales and offsets: LAMB takes a plain step on these (trust ratio 1)
+        """Biases and norm (LayerNorm, GroupNorm) scales and offsets: LAMB takes a plain step on these (trust ratio 1)
         and never decays them, as the authors' exclude_from_layer_adaptation / _weight_decay
         (["layer_norm", "bias"]). Embeddings are neither: they get the trust ratio and decay."""
         names = set()
         for mname, mod in self.named_modules():
             for pname, _ in mod.named_parameters(recurse=False):
-                if pname == "bias" or isinstance(mod, nn.LayerNorm):
+                if pname == "bias" or isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
                     names.add(f"{mname}.{pname}" if mname else pname)
         return names
 

@@ -49,6 +49,8 @@ def test_overrides_are_typed_and_applied_in_order(tmp_path):
     (["data.hflip=maybe"], ["data.hflip: expected bool"]),
     (["train.betas=[0.9]"], ["train.betas: expected tuple[float, float]"]),
     (["train.run_dir=${nope}"], ["train.run_dir", "nope"]),
+    (["model.conv_kernel_size=2"], ["model.conv_kernel_size=2", "odd size"]),
+    (["model.conv_kernel_size=3", "model.interface_dim=130"], ["32 groups", "interface_dim=130"]),
 ])
 def test_bad_values_give_one_line_errors_naming_the_key(overrides, words):
     with pytest.raises(ConfigError) as e:

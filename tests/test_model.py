@@ -257,15 +257,17 @@ def test_bf16_autocast_forward_backward_agrees_with_fp32():
         assert (p.grad - g32[n]).abs().max() <= 0.1 * scale + 1e-6, n
 
 
-@pytest.mark.parametrize("chunk", [0, 5])
-def test_stage_by_stage_checkpointing_gives_the_same_outputs_and_gradients(chunk):
+@pytest.mark.parametrize("chunk,conv", [(0, 0), (5, 0), (5, 3)])
+def test_stage_by_stage_checkpointing_gives_the_same_outputs_and_gradients(chunk, conv):
     from rin_scale.engine import by_stage
 
     torch.manual_seed(0)
-    m = RIN(small(num_blocks=3, dropout=0.1, drop_path=0.1))
+    m = RIN(small(num_blocks=3, dropout=0.1, drop_path=0.1, conv_kernel_size=conv))
     for block in m.blocks:
         torch.nn.init.normal_(block.read.attn.out.weight, std=0.05)
         torch.nn.init.normal_(block.write.attn.out.weight, std=0.05)
+        if conv:
+            torch.nn.init.normal_(block.conv.pointwise.weight, std=0.05)
     x, gamma, labels = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 2])
     prev = torch.randn(2, 8, 64)
 
@@ -285,9 +287,11 @@ def test_stage_by_stage_checkpointing_gives_the_same_outputs_and_gradients(chunk
 
     m.checkpoint_fn, m.checkpoint_every = by_stage(checkpoint, chunk_tokens=chunk), 1
     got = run()
-    # per block: read, compute, and the write in ceil(16 / 5) = 4 chunks of interface tokens
-    assert calls[:2] == ["read_step", "compute_step"]
-    assert calls.count("write_step") == 3 * (4 if chunk else 1) and len(calls) == 3 * (2 + (4 if chunk else 1))
+    # per block: read, compute, the write in ceil(16 / 5) = 4 chunks of interface tokens, then the
+    # conv over all of them (it mixes neighbours, so it must not run per chunk)
+    writes = 4 if chunk else 1
+    assert calls[:2 + writes + bool(conv)] == ["read_step", "compute_step"] + ["write_step"] * writes + ["conv_step"] * bool(conv)
+    assert len(calls) == 3 * (2 + writes + bool(conv))
     assert torch.allclose(got[0], ref[0], atol=1e-6) and torch.allclose(got[1], ref[1], atol=1e-6)
     for n in ref[2]:
         assert torch.allclose(got[2][n], ref[2][n], rtol=1e-4, atol=1e-6), n  # chunks: summed in another order
@@ -297,3 +301,21 @@ def test_stage_by_stage_checkpointing_gives_the_same_outputs_and_gradients(chunk
         torch.manual_seed(1)
         out, _ = m(x, gamma, labels, prev)
     assert calls == [] and torch.allclose(out, ref[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("video", [False, True])
+def test_interface_conv_starts_as_identity_and_mixes_only_grid_neighbours(video):
+    """model.conv_kernel_size: the authors' depthwise conv over the token grid after each write.
+    It must start as the identity (zero pointwise conv) and then mix each token with its kernel's
+    neighbours on the grid the stem tokenized (rows of patches, frames for video)."""
+    kw = dict(frames=4, cond_frames=1, patch_frames=2, num_classes=0) if video else {}
+    m = RIN(small(conv_kernel_size=3, **kw))
+    conv = m.blocks[0].conv
+    x = torch.randn(2, m.num_tokens, 32, requires_grad=True)
+    assert torch.equal(conv(x), x)
+    torch.nn.init.normal_(conv.pointwise.weight, std=0.1)
+    conv.norm = torch.nn.Identity()  # its statistics span the whole grid (as the authors'): look at the kernel
+    conv(x)[:, 0].sum().backward()  # token 0: frame-patch 0, row 0, column 0
+    touched = (x.grad.abs().sum((0, 2)) > 0).nonzero().flatten().tolist()
+    # the 4x4 grid of 2x2 patches of an 8x8 image, row-major; video: 2 such grids, one per 2 frames
+    assert touched == ([0, 1, 4, 5, 16, 17, 20, 21] if video else [0, 1, 4, 5])
