@@ -9,6 +9,7 @@ CPU its own fused path.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable, Optional
 
@@ -174,7 +175,9 @@ class TokenConv(nn.Module):
     the token grid, the pointwise conv starting at zero (theirs at scale 1e-10), so the block
     starts as the identity. Read and write treat the interface tokens independently; this is their
     only exchange with their neighbours except through the latents. Video: a 3-D kernel over
-    (T', H', W') (an extension: their conv is 2-D)."""
+    (T', H', W') (an extension: their conv is 2-D). Runs in fp32 under bf16 autocast: it costs
+    little, and with bf16 kernels on the CPU tiny_video's gradient norm was inf or ~1e16 on a
+    third of its first steps on 2 ranks (finite in fp32, and on 1 rank)."""
 
     def __init__(self, dim: int, kernel: int, grid: tuple[int, ...]):
         super().__init__()
@@ -186,8 +189,9 @@ class TokenConv(nn.Module):
 
     def forward(self, x):
         h = rearrange(x, "b n d -> b d n").reshape(x.shape[0], x.shape[2], *self.grid)
-        h = self.pointwise(F.silu(self.norm(self.depthwise(h))))
-        return x + rearrange(h.flatten(2), "b d n -> b n d")
+        with torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else contextlib.nullcontext():
+            h = self.pointwise(F.silu(self.norm(self.depthwise(h.float()))))
+        return x + rearrange(h.flatten(2), "b d n -> b n d").to(x.dtype)
 
 
 class Block(nn.Module):
