@@ -188,9 +188,10 @@ class TokenConv(nn.Module):
         self.pointwise = conv(dim, dim, 1)
 
     def forward(self, x):
-        h = rearrange(x, "b n d -> b d n").reshape(x.shape[0], x.shape[2], *self.grid)
+        # contiguous: CPU GroupNorm is several times slower on the channels-last layout the transpose gives
+        h = rearrange(x, "b n d -> b d n").float().contiguous().view(x.shape[0], x.shape[2], *self.grid)
         with torch.autocast(x.device.type, enabled=False) if x.device.type != "meta" else contextlib.nullcontext():
-            h = self.pointwise(F.silu(self.norm(self.depthwise(h.float()))))
+            h = self.pointwise(F.silu(self.norm(self.depthwise(h))))
         return x + rearrange(h.flatten(2), "b d n -> b n d").to(x.dtype)
 
 
