@@ -1,5 +1,6 @@
 """The config system: presets, overrides from YAML and the command line, validation messages."""
 import dataclasses
+from pathlib import Path
 
 import pytest
 import yaml
@@ -128,3 +129,6 @@ def test_every_field_has_help_in_the_reference():
         key, default, meaning = (c.strip() for c in row.strip("|").split(" | "))
         assert key.startswith("`") and default.startswith("`") and len(meaning) > 3, row
     assert "| `train.betas` | `(0.9, 0.999)` | optimizer betas |" in rows
+    # the README's copy is the generator's output, so a new key cannot go undocumented there
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert reference_markdown().strip() in readme, "README's config table is stale: paste `python -m rin_scale.config`"
