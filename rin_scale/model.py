@@ -197,7 +197,8 @@ class TokenConv(nn.Module):
 
 class Block(nn.Module):
     """read (latents attend to the interface, then an MLP on the latents) -> compute (k layers on
-    the latents) -> write (interface attends to the latents, then an MLP on the interface)."""
+    the latents) -> write (interface attends to the latents, then an MLP on the interface) -> the
+    interface conv when model.conv_kernel_size > 0."""
 
     def __init__(self, m: ModelConfig, drop_paths: list[float], grid: tuple[int, ...]):
         super().__init__()
@@ -215,7 +216,7 @@ class Block(nn.Module):
         x = self.write_step(x, z)
         return (self.conv_step(x) if self.conv is not None else x), z
 
-    # The three stages, each a function of tensors, so that activation checkpointing can save
+    # The stages, each a function of tensors, so that activation checkpointing can save
     # only their inputs (forward_segments).
 
     def read_step(self, x, z):
@@ -392,9 +393,10 @@ class RIN(nn.Module):
         return names
 
     def trust_ratio_exempt_names(self) -> set[str]:
-        """Biases and norm (LayerNorm, GroupNorm) scales and offsets: LAMB takes a plain step on these (trust ratio 1)
-        and never decays them, as the authors' exclude_from_layer_adaptation / _weight_decay
-        (["layer_norm", "bias"]). Embeddings are neither: they get the trust ratio and decay."""
+        """Biases and norm (LayerNorm, GroupNorm) scales and offsets: LAMB takes a plain step on these
+        (trust ratio 1) and never decays them, as the authors' exclude_from_layer_adaptation /
+        _weight_decay (["layer_norm", "bias"]). Embeddings are neither: they get the trust ratio and
+        decay."""
         names = set()
         for mname, mod in self.named_modules():
             for pname, _ in mod.named_parameters(recurse=False):
