@@ -384,12 +384,10 @@ class RIN(nn.Module):
     def no_decay_param_names(self) -> set[str]:
         """Biases, LayerNorm weights and embeddings (positional, latent, class): no weight decay
         when train.no_decay_embeddings; otherwise (the authors) only trust_ratio_exempt_names()."""
-        names = set()
+        names = self.trust_ratio_exempt_names()
         for mname, mod in self.named_modules():
-            for pname, _ in mod.named_parameters(recurse=False):
-                full = f"{mname}.{pname}" if mname else pname
-                if pname == "bias" or isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.Embedding)) or mod is self:
-                    names.add(full)
+            if isinstance(mod, nn.Embedding) or mod is self:
+                names |= {f"{mname}.{p}" if mname else p for p, _ in mod.named_parameters(recurse=False)}
         return names
 
     def trust_ratio_exempt_names(self) -> set[str]:
