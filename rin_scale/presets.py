@@ -64,6 +64,13 @@ def tiny() -> Config:
     94.6% / 88.8%, Laplacian ratio 1.23 / 1.35 against 1.36 / 1.41 (seeds 0 / 1); seed 0 at 0.7,
     0.35 and 0.25: 4.88 / 94.8%, 5.85 / 95.8%, 31.05 / 57.8%.
 
+    AdamW beta2 0.99, not 0.999 (EDM2's training loop uses 0.99): the second moment follows the
+    gradients' shrinking scale over ~100 steps instead of ~1,000, a third of this run. At the demo's
+    3,000 steps (Intel Xeon with AMX) domain FID 2.52 / 3.05 against 3.41 / 5.62, class accuracy
+    96.4% / 96.6% against 95.8% / 95.8%, Laplacian ratio 1.09 / 1.20 against 1.23 / 1.35 (seeds
+    0 / 1); beta2 0.95 on seed 0: 2.85 / 96.4% / 1.20. A learning rate of 5e-3 diverged (at beta2
+    0.999: the loss was back at 0.6 by step 600).
+
     Pairs with the embedded digits dataset (data_tools.embedded), the demo's default. Predicts v:
     with eps, x0 = (x_t - sqrt(1 - gamma) eps) / sqrt(gamma) multiplies the network's error by up to
     1e4 at the first sampling steps, and a model this small and this briefly trained samples noise
@@ -77,9 +84,9 @@ def tiny() -> Config:
         diffusion=DiffusionConfig(schedule="sigmoid", target="v", sample_steps=100, sampler="ddpm", input_scale=0.5),
         data=DataConfig(workers=1, shuffle_buffer=500, hflip=False),
         train=TrainConfig(run_dir="runs/tiny", global_batch=64, total_steps=2000, zero_stage=2,
-                          optimizer="adamw", lr=3e-3, weight_decay=0.01, warmup_steps=100, lr_floor=0.1,
-                          ema_decay=0.999, ema_warmup=True, state_every=250, snapshot_every=250, log_every=25,
-                          sample_every=250, sample_count=20),
+                          optimizer="adamw", lr=3e-3, betas=(0.9, 0.99), weight_decay=0.01, warmup_steps=100,
+                          lr_floor=0.1, ema_decay=0.999, ema_warmup=True, state_every=250, snapshot_every=250,
+                          log_every=25, sample_every=250, sample_count=20),
         eval=EvalConfig(num_samples=500, batch=100),
     )
 
