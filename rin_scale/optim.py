@@ -168,9 +168,9 @@ def decay_and_adapt(model, cfg: Config) -> tuple[set[str], set[str]]:
     latents, class) when train.no_decay_embeddings; the authors decay the embeddings (their
     exclude_from_weight_decay is biases and LayerNorms only), as the cifar10 / imagenet presets do."""
     exempt = model.trust_ratio_exempt_names() if hasattr(model, "trust_ratio_exempt_names") else set()
-    no_decay = model.no_decay_param_names() if hasattr(model, "no_decay_param_names") else set()
     if not cfg.train.no_decay_embeddings:  # keep the embeddings' decay; still exempt biases and norms
-        no_decay = {n for n in no_decay if n in exempt or n.endswith("bias") or "norm" in n}
+        return exempt, exempt
+    no_decay = model.no_decay_param_names() if hasattr(model, "no_decay_param_names") else set()
     return no_decay, exempt
 
 
