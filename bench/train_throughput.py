@@ -12,7 +12,9 @@ that interleave the precisions (fp32, bf16, fp32, ...), the median of:
   - the self-conditioning forward alone (no grad);
   - the full training step as the trainer runs it: DeepSpeed engine (ZeRO-0, world of one, the
     preset's LAMB), diffusion.training_loss (self-conditioning pass and graded pass), backward,
-    optimizer step; split into its forwards, backward and optimizer step.
+    optimizer step; split into its forwards, backward and optimizer step. The preset's LAMB runs
+    its compiled passes (train.compile_optimizer=auto: 31M parameters); the LAMB step alone is also
+    timed with its eager passes, interleaved.
 bf16 is the trainer's: torch.autocast over fp32 weights (engine.Precision). FLOPs are counted by
 rin_scale.flops (a multiply-add is 2): fwd+bwd = 3 forwards, the step = 4.
 """
@@ -29,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from rin_scale import optim  # noqa: E402
 from rin_scale.config import load_config  # noqa: E402
 from rin_scale.diffusion import gamma_fn, training_loss  # noqa: E402
 from rin_scale.engine import Precision, build_engine, device, init_distributed  # noqa: E402
@@ -72,7 +75,7 @@ class Bench:
         self.cfg = cfg = load_config("cifar10", [f"train.global_batch={batch}", "train.zero_stage=0",
                                                  "train.warmup_steps=10"])
         torch.manual_seed(0)
-        self.engine, _, _ = build_engine(RIN(cfg.model).to(dev), cfg, 1)
+        self.engine, self.opt, _ = build_engine(RIN(cfg.model).to(dev), cfg, 1)
         self.model = self.engine.module
         self.x0 = torch.rand(batch, 3, 32, 32, device=dev) * 2 - 1
         self.labels = torch.randint(0, cfg.model.num_classes, (batch,), device=dev)
@@ -120,6 +123,29 @@ class Bench:
         self.engine.step()
         _sync(self.dev)
         return t1 - t0, t2 - t1, time.perf_counter() - t2
+
+
+    def optimizer_ab(self, rounds: int) -> dict[str, float] | None:
+        """Median seconds of the LAMB step alone with its eager and its compiled passes, interleaved on
+        the same gradients; None when the trainer did not compile them (train.compile_optimizer)."""
+        compiled = self.opt.passes
+        if not compiled:
+            return None
+        gen = torch.Generator().manual_seed(0)
+        for p in self.model.parameters():
+            p.grad = (torch.randn(p.shape, generator=gen) * 1e-3).to(p.device)
+        times = {"eager": [], "compiled": []}
+        for _ in range(rounds):
+            for name, passes in (("eager", None), ("compiled", compiled)):
+                self.opt.passes = passes
+                _sync(self.dev)
+                t0 = time.perf_counter()
+                self.opt.step()
+                _sync(self.dev)
+                times[name].append(time.perf_counter() - t0)
+        self.opt.passes = compiled
+        self.model.zero_grad(set_to_none=True)
+        return {k: median(v) for k, v in times.items()}
 
 
 def median(v):
@@ -188,6 +214,11 @@ def main():
     for k, r in m.items():
         print(f"{k} step / (fwd+bwd + self-cond fwd): {r['step'] / (r['fb'] + r['sc']):.3f} "
               f"(target <= {t['step_over_parts']}); optimizer step {r['opt'] / r['step']:.0%} of the step")
+    ab = b.optimizer_ab(args.rounds)
+    if ab:
+        print(f"LAMB step alone ({sum(p.numel() for p in b.model.parameters()) / 1e6:.0f}M parameters, fp32): eager "
+              f"passes {ab['eager']:.3f} s, compiled {ab['compiled']:.3f} s ({ab['eager'] / ab['compiled']:.2f}x; "
+              f"compiled once at start-up in {optim.COMPILE_SECONDS[dev.type]:.1f} s)")
     if dev.type == "cpu":
         print(f"load average at the end: {os.getloadavg()[0]:.1f} (other processes on these CPUs skew every figure; "
               "with OMP_WAIT_POLICY unset, OpenMP threads spin while they wait, which a busy machine punishes most)")

@@ -119,6 +119,8 @@ class TrainConfig:
     lr_floor: float = _f(0.1, "cosine decays toward lr * lr_floor (reached at the end when lr_cosine_fraction = 1)")
     lr_cosine_fraction: float = _f(1.0, "part R of the cosine run over the decay (the authors' cosine@R: "
                                         "lr * (floor + (1 - floor) * 0.5 * (1 + cos(pi * R * progress))))")
+    compile_optimizer: str = _f("auto", "auto | always | never: LAMB's passes through torch.compile (auto: from 10M "
+                                        "parameters, where the ~15 s compile pays back)")
     grad_clip: float = _f(0.0, "0 = off")
     max_nonfinite: int = _f(20, "consecutive skipped steps before the run stops")
     ema_decay: float = _f(0.9999, "EMA of the weights, updated every step in fp32")
@@ -437,6 +439,7 @@ def validate(cfg: Config) -> Config:
     _one_of("train.zero_stage", t.zero_stage, (0, 1, 2, 3))
     _one_of("train.precision", t.precision, ("auto", "bf16", "fp32"))
     _one_of("train.optimizer", t.optimizer, ("lamb", "adamw"))
+    _one_of("train.compile_optimizer", t.compile_optimizer, ("auto", "always", "never"))
     _check(t.global_batch >= 1, "train.global_batch must be at least 1")
     _check(t.micro_batch >= 0, "train.micro_batch must be 0 (derived) or positive")
     _check(t.lr > 0 and t.total_steps >= 1, "train.lr must be positive and train.total_steps at least 1")

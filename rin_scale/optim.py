@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import math
+import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -53,10 +55,16 @@ class Lamb(torch.optim.Optimizer):
     sees a slice: the norms are summed over all ranks so the trust ratio is that of the whole
     layer, exactly as without ZeRO."""
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, partitioned=False):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, partitioned=False,
+                 compiled=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adapt=True, step=0))
         self.partitioned = partitioned
         self.overflow = False
+        # (moments, update) from compiled_passes(), or None: the eager cache-sliced passes below
+        self.passes = compiled_passes(self._device()) if compiled else None
+
+    def _device(self) -> torch.device:
+        return next((p.device for g in self.param_groups for p in g["params"]), torch.device("cpu"))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -79,14 +87,19 @@ class Lamb(torch.optim.Optimizer):
                 st["step"] += 1
                 k = st["step"].item()  # a CPU tensor: no device sync
                 bias = (1 / (1 - b1 ** k), 1 / math.sqrt(1 - b2 ** k))
-                u_sq = p.new_zeros((), dtype=torch.float32)
-                for w, grad, m, v in _slices(p, p.grad, st["exp_avg"], st["exp_avg_sq"]):
-                    grad = grad.float()
-                    m.lerp_(grad, 1 - b1)
-                    v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                    u_sq += torch.linalg.vector_norm(_direction(g, bias, w, m, v)) ** 2
+                if self.passes:
+                    h = _pass_scalars(g, bias, p.device)
+                    u_sq = self.passes[0](*map(_flat, (p, p.grad, st["exp_avg"], st["exp_avg_sq"])), h)
+                else:
+                    h = None
+                    u_sq = p.new_zeros((), dtype=torch.float32)
+                    for w, grad, m, v in _slices(p, p.grad, st["exp_avg"], st["exp_avg_sq"]):
+                        grad = grad.float()
+                        m.lerp_(grad, 1 - b1)
+                        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                        u_sq += torch.linalg.vector_norm(_direction(g, bias, w, m, v)) ** 2
                 norms.append(torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) ** 2, u_sq]))
-                todo.append((g, p, st, bias))
+                todo.append((g, p, st, bias, h))
         if not todo:
             return None
         norms = torch.stack(norms)
@@ -98,8 +111,12 @@ class Lamb(torch.optim.Optimizer):
         trust = torch.where(torch.tensor([g.get("adapt", True) for g, *_ in todo], device=trust.device), trust, one)
         # One host sync per step (the finite check has one already), not one per tensor: the update
         # w - lr r (c1 m / d + wd w) = w (1 - lr r wd) - lr r c1 m / d takes Python scalars.
-        for (g, p, st, bias), r in zip(todo, trust.tolist()):
+        for (g, p, st, bias, h), r in zip(todo, trust.tolist()):
             lr, wd = g["lr"] * r, g["weight_decay"]
+            if self.passes:
+                self.passes[1](*map(_flat, (p, st["exp_avg"], st["exp_avg_sq"])), h,
+                               torch.tensor(lr, dtype=torch.float32, device=p.device))
+                continue
             for w, m, v in _slices(p, st["exp_avg"], st["exp_avg_sq"]):
                 if wd:
                     w.mul_(1 - lr * wd)
@@ -139,6 +156,75 @@ def _direction(g, bias, w, m, v):
         return torch.addcdiv(w.float() * g["weight_decay"], m, _denom(g, bias, v), value=bias[0])
     d = _denom(g, bias, v)
     return torch.div(m, d, out=d).mul_(bias[0])
+
+
+# --------------------------------------------------------------------------------------------
+# The same two passes compiled (torch.compile, inductor): each becomes one fused loop over a
+# tensor, which reads the gradient, moments and weights once. On the cifar10 model (31M
+# parameters, one thread of the Intel Xeon) the LAMB step took ~0.26 s against ~0.55 s for the
+# eager slices, after ~15 s of compiling on a cold cache (inductor keeps its cache on disk, so a
+# requeued run on the same machine compiles in seconds). Dynamic shapes: one graph serves every
+# tensor size. The scalars travel as one tensor, so a new step's bias corrections or learning rate
+# never recompile.
+
+# Parameters from which train.compile_optimizer=auto compiles: below, the compile outlasts what it saves.
+COMPILE_MIN_PARAMS = 10_000_000
+
+
+def _moments_pass(w, grad, m, v, h):
+    """Adam moments in place; returns ||u||^2. h = [1 - b1, b2, 1 - b2, c1, c2, eps, wd]."""
+    grad = grad.float()
+    m.lerp_(grad, h[0])
+    v.mul_(h[1]).add_(grad * grad * h[2])
+    u = m * h[3] / (v.sqrt() * h[4] + h[5]) + w.float() * h[6]
+    return (u * u).sum()
+
+
+def _update_pass(w, m, v, h, lr):
+    """w (1 - lr wd) - lr c1 m / (c2 sqrt(v) + eps), in place; lr carries the trust ratio."""
+    w.mul_(1 - lr * h[6]).sub_(lr * h[3] * m / (v.sqrt() * h[4] + h[5]))
+
+
+def _pass_scalars(g, bias, dev):
+    b1, b2 = g["betas"]
+    return torch.tensor([1 - b1, b2, 1 - b2, bias[0], bias[1], g["eps"], g["weight_decay"]], dtype=torch.float32,
+                        device=dev)
+
+
+def _flat(t):
+    return t.view(-1) if t.is_contiguous() else t
+
+
+_COMPILED: dict = {}
+COMPILE_SECONDS: dict = {}  # device type: seconds the compile took, for the trainer's log
+
+
+def compiled_passes(dev: torch.device):
+    """(moments, update) compiled for the device type, or None where torch.compile fails here (no C++
+    compiler, no Triton): LAMB then runs its eager passes, with a warning. Compiled once per process,
+    on throwaway tensors, so that a failure never leaves a real step half-applied."""
+    if dev.type not in _COMPILED:
+        t0 = time.perf_counter()
+        try:
+            passes = (torch.compile(_moments_pass, dynamic=True), torch.compile(_update_pass, dynamic=True))
+            w, grad, m, v = (torch.ones(64, device=dev) for _ in range(4))
+            h = torch.tensor([0.1, 0.999, 0.001, 10.0, 31.6, 1e-8, 0.01], device=dev)
+            with torch.no_grad():
+                passes[0](w, grad, m, v, h)
+                passes[1](w, m, v, h, torch.tensor(1e-3, device=dev))
+            _COMPILED[dev.type] = passes
+            COMPILE_SECONDS[dev.type] = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - any compiler failure means: run eager
+            warnings.warn(f"LAMB runs its eager passes: torch.compile failed here ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}); train.compile_optimizer=never "
+                          "skips the attempt", RuntimeWarning, stacklevel=2)
+            _COMPILED[dev.type] = None
+    return _COMPILED[dev.type]
+
+
+def compile_wanted(setting: str, n_params: int) -> bool:
+    """train.compile_optimizer: 'always', 'never', or 'auto' (from COMPILE_MIN_PARAMS parameters)."""
+    return setting == "always" or (setting == "auto" and n_params >= COMPILE_MIN_PARAMS)
 
 
 class AdamW(torch.optim.AdamW):
@@ -201,8 +287,10 @@ def make_optimizer(model, cfg: Config):
     tc = cfg.train
     if tc.optimizer == "lamb":
         partitioned = tc.zero_stage >= 1
+        n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         return Lamb(param_groups(model, cfg, one_per_param=partitioned), lr=tc.lr, betas=tuple(tc.betas),
-                    eps=tc.eps, weight_decay=tc.weight_decay, partitioned=partitioned)
+                    eps=tc.eps, weight_decay=tc.weight_decay, partitioned=partitioned,
+                    compiled=compile_wanted(tc.compile_optimizer, n_params))
     return AdamW(param_groups(model, cfg, one_per_param=False, layer_adaptation=False), lr=tc.lr,
                  betas=tuple(tc.betas), eps=tc.eps, weight_decay=tc.weight_decay)
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.distributed as dist
 
-from . import rundir, storage
+from . import optim, rundir, storage
 from .config import ConfigError, check_world, dump_yaml, load_config, to_dict
 
 if TYPE_CHECKING:
@@ -374,7 +374,10 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
 
     # Model, engine, EMA. Same seed on every rank: identical initial weights.
     torch.manual_seed(tc.seed)
-    engine, _, _ = build_engine(RIN(cfg.model).to(dev), cfg, world, load_universal=bool(universal))
+    engine, opt, _ = build_engine(RIN(cfg.model).to(dev), cfg, world, load_universal=bool(universal))
+    if tc.optimizer == "lamb":
+        how = f"compiled in {optim.COMPILE_SECONDS[dev.type]:.1f} s" if opt.passes else "eager"
+        log0(rank, f"LAMB passes {how} (train.compile_optimizer={tc.compile_optimizer})")
     ema = EMA(engine.module, tc.ema_decay)
     state, loaded = TrainState(), None
     if resume is not None:

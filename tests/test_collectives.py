@@ -21,17 +21,20 @@ def test_every_collective_of_a_training_run_is_on_the_engine_device(tmp_path):
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "AUDIT_DIR": str(tmp_path / "audit")}
     subprocess.run([sys.executable, "-m", "data_tools.shard", "--embedded", "digits", "--split", "heldout",
                     "--quiet", shards], cwd=ROOT, env=env, check=True)
-    # ZeRO-3 with activation checkpointing, LAMB (its norms are all-reduced over the partitions),
+    # ZeRO-3 with activation checkpointing, LAMB (its norms are all-reduced over the partitions; its
+    # passes compiled, so that a GPU run of this test compiles them for the GPU),
     # logging, snapshots, preview grids and states: every collective the trainer makes.
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            os.path.join(ROOT, "tests", "collective_audit.py"), "tiny", f"data.shards={shards}",
            f"train.run_dir={tmp_path / 'run'}", "model.latent_dim=64", "model.interface_dim=64",
            "model.latent_heads=4", "model.read_write_heads=4", "model.num_latents=16", "diffusion.sample_steps=2",
-           "train.sample_count=4", "train.zero_stage=3", "train.optimizer=lamb", "train.activation_checkpointing=1",
+           "train.sample_count=4", "train.zero_stage=3", "train.optimizer=lamb", "train.compile_optimizer=always",
+           "train.activation_checkpointing=1",
            "train.global_batch=8", "train.total_steps=4", "train.log_every=2", "train.state_every=2",
            "train.snapshot_every=2", "train.sample_every=2", "data.workers=2"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "LAMB passes compiled" in proc.stdout, proc.stdout[-2000:]
     calls = []
     for rank in (0, 1):
         with open(tmp_path / "audit" / f"rank-{rank}.jsonl") as f:

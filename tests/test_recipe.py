@@ -143,3 +143,35 @@ def test_lr_schedule_is_the_authors_cosine_at_rate(name, rate):
         assert f(step) == pytest.approx(theirs, abs=1e-9), step
     assert f(t.total_steps) == pytest.approx({"cifar10": 0.0955, "imagenet64": 0.2061}[name], abs=1e-3)
     assert f(t.warmup_steps // 2 - 1) == pytest.approx(0.5)  # linear warmup
+
+
+@pytest.mark.parametrize("partitioned", [False, True])
+def test_compiled_lamb_steps_as_the_eager_one(partitioned):
+    """train.compile_optimizer: the compiled passes apply the same update as the eager slices (to
+    fp32 rounding: the fused loop sums ||u|| in another order), trust ratio and exemptions included."""
+    cfg = small_lamb_cfg(f"train.zero_stage={1 if partitioned else 0}", "model.rw_out_init=zero")
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = RIN(cfg.model)
+        opt = Lamb(param_groups(model, cfg, one_per_param=partitioned), lr=0.01, weight_decay=0.01,
+                   partitioned=partitioned, compiled=compiled)
+        assert (opt.passes is not None) == compiled
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            opt.step()
+        runs.append(dict(model.named_parameters()))
+    eager, compiled = runs
+    for n, p in eager.items():
+        assert torch.allclose(compiled[n], p, rtol=1e-5, atol=1e-7), n
+    # the zero-initialized write output moved (a plain step), and not by the same amount as a weight
+    assert compiled["blocks.0.write.attn.out.weight"].norm() > 0
+
+
+def test_optimizer_compile_choice():
+    assert not optim.compile_wanted("auto", optim.COMPILE_MIN_PARAMS - 1)
+    assert optim.compile_wanted("auto", optim.COMPILE_MIN_PARAMS)
+    assert optim.compile_wanted("always", 1) and not optim.compile_wanted("never", 10**9)
+    assert make_optimizer(RIN(small_lamb_cfg().model), small_lamb_cfg()).passes is None  # a small model: eager
