@@ -73,7 +73,7 @@ class Lamb(torch.optim.Optimizer):
         if self.overflow:
             return None
         _count_step(self)
-        todo, norms = [], []
+        todo = []  # (group, parameter, its state, bias corrections (1 / (1 - b1^k), 1 / sqrt(1 - b2^k)))
         for g in self.param_groups:
             b1, b2 = g["betas"]
             for p in g["params"]:
@@ -86,41 +86,56 @@ class Lamb(torch.optim.Optimizer):
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 st["step"] += 1
                 k = st["step"].item()  # a CPU tensor: no device sync
-                bias = (1 / (1 - b1 ** k), 1 / math.sqrt(1 - b2 ** k))
-                if self.passes:  # [||w||^2, ||u||^2] from one fused loop
-                    h = _pass_scalars(g, bias, p.device)
-                    norms.append(self.passes[0](*map(_flat, (p, p.grad, st["exp_avg"], st["exp_avg_sq"])), h))
-                else:
-                    h = None
-                    u_sq = p.new_zeros((), dtype=torch.float32)
-                    for w, grad, m, v in _slices(p, p.grad, st["exp_avg"], st["exp_avg_sq"]):
-                        grad = grad.float()
-                        m.lerp_(grad, 1 - b1)
-                        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-                        u_sq += torch.linalg.vector_norm(_direction(g, bias, w, m, v)) ** 2
-                    norms.append(torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) ** 2, u_sq]))
-                todo.append((g, p, st, bias, h))
+                todo.append((g, p, st, (1 / (1 - b1 ** k), 1 / math.sqrt(1 - b2 ** k))))
         if not todo:
             return None
+        if self.passes:
+            return self._compiled_step(todo)
+        norms = []
+        for g, p, st, bias in todo:
+            b1, b2 = g["betas"]
+            u_sq = p.new_zeros((), dtype=torch.float32)
+            for w, grad, m, v in _slices(p, p.grad, st["exp_avg"], st["exp_avg_sq"]):
+                grad = grad.float()
+                m.lerp_(grad, 1 - b1)
+                v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                u_sq += torch.linalg.vector_norm(_direction(g, bias, w, m, v)) ** 2
+            norms.append(torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) ** 2, u_sq]))
+        # One host sync per step (the finite check has one already), not one per tensor: the update
+        # w - lr r (c1 m / d + wd w) = w (1 - lr r wd) - lr r c1 m / d takes Python scalars.
+        for (g, p, st, bias), r in zip(todo, self._trust(todo, norms).tolist()):
+            lr, wd = g["lr"] * r, g["weight_decay"]
+            for w, m, v in _slices(p, st["exp_avg"], st["exp_avg_sq"]):
+                if wd:
+                    w.mul_(1 - lr * wd)
+                w.addcdiv_(m, _denom(g, bias, v), value=-lr * bias[0])
+        return None
+
+    def _trust(self, todo, norms):
+        """Each tensor's trust ratio from its [||w||^2, ||u||^2] (1 where the group does not adapt)."""
         norms = torch.stack(norms)
         if self.partitioned and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(norms)  # each group is one whole layer, sliced over the ranks
         wn, un = norms.sqrt().unbind(1)
         one = torch.ones_like(wn)
         trust = torch.where((wn > 0) & (un > 0), wn / torch.where(un > 0, un, one), one)
-        trust = torch.where(torch.tensor([g.get("adapt", True) for g, *_ in todo], device=trust.device), trust, one)
-        # One host sync per step (the finite check has one already), not one per tensor: the update
-        # w - lr r (c1 m / d + wd w) = w (1 - lr r wd) - lr r c1 m / d takes Python scalars.
-        for (g, p, st, bias, h), r in zip(todo, trust.tolist()):
-            lr, wd = g["lr"] * r, g["weight_decay"]
-            if self.passes:
-                self.passes[1](*map(_flat, (p, st["exp_avg"], st["exp_avg_sq"])), h,
-                               torch.tensor(lr, dtype=torch.float32, device=p.device))
-                continue
-            for w, m, v in _slices(p, st["exp_avg"], st["exp_avg_sq"]):
-                if wd:
-                    w.mul_(1 - lr * wd)
-                w.addcdiv_(m, _denom(g, bias, v), value=-lr * bias[0])
+        return torch.where(torch.tensor([g.get("adapt", True) for g, *_ in todo], device=trust.device), trust, one)
+
+    def _compiled_step(self, todo):
+        """The same step through the compiled passes. Scalars go in as tensors: torch.compile would
+        specialize on some Python floats and recompile for each new bias correction. Each tensor's
+        scalars reach the device in one copy for all, as rows cloned apart (a view would be guarded
+        on its offset)."""
+        moments, update = self.passes
+        dev = todo[0][1].device
+        h = torch.tensor([[1 - g["betas"][0], g["betas"][1], 1 - g["betas"][1], *bias, g["eps"], g["weight_decay"]]
+                          for g, _, _, bias in todo], dtype=torch.float32, device=dev)
+        hs = [row.clone() for row in h]
+        norms = [moments(*map(_flat, (p, p.grad, st["exp_avg"], st["exp_avg_sq"])), hs[i])
+                 for i, (_, p, st, _) in enumerate(todo)]
+        lr = self._trust(todo, norms) * torch.tensor([g["lr"] for g, *_ in todo], dtype=torch.float32, device=dev)
+        for i, (_, p, st, _) in enumerate(todo):
+            update(*map(_flat, (p, st["exp_avg"], st["exp_avg_sq"])), hs[i], lr[i].clone())
         return None
 
 
@@ -165,8 +180,8 @@ def _direction(g, bias, w, m, v):
 # 0.092 s against 0.128 s for the eager slices: both are near the memory bandwidth, which the
 # step's ~1.4 GB of reads and writes fill. ~15 s of compiling on a cold cache; inductor keeps its
 # cache on disk, so a requeued run on the same machine compiles in a few seconds. Dynamic shapes:
-# one graph serves every tensor size. The scalars travel as one tensor, so a new step's bias
-# corrections or learning rate never recompile. On a GPU the eager passes launch ~10 kernels per
+# one graph serves every tensor size (two: inductor splits small and large). The scalars go in as
+# tensors, so a new step's bias corrections or learning rate never recompile. On a GPU the eager passes launch ~10 kernels per
 # tensor and the compiled ones 2.
 
 # Parameters from which train.compile_optimizer=auto compiles: below, the compile outlasts what it saves.
@@ -174,7 +189,8 @@ COMPILE_MIN_PARAMS = 10_000_000
 
 
 def _moments_pass(w, grad, m, v, h):
-    """Adam moments in place; returns [||w||^2, ||u||^2]. h = [1 - b1, b2, 1 - b2, c1, c2, eps, wd]."""
+    """Adam moments in place; returns [||w||^2, ||u||^2]. h = [1 - b1, b2, 1 - b2, c1, c2, eps, wd]
+    (c1, c2 the bias corrections)."""
     grad, w = grad.float(), w.float()
     m.lerp_(grad, h[0])
     v.mul_(h[1]).add_(grad * grad * h[2])
@@ -187,14 +203,12 @@ def _update_pass(w, m, v, h, lr):
     w.mul_(1 - lr * h[6]).sub_(lr * h[3] * m / (v.sqrt() * h[4] + h[5]))
 
 
-def _pass_scalars(g, bias, dev):
-    b1, b2 = g["betas"]
-    return torch.tensor([1 - b1, b2, 1 - b2, bias[0], bias[1], g["eps"], g["weight_decay"]], dtype=torch.float32,
-                        device=dev)
-
-
 def _flat(t):
-    return t.view(-1) if t.is_contiguous() else t
+    """A contiguous tensor as a 1-D tensor on the same memory that is not a view: torch.compile guards
+    on a view's base shape, so views of differently shaped tensors would each compile anew."""
+    if not t.is_contiguous():
+        return t.detach()
+    return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),))
 
 
 _COMPILED: dict = {}
@@ -209,11 +223,12 @@ def compiled_passes(dev: torch.device):
         t0 = time.perf_counter()
         try:
             passes = (torch.compile(_moments_pass, dynamic=True), torch.compile(_update_pass, dynamic=True))
-            w, grad, m, v = (torch.ones(64, device=dev) for _ in range(4))
             h = torch.tensor([0.1, 0.999, 0.001, 10.0, 31.6, 1e-8, 0.01], device=dev)
             with torch.no_grad():
-                passes[0](w, grad, m, v, h)
-                passes[1](w, m, v, h, torch.tensor(1e-3, device=dev))
+                for n in (64, 1 << 16):  # inductor compiles small and large tensors apart
+                    w, grad, m, v = (torch.ones(n, device=dev) for _ in range(4))
+                    passes[0](w, grad, m, v, h)
+                    passes[1](w, m, v, h, torch.tensor(1e-3, device=dev))
             _COMPILED[dev.type] = passes
             COMPILE_SECONDS[dev.type] = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - any compiler failure means: run eager
