@@ -40,7 +40,7 @@ def fit(cfg, seed: int, make_batches: Callable, steps: int = 0, minutes: float =
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         opt.step()
         sched.step()
-        ema.update(ema.decay_at(k, cfg.train.ema_warmup))
+        ema.update(ema.decay_at(k, cfg.train.ema_warmup, cfg.train.ema_warmup_offset))
         return loss.item()
 
     if minutes:  # time a few steps of a throwaway copy, then size the run to the wall time

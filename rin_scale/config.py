@@ -124,7 +124,10 @@ class TrainConfig:
     grad_clip: float = _f(0.0, "0 = off")
     max_nonfinite: int = _f(20, "consecutive skipped steps before the run stops")
     ema_decay: float = _f(0.9999, "EMA of the weights, updated every step in fp32")
-    ema_warmup: bool = _f(False, "decay min(ema_decay, (1+step)/(10+step)): for short runs (the paper: off)")
+    ema_warmup: bool = _f(False, "decay min(ema_decay, (1+step)/(k+step)), k = ema_warmup_offset: for short runs "
+                                 "(the paper: off)")
+    ema_warmup_offset: float = _f(10.0, "k above: the EMA then averages about the last step/(k-1) steps "
+                                        "(larger = shorter)")
     activation_checkpointing: int = _f(0, "0 = off, k = every k-th block (1 = every block)")
     checkpoint_cpu_offload: bool = _f(False, "keep activation checkpoints in CPU memory (GPU memory saver)")
     state_every: int = _f(1000, "steps between full training states")
@@ -447,6 +450,8 @@ def validate(cfg: Config) -> Config:
     _check(0 <= t.lr_floor <= 1, "train.lr_floor is a fraction of train.lr in [0, 1]")
     _check(0 < t.lr_cosine_fraction <= 1, "train.lr_cosine_fraction is the part of the cosine in (0, 1]")
     _check(0 <= t.ema_decay < 1, "train.ema_decay must lie in [0, 1)")
+    _check(t.ema_warmup_offset > 1, f"train.ema_warmup_offset={t.ema_warmup_offset} must exceed 1 (at 1 or below the "
+                                    "EMA never leaves the initial weights); 10 is the usual")
     _check(t.activation_checkpointing >= 0, "train.activation_checkpointing: 0 = off, k = every k-th block")
     _check(t.state_every >= 1 and t.snapshot_every >= 1 and t.log_every >= 1,
            "train.state_every, train.snapshot_every and train.log_every must be at least 1")

@@ -512,7 +512,7 @@ def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
                             f"{state.step}): lower train.lr or set train.grad_clip"
                             + (", or use train.precision=fp32" if tr.compute.precision.name == "bf16" else ""))
     if not skipped:
-        tr.ema.update(tr.ema.decay_at(state.step, cfg.train.ema_warmup))
+        tr.ema.update(tr.ema.decay_at(state.step, cfg.train.ema_warmup, cfg.train.ema_warmup_offset))
 
     grad_norm = engine.get_global_grad_norm()
     # The loss and rank 0's "the lease is lost" flag in one all-reduce: no extra collective per step.
