@@ -123,9 +123,9 @@ class Lamb(torch.optim.Optimizer):
 
     def _compiled_step(self, todo):
         """The same step through the compiled passes. Scalars go in as tensors: torch.compile would
-        specialize on some Python floats and recompile for each new bias correction. Each tensor's
-        scalars reach the device in one copy for all, as rows cloned apart (a view would be guarded
-        on its offset)."""
+        specialize on some Python floats and recompile for each new bias correction. All tensors'
+        scalars reach the device in one copy, then rows cloned apart: plain tensors like the ones
+        the passes were compiled for at start-up."""
         moments, update = self.passes
         dev = todo[0][1].device
         h = torch.tensor([[1 - g["betas"][0], g["betas"][1], 1 - g["betas"][1], *bias, g["eps"], g["weight_decay"]]
@@ -177,12 +177,12 @@ def _direction(g, bias, w, m, v):
 # The same two passes compiled (torch.compile, inductor): each becomes one fused loop over a
 # tensor, which reads the gradient, moments and weights once (and sums ||w||^2 on the way). On
 # the cifar10 model (31M parameters, 2 threads of the Intel Xeon, alone) the LAMB step takes
-# 0.092 s against 0.128 s for the eager slices: both are near the memory bandwidth, which the
-# step's ~1.4 GB of reads and writes fill. ~15 s of compiling on a cold cache; inductor keeps its
-# cache on disk, so a requeued run on the same machine compiles in a few seconds. Dynamic shapes:
-# one graph serves every tensor size (two: inductor splits small and large). The scalars go in as
-# tensors, so a new step's bias corrections or learning rate never recompile. On a GPU the eager passes launch ~10 kernels per
-# tensor and the compiled ones 2.
+# 0.095 s against 0.137 s for the eager slices (bench/train_throughput.py): both are near the
+# memory bandwidth, which the step's ~1.4 GB of reads and writes fill. ~15 s of compiling on a
+# cold cache; inductor keeps its cache on disk, so a requeued run on the same machine compiles in
+# a few seconds. Dynamic shapes: one graph serves every tensor size (two: inductor splits small
+# and large). The scalars go in as tensors, so a new step's bias corrections or learning rate
+# never recompile. On a GPU the eager passes launch ~10 kernels per tensor, the compiled ones 2.
 
 # Parameters from which train.compile_optimizer=auto compiles: below, the compile outlasts what it saves.
 COMPILE_MIN_PARAMS = 10_000_000
