@@ -26,7 +26,7 @@ class EMA:
     def _local(p):
         return p.ds_tensor if _is_zero3(p) else p
 
-    def decay_at(self, step: int, warmup: bool, offset: float = 10.0) -> float:
+    def decay_at(self, step: int, warmup: bool, offset: float) -> float:
         """With warmup, min(decay, (1 + step) / (offset + step)): a short run's EMA forgets the random
         initial weights instead of averaging them in for ~1/(1 - decay) steps, and averages about the
         last step / (offset - 1) steps: for step >> offset, EDM2's power-function EMA with exponent

@@ -205,7 +205,8 @@ def _update_pass(w, m, v, h, lr):
 
 def _flat(t):
     """A contiguous tensor as a 1-D tensor on the same memory that is not a view: torch.compile guards
-    on a view's base shape, so views of differently shaped tensors would each compile anew."""
+    on a view's base shape, so views of differently shaped tensors would each compile anew. A
+    non-contiguous one (RIN has none) goes in as it is and compiles on first sight, mid-step."""
     if not t.is_contiguous():
         return t.detach()
     return t.new_empty(0).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),))
