@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from rin_scale.config import load_config  # noqa: E402
+from rin_scale.config import load_config, scored_clips  # noqa: E402
 
 DATA = "runs/bench-data"
 
@@ -82,19 +82,19 @@ def train(cfg, clips: torch.Tensor, seed: int, steps: int = 0, minutes: float = 
 @torch.no_grad()
 def evaluate(model, cfg, ref, probe_clips, samples: int, sample_steps: int, sampler: str, grid: str = "") -> dict:
     from evals.video_metrics import VideoScore
-    from rin_scale.diffusion import sample
+    from rin_scale.diffusion import sample_clip
 
     m, k = cfg.model, cfg.model.cond_frames
     score, gen, preds, t0 = VideoScore(ref, k), torch.Generator().manual_seed(cfg.train.seed), [], time.time()
     for start in range(0, samples, 16):
         cond = ref.clips[start:start + 16, :, :k]
-        x = sample(model, (len(cond), *m.sample_shape), cfg.diffusion, cond=cond, steps=sample_steps,
-                   sampler=sampler, generator=gen).float().clamp(-1, 1)
+        x = sample_clip(model, cond, ref.clips.shape[2], cfg.diffusion, steps=sample_steps, sampler=sampler,
+                        generator=gen)
         score.update(x, start)
         preds.append(x)
     out = score.result()
     out["sample_seconds"] = round(time.time() - t0, 1)
-    out.update(conditioning_use(model, cfg, ref.clips[:samples]))
+    out.update(conditioning_use(model, cfg, ref.clips[:samples, :, :m.frames]))
     out.update(latent_use(model, cfg, *probe_clips))
     if grid:
         save_strips(ref.clips[:8], torch.cat(preds)[:8], k, grid)
@@ -160,7 +160,7 @@ def latent_use(model, cfg, train_clips: torch.Tensor, held_clips: torch.Tensor, 
                 lat.append(model(x_t, g, None, None, cond)[1].float().flatten(1))
             if record:
                 ent.append(torch.stack([w["entropy"].mean(1) for w in rec.records[-1]["write"]], 1))
-            tok.append(model.tokenize(torch.cat([cond, x_t], 2))[:, :grid].float().flatten(1))
+            tok.append(model.tokenize(model.stem_input(x_t, cond))[:, :grid].float().flatten(1))
         return torch.cat(lat), torch.cat(tok), (torch.cat(ent).mean(0) if record else None)
 
     lat_tr, tok_tr, _ = passes(train_clips)
@@ -198,20 +198,21 @@ def save_strips(clips: torch.Tensor, pred: torch.Tensor, k: int, path: str, zoom
 
 def strips(run: str, path: str, n: int = 8) -> int:
     from rin_scale import rundir
-    from rin_scale.diffusion import sample
+    from rin_scale.config import scored_clips
+    from rin_scale.diffusion import sample_clip
     from rin_scale.rundir import load_run_config, load_snapshot_model
 
     from evals.video_metrics import video_reference
 
-    cfg = load_run_config(run, [])
+    cfg = scored_clips(load_run_config(run, []))
     step, url = rundir.newest_complete(run, "snapshots")
     model, dcfg, _ = load_snapshot_model(url, torch.device("cpu"))
     e, m = cfg.eval, cfg.model
     ref = video_reference(cfg.data.shards, e.classifier_data, m, e.num_samples)
     gen = torch.Generator().manual_seed(cfg.train.seed)  # as the eval service: its first batch
-    x = sample(model, (e.batch, *m.sample_shape), dcfg, cond=ref.cond(m.cond_frames)[:e.batch],
-               steps=e.steps or dcfg.sample_steps, sampler=e.sampler or dcfg.sampler, generator=gen)
-    save_strips(ref.clips[:n], x[:n].float().clamp(-1, 1), m.cond_frames, path)
+    x = sample_clip(model, ref.cond(m.cond_frames)[:e.batch], m.frames, dcfg, steps=e.steps or dcfg.sample_steps,
+                    sampler=e.sampler or dcfg.sampler, generator=gen)
+    save_strips(ref.clips[:n], x[:n], m.cond_frames, path)
     print(f"{path}: step {step}, held-out clips {ref.labels[:n].tolist()}")
     return 0
 
@@ -240,7 +241,7 @@ def main(argv=None) -> int:
 
     cfg = load_config("tiny_video", args.overrides)
     train_url, held_url = shard(args.data, "train"), shard(args.data, "heldout")
-    ref = video_reference(train_url, held_url, cfg.model, args.samples)
+    ref = video_reference(train_url, held_url, scored_clips(cfg).model, args.samples)
     clips, held = load_clips(train_url, cfg.model, 16), load_clips(held_url, cfg.model, 16)
     if args.static:
         clips, held, ref = still(clips), still(held), ref._replace(clips=still(ref.clips))

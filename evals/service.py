@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 from rin_scale import rundir, storage
-from rin_scale.config import ConfigError
+from rin_scale.config import ConfigError, scored_clips
 from rin_scale.rundir import load_run_config
 
 from . import ledger
@@ -71,6 +71,7 @@ class Service:
 
         self.run = run.rstrip("/")
         self.cfg = load_run_config(self.run, overrides)
+        self.clip_cfg = scored_clips(self.cfg)
         self.metric = metric_for(self.cfg)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.progress = progress
@@ -217,7 +218,7 @@ class Service:
     def reference(self):
         from .reference import reference_stats
 
-        return reference_stats(self.cfg, self.extractor, self.progress)
+        return reference_stats(self.clip_cfg, self.extractor, self.progress)
 
     @functools.cached_property
     def domain(self):
@@ -242,7 +243,7 @@ class Service:
             return None
         from .video_metrics import video_reference
 
-        return video_reference(self.cfg.data.shards, e.classifier_data, m, e.num_samples)
+        return video_reference(self.cfg.data.shards, e.classifier_data, self.clip_cfg.model, e.num_samples)
 
     @functools.cached_property
     def cond_frames(self) -> torch.Tensor:
@@ -366,7 +367,7 @@ class Service:
         return self.cfg.eval.steps or dcfg.sample_steps
 
     def _evaluate(self, step: int, model, dcfg) -> dict:
-        from rin_scale.diffusion import sample
+        from rin_scale.diffusion import sample, sample_clip
 
         from .classifier import balanced_labels, get_classifier
         from .frechet import FrechetReference
@@ -401,8 +402,12 @@ class Service:
             cond = conds[start:start + b].to(self.device) if conds is not None else None
             t0 = time.perf_counter()
             with torch.no_grad(), autocast:
-                x = sample(model, (b, *m.sample_shape), dcfg, labels=lb, cond=cond, steps=self._steps(dcfg),
-                           sampler=self._sampler(dcfg), generator=gen)
+                if cond is not None:
+                    x = sample_clip(model, cond, self.clip_cfg.model.frames, dcfg, labels=lb, steps=self._steps(dcfg),
+                                    sampler=self._sampler(dcfg), generator=gen)
+                else:
+                    x = sample(model, (b, *m.sample_shape), dcfg, labels=lb, steps=self._steps(dcfg),
+                               sampler=self._sampler(dcfg), generator=gen)
             x = x.float()
             sample_seconds += time.perf_counter() - t0
             if not torch.isfinite(x).all():  # clamped and rounded to uint8, NaNs would score as black

@@ -33,6 +33,8 @@ class ModelConfig:
     channels: int = _f(3, "image channels (RGB)")
     frames: int = _f(0, "video: total frames in a clip (conditioning + predicted); 0 = images")
     cond_frames: int = _f(0, "video: leading clean frames the model is conditioned on")
+    cond_mode: str = _f("time", "video: how the given frames enter: time (the authors: tokenized with the clip, "
+                                "along time) | channels (stacked onto every predicted frame as input channels)")
     patch_size: int = _f(2, "spatial patch of the tokenizer: interface tokens = (size / patch)^2")
     patch_frames: int = _f(1, "video: temporal extent of a 3-D patch")
     interface_dim: int = _f(256, "width d of the interface tokens X")
@@ -62,6 +64,11 @@ class ModelConfig:
     @property
     def pred_frames(self) -> int:
         return self.frames - self.cond_frames
+
+    @property
+    def token_frames(self) -> int:
+        """Frames the tokenizer sees: the whole clip, or only the predicted ones (cond_mode=channels)."""
+        return self.pred_frames if self.cond_mode == "channels" and self.cond_frames else self.frames
 
     @property
     def sample_shape(self) -> tuple:
@@ -156,6 +163,8 @@ class EvalConfig:
     cache_dir: str = _f("~/.cache/rin_scale", "where reference statistics are cached (any fsspec URL)")
     classifier_data: str = _f("", "held-out labelled shards: also report the class accuracy of samples")
     reference_samples: int = _f(0, "real samples in the reference statistics (0 = all of the shards)")
+    frames: int = _f(0, "video: frames per scored clip, given + predicted (0 = model.frames); more than "
+                        "model.frames: the model extends each clip autoregressively (diffusion.sample_clip)")
     claim_timeout: float = _f(7200.0, "upper bound (seconds) on how long another service's claim counts while its "
                                    "heartbeat is fresh; a dead holder's claim is taken over at once")
 
@@ -355,6 +364,15 @@ def dump_yaml(cfg: Config) -> str:
 # Validation: everything a run would otherwise trip over minutes or hours in
 
 
+def scored_clips(cfg: Config) -> Config:
+    """cfg with model.frames = the length of the clips a video model is scored on: eval.frames when
+    longer than the model's window (the model extends them, diffusion.sample_clip), else its window."""
+    m = cfg.model
+    if not m.is_video or cfg.eval.frames <= m.frames:
+        return cfg
+    return dataclasses.replace(cfg, model=dataclasses.replace(m, frames=cfg.eval.frames))
+
+
 def guidance_problem(m: "ModelConfig") -> str:
     """Why classifier-free guidance cannot run on a model of this config, or "" when it can: it needs a
     class-conditional model trained with label dropout (its unconditional prediction, the null class)."""
@@ -412,9 +430,15 @@ def validate(cfg: Config) -> Config:
     if m.frames:
         _check(0 <= m.cond_frames < m.frames,
                f"model.cond_frames={m.cond_frames} must be less than model.frames={m.frames}")
-        _check(m.frames % m.patch_frames == 0,
-               f"model.patch_frames={m.patch_frames} does not divide model.frames={m.frames}: the whole clip "
-               f"(conditioning and predicted frames) is tokenized at once; choose a divisor")
+        _one_of("model.cond_mode", m.cond_mode, ("time", "channels"))
+        _check(m.token_frames % m.patch_frames == 0,
+               f"model.patch_frames={m.patch_frames} does not divide the {m.token_frames} frames the tokenizer "
+               f"sees (model.cond_mode={m.cond_mode}: " + ("the predicted frames" if m.token_frames < m.frames else
+               "the whole clip, conditioning and predicted frames") + "); choose a divisor")
+        _check(e.frames == 0 or e.frames >= m.frames,
+               f"eval.frames={e.frames} is shorter than the model's window model.frames={m.frames}: use 0 or more")
+        _check(e.frames <= m.frames or m.cond_frames > 0,
+               f"eval.frames={e.frames} > model.frames extends clips from their last frames: set model.cond_frames")
     else:
         _check(m.cond_frames == 0 and m.patch_frames == 1,
                "model.cond_frames and model.patch_frames apply to video only: set model.frames > 0 or leave them 0 and 1")

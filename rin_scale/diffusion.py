@@ -189,3 +189,20 @@ def sample(model, shape, cfg: DiffusionConfig, labels=None, cond=None, steps=Non
             z = _rand(x.shape, generator, device, dtype, normal=True)
             x = mean + (1 - alpha).clamp_min(0).sqrt() * z
     return x0 / b_scale
+
+
+def sample_clip(model, cond, frames: int, cfg: DiffusionConfig, **kw):
+    """A video model's continuation of `cond` (B, C, k, H, W) to `frames` frames in all: the predicted
+    frames (B, C, frames - k, H, W) in [-1, 1]. A clip longer than the model's window (model.frames)
+    is extended autoregressively: each sample() call is conditioned on the last model.cond_frames
+    frames, given or already predicted, and adds model.pred_frames. kw: sample()'s options."""
+    m = _unwrap(model).cfg
+    k = cond.shape[2]
+    if frames <= k:
+        raise ConfigError(f"a clip of {frames} frames has nothing to predict after {k} given frames")
+    clip = cond.float()
+    while clip.shape[2] < frames:
+        given = clip[:, :, -m.cond_frames:]
+        x = sample(model, (len(clip), *m.sample_shape), cfg, cond=given, **kw).float().clamp(-1, 1)
+        clip = torch.cat([clip, x], dim=2)
+    return clip[:, :, k:frames]

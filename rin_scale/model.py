@@ -296,17 +296,19 @@ class RIN(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = m = cfg
-        if m.is_video and m.frames % m.patch_frames:
-            raise ConfigError(f"model.patch_frames={m.patch_frames} does not divide model.frames={m.frames}")
+        if m.is_video and m.token_frames % m.patch_frames:
+            raise ConfigError(f"model.patch_frames={m.patch_frames} does not divide {m.token_frames} frames")
         if m.image_size % m.patch_size:
             raise ConfigError(f"model.patch_size={m.patch_size} does not divide model.image_size={m.image_size}")
         d, dl = m.interface_dim, m.latent_dim
         p, pt = m.patch_size, m.patch_frames
         side = m.image_size // p
         grid = side * side
+        self.stacked = m.is_video and m.token_frames < m.frames  # cond_mode=channels
         if m.is_video:
-            self.stem = nn.Conv3d(m.channels, d, (pt, p, p), stride=(pt, p, p))
-            self.num_tokens = grid * (m.frames // pt)
+            c_in = m.channels * (1 + m.cond_frames) if self.stacked else m.channels
+            self.stem = nn.Conv3d(c_in, d, (pt, p, p), stride=(pt, p, p))
+            self.num_tokens = grid * (m.token_frames // pt)
             self.patch_dim = m.channels * pt * p * p
         else:
             self.stem = nn.Conv2d(m.channels, d, p, stride=p)
@@ -404,6 +406,18 @@ class RIN(nn.Module):
 
     # ---------------------------------------------------------------------------------------
 
+    def stem_input(self, x_t, cond=None):
+        """What the stem tokenizes: x_t, or for video with given frames the clip (cond_mode=time) or the
+        predicted frames with the given ones stacked onto their channels (cond_mode=channels)."""
+        m = self.cfg
+        clip = x_t
+        if m.is_video and m.cond_frames and self.stacked:
+            given = rearrange(cond.to(x_t.dtype), "b c t h w -> b (t c) h w")[:, :, None]
+            clip = torch.cat([x_t, given.expand(-1, -1, m.pred_frames, -1, -1)], dim=1)
+        elif m.is_video and m.cond_frames:
+            clip = torch.cat([cond.to(x_t.dtype), x_t], dim=2)
+        return clip.to(self.stem.weight.dtype)  # bf16 models take fp32 inputs too
+
     def tokenize(self, x):
         tokens = self.stem(x)  # (B, d, [T',] H', W')
         tokens = rearrange(tokens, "b d ... -> b (...) d")
@@ -416,7 +430,7 @@ class RIN(nn.Module):
         patches = self.readout(self.out_norm(tokens))
         if m.is_video:
             return rearrange(patches, "b (t h w) (c pt ph pw) -> b c (t pt) (h ph) (w pw)",
-                             t=m.frames // m.patch_frames, h=g, w=g, pt=m.patch_frames, ph=p, pw=p)
+                             t=m.token_frames // m.patch_frames, h=g, w=g, pt=m.patch_frames, ph=p, pw=p)
         return rearrange(patches, "b (h w) (c ph pw) -> b c (h ph) (w pw)", h=g, w=g, ph=p, pw=p)
 
     def initial_latents(self, gamma, labels, prev_latents):
@@ -443,8 +457,7 @@ class RIN(nn.Module):
         if gamma.dim() == 0:
             gamma = gamma.expand(b)
         self._check_input(x_t, cond)
-        clip = torch.cat([cond.to(x_t.dtype), x_t], dim=2) if m.is_video and m.cond_frames else x_t
-        x = self.tokenize(clip.to(self.stem.weight.dtype))  # bf16 models take fp32 inputs too
+        x = self.tokenize(self.stem_input(x_t, cond))
         z = self.initial_latents(gamma, labels, prev_latents)
         for i, block in enumerate(self.blocks):
             if self.checkpoint_fn is not None and i % max(self.checkpoint_every, 1) == 0:
@@ -452,7 +465,7 @@ class RIN(nn.Module):
             else:
                 x, z = block(x, z)
         out = self.untokenize(x)
-        if m.is_video and m.cond_frames:
+        if m.is_video and m.cond_frames and not self.stacked:
             out = out[:, :, m.cond_frames:]
         return out, z
 

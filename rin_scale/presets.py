@@ -102,35 +102,36 @@ def tiny() -> Config:
 
 @preset
 def tiny_video() -> Config:
-    """A small frame-conditioned video RIN: 8 frames of 16x16 (2 given, 6 predicted), 2x2x4 patches
-    (4x2x8x8 = 128 interface tokens), otherwise the tiny model's shape (spelled out here, so the image
-    preset can change apart). Measured with bench/video_demo.py (1,600 steps of batch 16, 64 held-out
-    clips, DDIM 50): patch 2 reached a lower loss than patch 4 (whose 96-value tokens stayed
-    speckle), 4 frames per patch cost less than 2 at the same loss, and predicting x0 instead of v
-    gave a per-frame MSE of 0.154 against 0.186 (repeat-last-frame baseline 0.216, data mean 0.106).
-    64 latents (0.160), no self-conditioning (0.162), 4 blocks of 1 layer (0.187) and 8x4x4 patches
-    with a 192-wide interface (0.122, the data mean's blur) did no better. At this budget the model
-    still hardly uses the given frames (shuffling them across clips moves its x0 prediction by
-    ~0.01): it predicts the clip's colour, not the digit's shape or place. bench/video_demo.py
-    --static (clips held still) shows why: only the frames that share a patch with the given ones
-    are copied; the latents route nothing of the given frames to other tokens (README, the video
-    demo). Its latent measures say why: the latents hold nothing of the given frame (ridge probe
-    R^2 -0.01) and each token writes from one latent. The authors' sin-cos positions
-    (model.pos_encoding=sin_cos_plus_learned) with Glorot read/write outputs and 4 blocks of 1
-    layer open the route for still clips (frames 4-7 at 0.09, below the data mean) but not yet for
-    motion at 1,600 steps (9.4% recognised), at ~1.8x the step time, so this shape stays."""
+    """A small frame-conditioned video RIN that predicts one 16x16 frame from the two before it and
+    extends a clip one frame at a time (eval.frames=8: 2 given, 6 predicted). The given frames are
+    stacked onto the predicted frame's channels (model.cond_mode=channels: 9 input channels, 4x4
+    patches, 16 interface tokens), so the pixels to move sit in the same or a neighbouring token
+    and a motion of 1-2 pixels a frame is a local operation; the interface conv (kernel 3, the
+    authors' option) reaches the neighbours. The authors' sin-cos positions and Glorot read/write
+    outputs, 4 blocks of 1 layer, x0 prediction.
+
+    Measured with bench/video_demo.py (batch 16, 64 held-out clips, DDIM 50; repeat-last-frame
+    baseline 0.216, data mean 0.106): the authors' layout (the whole 8-frame clip tokenized in
+    2x2x4 patches, the given frames along time) reached a per-frame MSE of 0.154 at 1,600 steps but
+    drew a digit in ~9% of predicted frames: its latents routed nothing of the given frames'
+    shape to the predicted tokens. Stacking the given frames on all 6 predicted frames at once
+    (0.153-0.178, 8-12% at 1,600-4,000 steps) gave the right tint and place but a generic digit.
+    One frame at a time, at 6,000 steps: 0.049 on the next frame (repeat-last 0.148) with the
+    digit recognised in 38% of them; extended to 6 frames, 0.114 (0.055 to 0.153 from the first
+    to the sixth) with digits moving along the true paths, recognised in 21% of frames."""
     return Config(
-        model=ModelConfig(image_size=16, channels=3, frames=8, cond_frames=2, patch_frames=4, patch_size=2,
-                          interface_dim=96, interface_mlp_ratio=2, latent_dim=128, num_latents=16,
-                          latent_mlp_ratio=4, num_blocks=2, latent_layers=2, latent_heads=4, read_write_heads=4,
-                          dropout=0.0, drop_path=0.0, num_classes=0),
+        model=ModelConfig(image_size=16, channels=3, frames=3, cond_frames=2, cond_mode="channels", patch_frames=1,
+                          patch_size=4, interface_dim=96, interface_mlp_ratio=2, latent_dim=128, num_latents=16,
+                          latent_mlp_ratio=4, num_blocks=4, latent_layers=1, latent_heads=4, read_write_heads=4,
+                          dropout=0.0, drop_path=0.0, num_classes=0, pos_encoding="sin_cos_plus_learned",
+                          rw_out_init="glorot", conv_kernel_size=3),
         diffusion=DiffusionConfig(schedule="sigmoid", target="x0", sample_steps=50, sampler="ddim"),
         data=DataConfig(kind="video", workers=1, shuffle_buffer=500, hflip=False),
         train=TrainConfig(run_dir="runs/tiny_video", global_batch=16, total_steps=3000, zero_stage=2,
                           optimizer="adamw", lr=2e-3, weight_decay=0.01, warmup_steps=100, lr_floor=0.1,
                           ema_decay=0.999, ema_warmup=True, state_every=250, snapshot_every=250, log_every=25,
                           sample_every=250, sample_count=20),
-        eval=EvalConfig(metric="fvd", num_samples=64, batch=16),
+        eval=EvalConfig(metric="fvd", num_samples=64, batch=16, frames=8),
     )
 
 

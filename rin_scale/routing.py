@@ -182,8 +182,8 @@ def sample_with_routing(model, noise, dcfg, labels=None, cond=None, at: Sequence
                 out = net(x_t, gamma, labels_, latents, cond_)
                 if rec.on:
                     clip = x_t[:b].float()
-                    if cond_ is not None and net.cfg.is_video and net.cfg.cond_frames:
-                        clip = torch.cat([cond_[:b].float(), clip], dim=2)
+                    if cond_ is not None and net.cfg.is_video and net.cfg.token_frames == net.cfg.frames:
+                        clip = torch.cat([cond_[:b].float(), clip], dim=2)  # the frames the tokens cover
                     rec.records[-1].update(step=i, t=1.0 - i / steps, gamma=float(gamma[0]), x_t=clip.cpu())
                     rec.on = False
                 return out
@@ -231,7 +231,7 @@ def colormap(v: np.ndarray) -> np.ndarray:
 def token_grid(mcfg, values: torch.Tensor) -> np.ndarray:
     """(tokens,) -> (token-frames, g, g): images have one token-frame; video tokens are (t, h, w)."""
     g = mcfg.image_size // mcfg.patch_size
-    tf = mcfg.frames // mcfg.patch_frames if mcfg.is_video else 1
+    tf = mcfg.token_frames // mcfg.patch_frames if mcfg.is_video else 1
     return values.reshape(tf, g, g).numpy()
 
 

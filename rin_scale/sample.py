@@ -37,9 +37,10 @@ def resolve_snapshot(url: str) -> tuple[str, str]:
 
 
 def generate(model, dcfg, n: int, batch: int, seed: int, steps=None, sampler=None, guidance=None,
-             label=None, cond=None, device="cpu", progress=True):
-    """(samples in [-1, 1] on the CPU, labels or None); same seed, same samples."""
-    from .diffusion import sample
+             label=None, cond=None, device="cpu", progress=True, frames=0):
+    """(samples in [-1, 1] on the CPU, labels or None); same seed, same samples. Video with given
+    frames: whole clips `frames` long (0 = the model's window), given frames first."""
+    from .diffusion import sample, sample_clip
 
     m = model.cfg
     labels = None
@@ -53,8 +54,12 @@ def generate(model, dcfg, n: int, batch: int, seed: int, steps=None, sampler=Non
             lb = labels[start:start + b].to(device) if labels is not None else None
             cb = cond[start:start + b].to(device) if cond is not None else None
             with torch.no_grad():
-                x = sample(model, (b, *m.sample_shape), dcfg, labels=lb, cond=cb, steps=steps,
-                           sampler=sampler, generator=gen, guidance=guidance)
+                if cb is not None:
+                    x = sample_clip(model, cb, max(frames, m.frames), dcfg, labels=lb, steps=steps,
+                                    sampler=sampler, generator=gen, guidance=guidance)
+                else:
+                    x = sample(model, (b, *m.sample_shape), dcfg, labels=lb, steps=steps,
+                               sampler=sampler, generator=gen, guidance=guidance)
             x = x.float().clamp(-1, 1).cpu()
             out.append(torch.cat([cb.cpu().float(), x], dim=2) if cb is not None else x)
             bar.update(b)
@@ -107,6 +112,9 @@ def main(argv=None) -> int:
     p.add_argument("--zoom", type=_at_least(1), default=1, help="enlarge the grid this many times (nearest pixels)")
     p.add_argument("--npz", default="", help="also write the samples as an ADM-style .npz")
     p.add_argument("--data", default="", help="video: shards whose clips give the conditioning frames")
+    p.add_argument("--frames", type=_at_least(0), default=0,
+                   help="video: frames per clip, given + predicted (default: the run's eval.frames, else the "
+                        "model's window); longer clips are extended autoregressively")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args(argv)
     if a.guidance is not None and not a.guidance >= 0:
@@ -121,11 +129,12 @@ def main(argv=None) -> int:
         if problem:  # now, not after loading data and printing the plan
             raise ConfigError(f"--guidance {a.guidance}: {problem}; sample without --guidance")
         n = a.n or (10 * m.num_classes if 0 < m.num_classes <= 10 else 64)
-        cond = None
+        cond, frames = None, a.frames
         if m.is_video and m.cond_frames:
             data = a.data
-            if not data and run:
-                data = rundir.load_run_config(run).data.shards
+            if run and not (data and frames):
+                run_cfg = rundir.load_run_config(run)
+                data, frames = data or run_cfg.data.shards, frames or run_cfg.eval.frames
             if not data:
                 raise ConfigError("a video snapshot needs conditioning frames: pass --data SHARDS")
             cond = leading_frames(data, m, n)
@@ -136,7 +145,7 @@ def main(argv=None) -> int:
         return 2
     print(f"[sample] {snap} (step {meta.get('step')}): {n} samples on {a.device}", file=sys.stderr)
     x, labels = generate(model, dcfg, n, a.batch, a.seed, a.steps, a.sampler, a.guidance, a.label, cond,
-                         a.device)
+                         a.device, frames=frames)
 
     try:
         write_outputs(a, x, labels, m)

@@ -63,10 +63,16 @@ def test_bad_values_give_one_line_errors_naming_the_key(overrides, words):
 
 
 def test_video_validation():
-    with pytest.raises(ConfigError, match="patch_frames=3 does not divide model.frames=8"):
-        load_config("tiny_video", ["model.patch_frames=3"])
-    with pytest.raises(ConfigError, match="cond_frames=8 must be less than"):
-        load_config("tiny_video", ["model.cond_frames=8"])
+    with pytest.raises(ConfigError, match="patch_frames=2 does not divide the 1 frames the tokenizer sees"):
+        load_config("tiny_video", ["model.patch_frames=2"])  # cond_mode=channels: the predicted frame only
+    with pytest.raises(ConfigError, match="patch_frames=3 does not divide the 8 frames .* the whole clip"):
+        load_config("tiny_video", ["model.cond_mode=time", "model.frames=8", "model.patch_frames=3"])
+    with pytest.raises(ConfigError, match="cond_frames=3 must be less than model.frames=3"):
+        load_config("tiny_video", ["model.cond_frames=3"])
+    with pytest.raises(ConfigError, match="eval.frames=2 is shorter than the model's window"):
+        load_config("tiny_video", ["eval.frames=2"])
+    with pytest.raises(ConfigError, match="model.cond_mode='pixels'"):
+        load_config("tiny_video", ["model.cond_mode=pixels"])
     with pytest.raises(ConfigError, match="video only"):
         load_config("tiny", ["model.cond_frames=2"])
 

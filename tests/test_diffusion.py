@@ -196,6 +196,28 @@ def test_video_loss_and_sampling_with_conditioning_frames():
     assert out.shape == (2, 3, 2, 8, 8) and out.abs().max() <= 1.0
 
 
+def test_sample_clip_extends_a_clip_conditioned_on_its_newest_frames():
+    """A one-frame model (2 given frames stacked as channels) continues a clip to 5 frames: 3 passes,
+    each conditioned on the last 2 frames so far, given or already predicted."""
+    rec = Recorder(small_rin(frames=3, cond_frames=2, cond_mode="channels", patch_frames=1))
+    given = torch.rand(2, 3, 2, 8, 8) * 2 - 1
+    cfg = DiffusionConfig(input_scale=0.5, sampler="ddim")
+    pred = D.sample_clip(rec, given, 5, cfg, steps=2)
+    assert pred.shape == (2, 3, 3, 8, 8) and pred.abs().max() <= 1.0
+    assert len(rec.calls) == 3 * 2
+    clip = torch.cat([given, pred], 2)
+    for i in range(3):  # pass i conditions on frames i, i + 1 (scaled as sample() scales them)
+        for call in rec.calls[2 * i:2 * i + 2]:
+            assert call["x_t"].shape == (2, 3, 1, 8, 8)
+            assert torch.allclose(call["cond"], clip[:, :, i:i + 2] * 0.5)
+    # Within the model's window it is one sample() call, the same draws as sample() itself.
+    window = Recorder(small_rin(frames=4, cond_frames=2, patch_frames=2))
+    a = D.sample_clip(window, given, 4, cfg, steps=2, sampler="ddpm", generator=torch.Generator().manual_seed(0))
+    b = D.sample(window, (2, 3, 2, 8, 8), cfg, cond=given, steps=2, sampler="ddpm",
+                 generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, b.float().clamp(-1, 1))
+
+
 # ------------------------------------------------------------------------------ a real overfit run
 
 def digits16():

@@ -38,6 +38,15 @@ def test_video_output_shapes_unconditioned_and_frame_conditioned():
     out2, _ = m(x_t, gamma, cond=cond + 1)
     assert not torch.allclose(out1, out2)
 
+    # cond_mode=channels: the given frames are stacked onto each predicted frame's channels; only the
+    # predicted frames are tokenized (one frame's grid here), and the given frames still reach the output.
+    m = RIN(small(frames=3, cond_frames=2, cond_mode="channels", patch_frames=1, num_classes=0))
+    assert m.num_tokens == 16 and m.stem.in_channels == 3 * 3
+    x_t, cond = torch.randn(2, 3, 1, 8, 8), torch.randn(2, 3, 2, 8, 8)
+    out1, _ = m(x_t, gamma, cond=cond)
+    out2, _ = m(x_t, gamma, cond=cond.flip(2))  # the same frames in the other order
+    assert out1.shape == x_t.shape and not torch.allclose(out1, out2)
+
 
 def test_sin_cos_positions_are_fixed_codes_plus_a_learned_residual_rebuilt_not_saved():
     """model.pos_encoding=sin_cos_plus_learned (the authors' option): each place of a

@@ -4,6 +4,8 @@ predicted frames; then the eval service conditioning on the held-out clips and w
 
 Stand-in: FVD's I3D is evals.extractors' small TorchScript stand-in (no pretrained weights here).
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -22,9 +24,10 @@ def data(tmp_path_factory):
 
 
 def model_cfg():
-    from rin_scale.config import load_config
+    """The tiny_video model's config with frames = the clips it is scored on (eval.frames)."""
+    from rin_scale.config import load_config, scored_clips
 
-    return load_config("tiny_video").model
+    return scored_clips(load_config("tiny_video")).model
 
 
 def test_true_continuation_scores_zero_and_repeat_last_equals_its_baseline(data):
@@ -75,9 +78,13 @@ def test_service_conditions_on_held_out_clips_and_writes_the_rows(data, tmp_path
     snapshot(run, cfg, model, 10)
     svc = Service(run, progress=False)
 
-    held, held_y = vm.read_clips(data["heldout"], cfg.model, 100)
+    # The preset's model predicts one frame from two; the service extends each held-out clip's given
+    # frames to the eval.frames = 8 of the clip and scores all 6 predicted frames.
+    assert cfg.model.frames == COND + 1 and cfg.eval.frames == FRAMES
+    clip_model = dataclasses.replace(cfg.model, frames=FRAMES)
+    held, held_y = vm.read_clips(data["heldout"], clip_model, 100)
     held, held_y = held[vm.heldout_order(len(held), 4)], held_y[vm.heldout_order(len(held), 4)]
-    train, _ = vm.read_clips(data["train"], cfg.model, 4)
+    train, _ = vm.read_clips(data["train"], clip_model, 4)
     assert torch.equal(svc.cond_frames, held[:, :, :COND])  # the held-out clips' given frames
     assert not torch.equal(svc.cond_frames, train[:, :, :COND])
     assert svc.run_once() == 3
