@@ -87,3 +87,34 @@ def test_shortened_demo_leaves_every_stage_output(tmp_path):
     assert np.array_equal(np.load(tmp_path / "again.npz")["arr_0"], a["arr_0"])
     sample_cli("--n", "4", "--class", "3", "--out", str(grid), "--npz", str(npz))
     assert np.load(npz)["arr_1"].tolist() == [3] * 4
+
+
+def test_shortened_video_demo_scores_extended_clips_against_held_out_truth(tmp_path):
+    """`python -m launch.demo --video`, shortened: the one-frame model trains on 3-frame windows, and
+    the eval service, the summary and the sampling CLI extend clips to the 8 frames they are scored on."""
+    import numpy as np
+
+    out = tmp_path / "vdemo"
+    cmd = [sys.executable, "-m", "launch.demo", "--video", "--out", str(out), "--steps", "12", "--eval-samples", "4",
+           f"eval.cache_dir={tmp_path / 'cache'}", "eval.reference_samples=8", "diffusion.sample_steps=4"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    run = str(out / "run-tiny_video")
+    assert "2 rank(s) on cpu, ZeRO-2" in proc.stdout
+
+    rows = {r["metric"]: r for r in eval_ledger.read(run) if r["step"] == 12}
+    assert set(rows) == {"fvd", "frame_mse", "frame_accuracy"} and all(r["status"] == "ok" for r in rows.values())
+    mse = rows["frame_mse"]
+    assert len(mse["per_frame"]) == 6 and mse["clips"] == 4  # 8-frame clips from a 1-frame-at-a-time model
+    assert mse["heldout_data"] == str(out / "data" / "moving_digits-heldout")
+    final = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith('{"final"')))["final"]
+    assert final["frame_mse_repeat_last"] == mse["repeat_last"] and final["frame_mse_data_mean"] == mse["data_mean"]
+    assert "final samples : per-frame MSE" in proc.stdout and "over 6 predicted frames" in proc.stdout
+
+    npz = tmp_path / "clips.npz"
+    p = subprocess.run([sys.executable, "-m", "rin_scale.sample", run, "--n", "3", "--steps", "2", "--out",
+                        str(tmp_path / "clips.png"), "--npz", str(npz)], cwd=ROOT,
+                       env={**os.environ, "PYTHONPATH": ROOT}, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert np.load(npz)["arr_0"].shape == (3, 8, 16, 16, 3)  # 2 given + 6 predicted frames, NTHWC
