@@ -66,9 +66,14 @@ class ModelConfig:
         return self.frames - self.cond_frames
 
     @property
+    def stacks_given(self) -> bool:
+        """Video whose given frames join the predicted frames' channels (cond_mode=channels)."""
+        return self.is_video and self.cond_frames > 0 and self.cond_mode == "channels"
+
+    @property
     def token_frames(self) -> int:
         """Frames the tokenizer sees: the whole clip, or only the predicted ones (cond_mode=channels)."""
-        return self.pred_frames if self.cond_mode == "channels" and self.cond_frames else self.frames
+        return self.pred_frames if self.stacks_given else self.frames
 
     @property
     def sample_shape(self) -> tuple:
@@ -433,7 +438,7 @@ def validate(cfg: Config) -> Config:
         _one_of("model.cond_mode", m.cond_mode, ("time", "channels"))
         _check(m.token_frames % m.patch_frames == 0,
                f"model.patch_frames={m.patch_frames} does not divide the {m.token_frames} frames the tokenizer "
-               f"sees (model.cond_mode={m.cond_mode}: " + ("the predicted frames" if m.token_frames < m.frames else
+               f"sees (model.cond_mode={m.cond_mode}: " + ("the predicted frames" if m.stacks_given else
                "the whole clip, conditioning and predicted frames") + "); choose a divisor")
         _check(e.frames == 0 or e.frames >= m.frames,
                f"eval.frames={e.frames} is shorter than the model's window model.frames={m.frames}: use 0 or more")

@@ -304,9 +304,8 @@ class RIN(nn.Module):
         p, pt = m.patch_size, m.patch_frames
         side = m.image_size // p
         grid = side * side
-        self.stacked = m.is_video and m.token_frames < m.frames  # cond_mode=channels
         if m.is_video:
-            c_in = m.channels * (1 + m.cond_frames) if self.stacked else m.channels
+            c_in = m.channels * (1 + m.cond_frames) if m.stacks_given else m.channels
             self.stem = nn.Conv3d(c_in, d, (pt, p, p), stride=(pt, p, p))
             self.num_tokens = grid * (m.token_frames // pt)
             self.patch_dim = m.channels * pt * p * p
@@ -411,7 +410,7 @@ class RIN(nn.Module):
         predicted frames with the given ones stacked onto their channels (cond_mode=channels)."""
         m = self.cfg
         clip = x_t
-        if m.is_video and m.cond_frames and self.stacked:
+        if m.stacks_given:
             given = rearrange(cond.to(x_t.dtype), "b c t h w -> b (t c) h w")[:, :, None]
             clip = torch.cat([x_t, given.expand(-1, -1, m.pred_frames, -1, -1)], dim=1)
         elif m.is_video and m.cond_frames:
@@ -465,7 +464,7 @@ class RIN(nn.Module):
             else:
                 x, z = block(x, z)
         out = self.untokenize(x)
-        if m.is_video and m.cond_frames and not self.stacked:
+        if m.is_video and m.cond_frames and not m.stacks_given:
             out = out[:, :, m.cond_frames:]
         return out, z
 

@@ -182,7 +182,7 @@ def sample_with_routing(model, noise, dcfg, labels=None, cond=None, at: Sequence
                 out = net(x_t, gamma, labels_, latents, cond_)
                 if rec.on:
                     clip = x_t[:b].float()
-                    if cond_ is not None and net.cfg.is_video and net.cfg.token_frames == net.cfg.frames:
+                    if cond_ is not None and net.cfg.is_video and not net.cfg.stacks_given:
                         clip = torch.cat([cond_[:b].float(), clip], dim=2)  # the frames the tokens cover
                     rec.records[-1].update(step=i, t=1.0 - i / steps, gamma=float(gamma[0]), x_t=clip.cpu())
                     rec.on = False
