@@ -118,21 +118,18 @@ def tiny_video() -> Config:
     (0.153-0.178, 8-12% at 1,600-4,000 steps) gave the right tint and place but a generic digit.
     One frame at a time, at 6,000 steps: 0.049 on the next frame (repeat-last 0.148) with the
     digit recognised in 38% of them; extended to 6 frames, 0.114 (0.055 to 0.153 from the first
-    to the sixth) with digits moving along the true paths, recognised in 21% of frames. The image
-    demo's recipe (input scale 0.5, AdamW beta2 0.99, EMA warmup offset 20) took 3,000 steps from
-    0.138 to 0.115 (seed 1: 0.136 to 0.123), recognised 17% (13% and 16% before)."""
+    to the sixth) with digits moving along the true paths, recognised in 21% of frames."""
     return Config(
         model=ModelConfig(image_size=16, channels=3, frames=3, cond_frames=2, cond_mode="channels", patch_frames=1,
                           patch_size=4, interface_dim=96, interface_mlp_ratio=2, latent_dim=128, num_latents=16,
                           latent_mlp_ratio=4, num_blocks=4, latent_layers=1, latent_heads=4, read_write_heads=4,
                           dropout=0.0, drop_path=0.0, num_classes=0, pos_encoding="sin_cos_plus_learned",
                           rw_out_init="glorot", conv_kernel_size=3),
-        diffusion=DiffusionConfig(schedule="sigmoid", target="x0", sample_steps=50, sampler="ddim", input_scale=0.5),
+        diffusion=DiffusionConfig(schedule="sigmoid", target="x0", sample_steps=50, sampler="ddim"),
         data=DataConfig(kind="video", workers=1, shuffle_buffer=500, hflip=False),
         train=TrainConfig(run_dir="runs/tiny_video", global_batch=16, total_steps=3000, zero_stage=2,
-                          optimizer="adamw", lr=2e-3, betas=(0.9, 0.99), weight_decay=0.01, warmup_steps=100,
-                          lr_floor=0.1, ema_decay=0.999, ema_warmup=True, ema_warmup_offset=20.0,
-                          state_every=250, snapshot_every=250, log_every=25,
+                          optimizer="adamw", lr=2e-3, weight_decay=0.01, warmup_steps=100, lr_floor=0.1,
+                          ema_decay=0.999, ema_warmup=True, state_every=250, snapshot_every=250, log_every=25,
                           sample_every=250, sample_count=20),
         eval=EvalConfig(metric="fvd", num_samples=64, batch=16, frames=8),
     )
