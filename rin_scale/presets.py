@@ -120,9 +120,9 @@ def tiny_video() -> Config:
     digit recognised in 38% of them; extended to 6 frames, 0.114 (0.055 to 0.153 from the first
     to the sixth) with digits moving along the true paths, recognised in 21% of frames. The image
     demo's recipe (input scale 0.5, AdamW beta2 0.99) scored better at 3,000 steps (0.115, 17%) but
-    collapsed to a constant output at a constant lr of 2e-3 or 1.5e-3 within 2,400 steps (its
-    latents grew to rms ~1e4), where beta2 0.999 trained on: a run longer than the demo's would
-    lose its model, so the preset keeps 0.999 (README)."""
+    collapsed to a constant output at a constant lr of 2e-3 within 2,400 steps (its latents grew
+    to rms ~1e4; at 1.5e-3 the loss tripled for ~1,000 steps), where beta2 0.999 trained on: a run
+    longer than the demo's could lose its model, so the preset keeps 0.999 (README)."""
     return Config(
         model=ModelConfig(image_size=16, channels=3, frames=3, cond_frames=2, cond_mode="channels", patch_frames=1,
                           patch_size=4, interface_dim=96, interface_mlp_ratio=2, latent_dim=128, num_latents=16,
