@@ -334,6 +334,7 @@ class Trainer:
     flops_per_example: float  # of one training step
     tb: object = None  # rank 0: TensorBoard
     preview: PreviewGrid | None = None  # rank 0, when train.sample_every
+    loss_watch: LossWatch = field(default_factory=lambda: LossWatch())
 
 
 def set_up(cfg) -> tuple[Trainer, TrainState]:
@@ -524,6 +525,32 @@ def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
     return result
 
 
+class LossWatch:
+    """A warning when the window's loss climbs back above RISE times the lowest window of this job.
+    A run can lose its model with every value finite, and nothing else in the log says so:
+    `tiny_video` with AdamW beta2 0.99 at a constant lr of 1.5e-3 tripled its loss for ~1,000 steps,
+    and at 2e-3 collapsed to a constant output (latents at rms ~1e4). Once per rise: re-armed when
+    the loss is back under the line."""
+    RISE = 2.0  # window means over 25+ steps vary by well under 2x in a healthy run
+
+    def __init__(self):
+        self.best, self.best_step, self.rising = math.inf, 0, False
+
+    def check(self, step: int, loss: float) -> str:
+        """The warning to log for this window's mean loss, or ""."""
+        if not math.isfinite(loss):
+            return ""  # non-finite steps are skipped and counted elsewhere
+        if loss < self.best:
+            self.best, self.best_step = loss, step
+        was, self.rising = self.rising, loss > self.RISE * self.best
+        if not self.rising or was:
+            return ""
+        return (f"warning: loss {loss:.4f} at step {step} is {loss / self.best:.1f}x its lowest ({self.best:.4f} at "
+                f"step {self.best_step}): training may be diverging with every value finite. If it stays up, the "
+                f"EMA snapshots near step {self.best_step} hold the better model; lower train.lr or lengthen "
+                f"train.warmup_steps")
+
+
 class Meter:
     """Sums over the logging window (the steps since the last log line): loss, loss by noise level,
     step time, data wait; and where the window started, for images per second. The noise-level
@@ -583,6 +610,9 @@ def log_window(tr: Trainer, state: TrainState, meter: Meter, last: StepResult) -
         log0(tr.rank, f"step {step}/{tc.total_steps} loss {meter.loss / n:.4f} lr {last.lr:.2e} {img_s:.1f} img/s "
                       f"mfu {mfu:.1%} data-wait {meter.data_wait / n:.3f}s mem {mem['peak_gb']:.2f}GB eta {_hms(eta)}"
                       + (f" data-errors {tr.loader.stats['errors']}" if tr.loader.stats["errors"] else ""))
+        warning = tr.loss_watch.check(step, meter.loss / n)
+        if warning:
+            log0(tr.rank, warning)
         tr.train_log.flush()
     meter.reset(step, now)
 

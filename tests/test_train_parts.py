@@ -10,6 +10,7 @@ from rin_scale.ema import EMA
 from rin_scale.engine import configure_checkpointing
 from rin_scale.model import RIN
 from rin_scale.optim import AdamW, Lamb, WarmupCosine
+from rin_scale.train import LossWatch
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +85,20 @@ def test_non_finite_gradient_skips_the_step(cls, bad):
     w.grad = torch.tensor([1.0, 1.0, 1.0])
     opt.step()
     assert not opt.overflow and (w.detach() < 1).all()
+
+
+def test_loss_watch_warns_once_per_rise_and_not_on_noise():
+    g = torch.Generator().manual_seed(0)
+    healthy = [0.5 * 0.98 ** k * (1 + 0.3 * (torch.rand(1, generator=g).item() - 0.5)) for k in range(200)]
+    watch = LossWatch()
+    assert not any(watch.check(25 * (k + 1), v) for k, v in enumerate(healthy))
+
+    watch = LossWatch()
+    losses = [1.0, 0.3, 0.1, 0.08, float("nan"), 0.12, 0.3, 0.5, 0.45, 0.1, 0.09, 0.4]
+    said = {25 * (k + 1): watch.check(25 * (k + 1), v) for k, v in enumerate(losses)}
+    assert [s for s, msg in said.items() if msg] == [175, 300]  # the first window over 2x the best, then after recovery
+    assert "loss 0.3000 at step 175 is 3.8x its lowest (0.0800 at step 100)" in said[175]
+    assert "train.lr" in said[175]
 
 
 def test_warmup_then_cosine_to_the_floor():
