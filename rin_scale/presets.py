@@ -82,14 +82,14 @@ def tiny() -> Config:
     Warmup 300 steps, not 100. A run first sits on a plateau at the loss of predicting the data
     mean (~0.55) and leaves it once the latents carry the input; warming up to 3e-3 in 100 steps,
     that exit came late: in process (bench/_inproc.py's loop, fp32, constant lr after the warmup),
-    4 of 6 seeds were still on the plateau at step 200, 3 at step 300, and one past step 900;
-    the 2-process trainer in fp32 left it at step ~210 on 1 of 3 seeds (in bf16 by step ~150 on
-    all 6). With 300 steps all 6 in-process
-    seeds left it by step ~175, and at a constant 3e-3 for 2,400 steps training went on smoothly
-    (domain FID 9.3 and class accuracy 94% on 100 samples, where warmup 100 scored 49.9 and 7%).
-    At the demo's 3,000 steps (AMD EPYC, seed 0) domain FID 1.85 against 2.97, class accuracy
-    97.0% against 96.0%, Laplacian ratio 1.07 against 1.11 (README). lr 2e-3 with warmup 100 also
-    left the plateau on all 6 seeds, but scored 2.96 / 96.0% / 1.22.
+    4 of 6 seeds were still on the plateau at step 200 and above a loss of 0.3 at step 300, one
+    until past step 900; the 2-process trainer in fp32 left it at step ~225 on 1 of 3 seeds (in
+    bf16 by step 175 on all 6). With 300 steps all 6 in-process seeds left it by step 200, and at
+    a constant 3e-3 for 2,400 steps training went on smoothly (domain FID 9.3 and class accuracy
+    94% on 100 samples, where warmup 100 scored 49.9 and 7%). At the demo's 3,000 steps (AMD EPYC)
+    domain FID 1.85 / 1.65, class accuracy 97.0% / 97.6%, Laplacian ratio 1.07 / 1.05 (seeds 0 / 1;
+    warmup 100, seed 0: 2.97 / 96.0% / 1.11; README). lr 2e-3 with warmup 100 also left the
+    plateau on all 6 seeds, but scored 2.96 / 96.0% / 1.22.
 
     Pairs with the embedded digits dataset (data_tools.embedded), the demo's default. Predicts v:
     with eps, x0 = (x_t - sqrt(1 - gamma) eps) / sqrt(gamma) multiplies the network's error by up to
