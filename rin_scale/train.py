@@ -317,6 +317,32 @@ class TrainState:
         return self.wall_before + time.time() - self.started
 
 
+class LossWatch:
+    """A warning when the window's loss climbs back above RISE times the lowest window of this job.
+    A run can lose its model with every value finite, and nothing else in the log says so:
+    `tiny_video` with AdamW beta2 0.99 at a constant lr of 1.5e-3 tripled its loss for ~1,000 steps,
+    and at 2e-3 collapsed to a constant output (latents at rms ~1e4). Once per rise: re-armed when
+    the loss is back under the line."""
+    RISE = 2.0  # window means over 25+ steps vary by well under 2x in a healthy run
+
+    def __init__(self):
+        self.best, self.best_step, self.rising = math.inf, 0, False
+
+    def check(self, step: int, loss: float) -> str:
+        """The warning to log for this window's mean loss, or ""."""
+        if not math.isfinite(loss):
+            return ""  # non-finite steps are skipped and counted elsewhere
+        if loss < self.best:
+            self.best, self.best_step = loss, step
+        was, self.rising = self.rising, loss > self.RISE * self.best
+        if not self.rising or was:
+            return ""
+        return (f"warning: loss {loss:.4f} at step {step} is {loss / self.best:.1f}x its lowest ({self.best:.4f} at "
+                f"step {self.best_step}): training may be diverging with every value finite. If it stays up, the "
+                f"EMA snapshots near step {self.best_step} hold the better model; lower train.lr or lengthen "
+                f"train.warmup_steps")
+
+
 @dataclass
 class Trainer:
     """What set_up builds: the engine, and what feeds, averages, logs and previews it."""
@@ -334,7 +360,7 @@ class Trainer:
     flops_per_example: float  # of one training step
     tb: object = None  # rank 0: TensorBoard
     preview: PreviewGrid | None = None  # rank 0, when train.sample_every
-    loss_watch: LossWatch = field(default_factory=lambda: LossWatch())
+    loss_watch: LossWatch = field(default_factory=LossWatch)
 
 
 def set_up(cfg) -> tuple[Trainer, TrainState]:
@@ -525,32 +551,6 @@ def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
     return result
 
 
-class LossWatch:
-    """A warning when the window's loss climbs back above RISE times the lowest window of this job.
-    A run can lose its model with every value finite, and nothing else in the log says so:
-    `tiny_video` with AdamW beta2 0.99 at a constant lr of 1.5e-3 tripled its loss for ~1,000 steps,
-    and at 2e-3 collapsed to a constant output (latents at rms ~1e4). Once per rise: re-armed when
-    the loss is back under the line."""
-    RISE = 2.0  # window means over 25+ steps vary by well under 2x in a healthy run
-
-    def __init__(self):
-        self.best, self.best_step, self.rising = math.inf, 0, False
-
-    def check(self, step: int, loss: float) -> str:
-        """The warning to log for this window's mean loss, or ""."""
-        if not math.isfinite(loss):
-            return ""  # non-finite steps are skipped and counted elsewhere
-        if loss < self.best:
-            self.best, self.best_step = loss, step
-        was, self.rising = self.rising, loss > self.RISE * self.best
-        if not self.rising or was:
-            return ""
-        return (f"warning: loss {loss:.4f} at step {step} is {loss / self.best:.1f}x its lowest ({self.best:.4f} at "
-                f"step {self.best_step}): training may be diverging with every value finite. If it stays up, the "
-                f"EMA snapshots near step {self.best_step} hold the better model; lower train.lr or lengthen "
-                f"train.warmup_steps")
-
-
 class Meter:
     """Sums over the logging window (the steps since the last log line): loss, loss by noise level,
     step time, data wait; and where the window started, for images per second. The noise-level
@@ -600,17 +600,18 @@ def log_window(tr: Trainer, state: TrainState, meter: Meter, last: StepResult) -
     mem = memory_gb(tr.dev)
     if tr.rank == 0:
         n = meter.steps
-        tr.tb.scalars({"train/loss": meter.loss / n, "train/lr": last.lr, "train/grad_norm": last.grad_norm,
+        loss = meter.loss / n
+        tr.tb.scalars({"train/loss": loss, "train/lr": last.lr, "train/grad_norm": last.grad_norm,
                        "perf/images_per_sec": img_s, "perf/step_time": meter.step_time / n,
                        "perf/data_wait": meter.data_wait / n, "perf/tflops": achieved / 1e12, "perf/mfu": mfu,
                        "perf/memory_gb": mem["peak_gb"], "train/images_seen": state.images_seen,
                        "train/skipped_steps": state.skipped_total, "data/errors": tr.loader.stats["errors"],
                        **loss_by_t}, step)
         eta = (tc.total_steps - step) * (now - meter.started) / max(step - meter.first_step, 1)
-        log0(tr.rank, f"step {step}/{tc.total_steps} loss {meter.loss / n:.4f} lr {last.lr:.2e} {img_s:.1f} img/s "
+        log0(tr.rank, f"step {step}/{tc.total_steps} loss {loss:.4f} lr {last.lr:.2e} {img_s:.1f} img/s "
                       f"mfu {mfu:.1%} data-wait {meter.data_wait / n:.3f}s mem {mem['peak_gb']:.2f}GB eta {_hms(eta)}"
                       + (f" data-errors {tr.loader.stats['errors']}" if tr.loader.stats["errors"] else ""))
-        warning = tr.loss_watch.check(step, meter.loss / n)
+        warning = tr.loss_watch.check(step, loss)
         if warning:
             log0(tr.rank, warning)
         tr.train_log.flush()
