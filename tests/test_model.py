@@ -3,6 +3,8 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
+from einops import rearrange
 
 from rin_scale import flops, info
 from rin_scale.model import RIN, sinusoidal
@@ -329,3 +331,25 @@ def test_interface_conv_starts_as_identity_and_mixes_only_grid_neighbours(video)
     touched = (x.grad.abs().sum((0, 2)) > 0).nonzero().flatten().tolist()
     # the 4x4 grid of 2x2 patches of an 8x8 image, row-major; video: 2 such grids, one per 2 frames
     assert touched == ([0, 1, 4, 5, 16, 17, 20, 21] if video else [0, 1, 4, 5])
+
+
+def test_interface_conv_on_one_token_frame_is_2d_and_loads_3d_snapshots():
+    """Given frames stacked on the channels (tiny_video) leave one token-frame: the conv is 2-D
+    there (a 3-D one is several times slower on the CPU), and a snapshot written with the 3-D
+    kernel loads and gives the same output: zero padding let only its middle time slice act."""
+    m = RIN(small(frames=3, cond_frames=2, cond_mode="channels", patch_frames=1, num_classes=0,
+                  conv_kernel_size=3))
+    conv = m.blocks[0].conv
+    assert isinstance(conv.depthwise, torch.nn.Conv2d)
+    torch.nn.init.normal_(conv.pointwise.weight, std=0.1)
+    x = torch.randn(2, m.num_tokens, 32)
+    old = {k: v for k, v in m.state_dict().items()}
+    d3 = torch.nn.Conv3d(32, 32, 3, padding=1, groups=32)
+    d3.weight.data.normal_()
+    old["blocks.0.conv.depthwise.weight"], old["blocks.0.conv.depthwise.bias"] = d3.weight.data, d3.bias.data
+    old["blocks.0.conv.pointwise.weight"] = conv.pointwise.weight.data[:, :, None]
+    grid = conv.grid
+    h = rearrange(x, "b n d -> b d n").reshape(2, 32, 1, *grid)
+    want = x + rearrange(conv.pointwise(F.silu(conv.norm(d3(h)[:, :, 0]))).flatten(2), "b d n -> b n d")
+    m.load_state_dict(old)
+    torch.testing.assert_close(conv(x), want)
