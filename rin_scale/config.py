@@ -55,7 +55,8 @@ class ModelConfig:
     pos_encoding: str = _f("learned", "interface positions: learned (trunc normal 0.02) | sin_cos_plus_learned "
                                       "(the authors' option: fixed 2-D sin-cos codes + a learned residual from zero)")
     conv_kernel_size: int = _f(0, "the authors' optional depthwise conv over the interface's token grid after each "
-                                  "write (their conv_kernel_size; 3-D for video); 0 = off, as their configs")
+                                  "write (their conv_kernel_size; 3-D for video over several token-frames); 0 = off, "
+                                  "as their configs")
 
     @property
     def is_video(self) -> bool:
