@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.time()
     if args.video:
         dataset, preset, metric = "moving_digits", "tiny_video", "fvd"
-        steps = args.steps or 3500  # the time 3,000 took with self-conditioning and a 3-D conv (README)
+        steps = args.steps or 3000
         eval_samples = args.eval_samples or 64
     else:
         dataset, preset, metric = "digits", "tiny", "fid"
