@@ -343,7 +343,7 @@ def test_interface_conv_on_one_token_frame_is_2d_and_loads_3d_snapshots():
     assert isinstance(conv.depthwise, torch.nn.Conv2d)
     torch.nn.init.normal_(conv.pointwise.weight, std=0.1)
     x = torch.randn(2, m.num_tokens, 32)
-    old = {k: v for k, v in m.state_dict().items()}
+    old = dict(m.state_dict())
     d3 = torch.nn.Conv3d(32, 32, 3, padding=1, groups=32)
     d3.weight.data.normal_()
     old["blocks.0.conv.depthwise.weight"], old["blocks.0.conv.depthwise.bias"] = d3.weight.data, d3.bias.data
