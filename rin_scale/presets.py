@@ -133,10 +133,10 @@ def tiny_video() -> Config:
       3,000 steps (kept at 12,000);
     - AdamW at 1e-3: at 2e-3 every run longer than the demo's diverged (24,000 steps in process:
       by step 4,800, with or without grad_clip 1; the demo at 16,000 steps: at step 2,625), where
-      1e-3 trained 24,000 steps to 85.9% and 85.2% recognised (seeds 0, 1). At the demo's 3,000 steps it costs a little
-      (three seeds: per-frame MSE 0.127-0.132 against 0.118-0.121, 14.8% recognised against 16.9%),
-      a price for a preset that does not lose a longer run.
-      The image demo's input scale 0.5 and beta2 0.99 collapsed to a constant output at 2e-3.
+      1e-3 trained 24,000 steps to 85.9% and 85.2% recognised (seeds 0, 1). At the demo's 3,000
+      steps it costs a little (three seeds: per-frame MSE 0.127-0.132 against 0.118-0.121, 14.8%
+      recognised against 16.9%), a price for a preset that does not lose a longer run. The image
+      demo's input scale 0.5 and beta2 0.99 collapsed to a constant output at 2e-3.
     DDIM 20 samples as well as 50 (0.079 and 30.7% against 0.080 and 28.9%, a 6,000-step model)."""
     return Config(
         model=ModelConfig(image_size=16, channels=3, frames=3, cond_frames=2, cond_mode="channels", patch_frames=1,
