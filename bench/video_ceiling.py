@@ -62,9 +62,7 @@ def main(argv=None) -> int:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda k: min(1.0, (k + 1) / 100))
     t0 = time.time()
     for k in range(1, args.steps + 1):
-        idx = torch.randint(0, len(clips), (16,), generator=gen)
-        start = torch.randint(0, clips.shape[2] - 2, (16,), generator=gen)
-        w = torch.stack([clips[i, :, s:s + 3] for i, s in zip(idx.tolist(), start.tolist())])
+        w = vd.random_windows(clips, 16, 3, gen)
         loss = F.mse_loss(predict(w[:, :, :2]), w[:, :, 2])
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -59,20 +59,22 @@ def load_clips(url: str, model_cfg, frames: int) -> torch.Tensor:
     return read_clips(url, m, 10**9)[0]
 
 
+def random_windows(clips: torch.Tensor, b: int, t: int, gen: torch.Generator) -> torch.Tensor:
+    """b windows of t frames from random clips at random starts, as the data pipeline takes them."""
+    idx = torch.randint(0, len(clips), (b,), generator=gen)
+    start = torch.randint(0, clips.shape[2] - t + 1, (b,), generator=gen)
+    return torch.stack([clips[i, :, s:s + t] for i, s in zip(idx.tolist(), start.tolist())])
+
+
 def train(cfg, clips: torch.Tensor, seed: int, steps: int = 0, minutes: float = 0.0, log=print):
     """The video model trained in process (bench/_inproc.py) on random windows of the clips."""
     from _inproc import fit
 
     from rin_scale.train import split_clip
 
-    b, n, t_all, t = cfg.train.global_batch, len(clips), clips.shape[2], cfg.model.frames
-
     def make_batches(gen):
         def batch():
-            idx = torch.randint(0, n, (b,), generator=gen)
-            start = torch.randint(0, t_all - t + 1, (b,), generator=gen)
-            x0, cond = split_clip(torch.stack([clips[i, :, s:s + t] for i, s in zip(idx.tolist(), start.tolist())]),
-                                  cfg.model)
+            x0, cond = split_clip(random_windows(clips, cfg.train.global_batch, cfg.model.frames, gen), cfg.model)
             return x0, {"cond": cond}
         return batch
 
