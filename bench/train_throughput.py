@@ -70,12 +70,15 @@ def _sync(dev):
 
 
 class Bench:
-    def __init__(self, batch: int, dev: torch.device):
+    """One precision's engine (a bf16 engine runs its forwards in bf16 whatever the caller's
+    autocast: engine.ds_config); the same seed gives every precision the same weights."""
+
+    def __init__(self, batch: int, dev: torch.device, prec: Precision):
         self.dev, self.batch = dev, batch
         self.cfg = cfg = load_config("cifar10", [f"train.global_batch={batch}", "train.zero_stage=0",
                                                  "train.warmup_steps=10"])
         torch.manual_seed(0)
-        self.engine, self.opt, _ = build_engine(RIN(cfg.model).to(dev), cfg, 1)
+        self.engine, self.opt, _ = build_engine(RIN(cfg.model).to(dev), cfg, 1, precision=prec)
         self.model = self.engine.module
         self.x0 = torch.rand(batch, 3, 32, 32, device=dev) * 2 - 1
         self.labels = torch.randint(0, cfg.model.num_classes, (batch,), device=dev)
@@ -175,17 +178,19 @@ def main():
                   "emulated, slower than fp32. Measuring fp32 only.")
     precs = [Precision("fp32", "bench")] + ([Precision("bf16", "bench")] if native else [])
 
-    b = Bench(args.batch, dev)
+    benches = {prec.name: Bench(args.batch, dev, prec) for prec in precs}
+    b = benches["fp32"]
     for prec in precs:  # warm-up: kernel selection, first-touch of buffers, optimizer state
-        b.fwd_bwd(prec), b.self_cond_fwd(prec), b.step(prec)
+        bp = benches[prec.name]
+        bp.fwd_bwd(prec), bp.self_cond_fwd(prec), bp.step(prec)
     res = {prec.name: {"peak": [], "fb": [], "sc": [], "fwds": [], "bwd": [], "opt": [], "step": []} for prec in precs}
     for _ in range(args.rounds):
         for prec in precs:
-            r = res[prec.name]
+            r, bp = res[prec.name], benches[prec.name]
             r["peak"].append(matmul_peak(prec.dtype, dev, seconds=0.5, n=1024))
-            r["fb"].append(b.fwd_bwd(prec))
-            r["sc"].append(b.self_cond_fwd(prec))
-            fwds, bwd, opt = b.step(prec)
+            r["fb"].append(bp.fwd_bwd(prec))
+            r["sc"].append(bp.self_cond_fwd(prec))
+            fwds, bwd, opt = bp.step(prec)
             r["fwds"].append(fwds), r["bwd"].append(bwd), r["opt"].append(opt), r["step"].append(fwds + bwd + opt)
     m = {k: {q: median(v) for q, v in r.items()} for k, r in res.items()}
     peak32 = m["fp32"]["peak"]

@@ -97,9 +97,11 @@ def choose_precision(setting: str, dev: torch.device, probe_seconds: float = 0.2
 # DeepSpeed
 
 
-def ds_config(cfg: Config, world_size: int, load_universal: bool = False) -> dict:
+def ds_config(cfg: Config, world_size: int, load_universal: bool = False,
+              precision: Precision | None = None) -> dict:
     """The DeepSpeed config: global batch fixed, micro-batch and accumulation from the world size.
-    load_universal: the state to resume is a universal checkpoint (saved at another world size)."""
+    load_universal: the state to resume is a universal checkpoint (saved at another world size).
+    precision: the run's (choose_precision); None: fp32."""
     tc = cfg.train
     micro, accum = check_world(cfg, world_size)
     zero = {"stage": tc.zero_stage}
@@ -118,6 +120,13 @@ def ds_config(cfg: Config, world_size: int, load_universal: bool = False) -> dic
     }
     if tc.grad_clip > 0:
         c["gradient_clipping"] = tc.grad_clip
+    if precision is not None and precision.name == "bf16":
+        # The trainer's bf16 is torch.autocast around engine(...). DeepSpeed's forward turns an
+        # autocast it finds off inside the model unless this section enables it, and it looks with
+        # torch.is_autocast_enabled(), which sees CUDA's autocast only: CPU runs kept bf16, every
+        # GPU run would have run in fp32. No lower-precision modules: the gradients are reduced
+        # in fp32 as before (DeepSpeed's default would reduce those of Linear and Conv in bf16).
+        c["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
     return c
 
 
@@ -176,8 +185,10 @@ def _keep_autocast(checkpoint):
     return run
 
 
-def build_engine(model, cfg: Config, world_size: int, load_universal: bool = False):
-    """(engine, base optimizer, LR scheduler). The model must already be on its device."""
+def build_engine(model, cfg: Config, world_size: int, load_universal: bool = False,
+                 precision: Precision | None = None):
+    """(engine, base optimizer, LR scheduler). The model must already be on its device; `precision`
+    is the one its forwards run in (ds_config)."""
     import deepspeed
 
     from .optim import make_optimizer, make_scheduler
@@ -186,5 +197,5 @@ def build_engine(model, cfg: Config, world_size: int, load_universal: bool = Fal
     opt = make_optimizer(model, cfg)
     sched = make_scheduler(opt, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
-                                           config=ds_config(cfg, world_size, load_universal))
+                                           config=ds_config(cfg, world_size, load_universal, precision))
     return engine, opt, sched

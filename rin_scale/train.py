@@ -51,7 +51,7 @@ def parse_args(argv):
 
 
 def dry_run(cfg) -> None:
-    from .engine import ds_config
+    from .engine import Precision, ds_config
     from .flops import count, train_flops_per_example
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -62,6 +62,8 @@ def dry_run(cfg) -> None:
     print(f"training step: {train_flops_per_example(cfg.model, cfg.diffusion.self_cond_rate) / 1e9:.2f} "
           f"GFLOPs per example (3x forward + the self-conditioning forward)")
     print(f"DeepSpeed config for {world} rank(s):\n{json.dumps(ds_config(cfg, world), indent=1)}")
+    bf16 = ds_config(cfg, world, precision=Precision("bf16", ""))["torch_autocast"]
+    print(f"bf16 runs (train.precision=bf16, or auto on a GPU) add \"torch_autocast\": {json.dumps(bf16)}")
 
 
 class Batches:
@@ -401,7 +403,8 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
 
     # Model, engine, EMA. Same seed on every rank: identical initial weights.
     torch.manual_seed(tc.seed)
-    engine, opt, _ = build_engine(RIN(cfg.model).to(dev), cfg, world, load_universal=bool(universal))
+    engine, opt, _ = build_engine(RIN(cfg.model).to(dev), cfg, world, load_universal=bool(universal),
+                                  precision=compute.precision)
     if tc.optimizer == "lamb":
         how = f"compiled in {optim.COMPILE_SECONDS[dev.type]:.1f} s" if opt.passes else "eager"
         log0(rank, f"LAMB passes {how} (train.compile_optimizer={tc.compile_optimizer})")
