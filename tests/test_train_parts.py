@@ -1,4 +1,5 @@
 """Trainer parts in one process: activation checkpointing, LAMB, non-finite steps, LR schedule, EMA."""
+import contextlib
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 from rin_scale.config import load_config
 from rin_scale.diffusion import training_loss
 from rin_scale.ema import EMA
-from rin_scale.engine import configure_checkpointing
+from rin_scale.engine import Precision, build_engine, configure_checkpointing, device
 from rin_scale.model import RIN
 from rin_scale.optim import AdamW, Lamb, WarmupCosine
 from rin_scale.train import LossWatch
@@ -125,3 +126,73 @@ def test_ema_is_fp32_average_and_full_state_loads_into_the_model():
     fresh.load_state_dict(state)  # strict: every key of the plain model is there
     assert all(v.dtype == torch.float32 for v in state.values())
     assert math.isclose(ema.decay, 0.9)
+
+
+@contextlib.contextmanager
+def autocast_as_on_a_gpu(dev):
+    """The trainer's autocast, plus CUDA's autocast flag where the device is the CPU: DeepSpeed's
+    engine.forward tests torch.is_autocast_enabled(), which reads that flag only, so on a GPU it
+    sees the trainer's autocast and on the CPU it never does. Setting the flag lets a CPU run take
+    the branch every GPU run takes."""
+    was = torch.is_autocast_enabled("cuda")
+    torch.set_autocast_enabled("cuda", True)
+    try:
+        with Precision("bf16", "test").autocast(dev):
+            yield
+    finally:
+        torch.set_autocast_enabled("cuda", was)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_the_trainers_precision_reaches_the_model_inside_deepspeeds_forward(precision, one_process_group,
+                                                                            monkeypatch):
+    # A bf16 run whose matmuls DeepSpeed silently turned back to fp32 (its forward disables an
+    # autocast it was not configured for) would train at half speed and report half its MFU.
+    monkeypatch.setenv("LOCAL_RANK", "0")  # deepspeed.initialize wants it
+    cfg = small_cfg("train.zero_stage=2", "train.global_batch=4")
+    dev = device()
+    torch.manual_seed(0)
+    engine, _, _ = build_engine(RIN(cfg.model).to(dev), cfg, 1, precision=Precision(precision, "test"))
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+             for m in engine.module.modules() if isinstance(m, torch.nn.Linear)]
+    x0 = torch.rand(4, 3, 16, 16, device=dev) * 2 - 1
+    with autocast_as_on_a_gpu(dev) if precision == "bf16" else contextlib.nullcontext():
+        loss, _ = training_loss(engine, x0, cfg.diffusion, labels=torch.tensor([0, 1, 2, 3], device=dev))
+    engine.backward(loss)
+    engine.step()
+    for h in hooks:
+        h.remove()
+    want = torch.bfloat16 if precision == "bf16" else torch.float32
+    assert seen and set(seen) == {want}, f"{precision} run: Linear outputs {sorted(map(str, set(seen)))}"
+    assert engine.was_step_applied()
+
+
+def test_zero_still_skips_a_non_finite_lamb_step(one_process_group, monkeypatch):
+    # Under ZeRO, LAMB leaves the finite check to DeepSpeed (its own would cost a collective and a
+    # host sync per tensor): a NaN gradient must still never reach the weights.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    # Glorot read/write outputs: tiny's zero ones leave the latents' path without a gradient at first.
+    cfg = small_cfg("train.zero_stage=2", "train.global_batch=4", "train.optimizer=lamb", "model.rw_out_init=glorot")
+    torch.manual_seed(0)
+    engine, opt, _ = build_engine(RIN(cfg.model), cfg, 1)
+    assert isinstance(opt, Lamb) and opt.partitioned
+    x0, labels = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 3])
+
+    def weights():
+        return {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+
+    before = weights()
+    loss, _ = training_loss(engine, x0, cfg.diffusion, labels=labels)
+    engine.backward(loss * float("nan"))
+    engine.step()
+    assert not engine.was_step_applied()
+    assert all(torch.equal(w, before[n]) for n, w in weights().items())
+    loss, _ = training_loss(engine, x0, cfg.diffusion, labels=labels)
+    engine.backward(loss)
+    engine.step()
+    assert engine.was_step_applied()
+    assert all(torch.isfinite(w).all() for w in weights().values())
+    # (prev_mlp sits behind prev_norm's zero scale: no gradient at the first step)
+    assert not [n for n, w in weights().items() if torch.equal(w, before[n]) and not n.startswith("prev_mlp.")]
