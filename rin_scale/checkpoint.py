@@ -57,7 +57,9 @@ def rng_state() -> dict:
     st = np.random.get_state()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        # this rank's GPU only: a node whose ranks each see one GPU (CUDA_VISIBLE_DEVICES per
+        # task) could not restore the states of all eight
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_available() else [],
         "numpy": [st[0], st[1].tolist(), int(st[2]), int(st[3]), float(st[4])],
         "python": json.dumps(random.getstate()),
     }
@@ -66,7 +68,7 @@ def rng_state() -> dict:
 def set_rng_state(s: dict) -> None:
     torch.set_rng_state(s["torch"])
     if torch.cuda.is_available() and s["cuda"]:
-        torch.cuda.set_rng_state_all(s["cuda"])
+        torch.cuda.set_rng_state(s["cuda"][0])  # this rank's GPU (no GPU run saved another form)
     n = s["numpy"]
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     py = json.loads(s["python"])

@@ -36,8 +36,9 @@ class EMA:
     @torch.no_grad()
     def update(self, decay: float | None = None) -> None:
         decay = self.decay if decay is None else decay
-        for n, p in self.params:
-            self.shadow[n].lerp_(self._local(p).detach().float(), 1 - decay)
+        # one fused call over all tensors: ~500 kernel launches a step on a GPU otherwise
+        torch._foreach_lerp_([self.shadow[n] for n, _ in self.params],
+                             [self._local(p).detach().float() for _, p in self.params], 1 - decay)
 
     @torch.no_grad()
     def full_state(self) -> dict:

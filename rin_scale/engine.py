@@ -37,7 +37,10 @@ def init_distributed() -> tuple[int, int, int]:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    if "LOCAL_RANK" not in os.environ:  # a launcher that sets RANK only: the rank within its node
+        gpus = torch.cuda.device_count()
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID") or (
+            str(int(os.environ["RANK"]) % gpus) if gpus else os.environ["RANK"])
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)

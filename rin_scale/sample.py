@@ -21,6 +21,7 @@ from tqdm import tqdm
 from . import rundir, storage
 from .config import ConfigError, guidance_problem
 from .data import DataError, leading_frames
+from .engine import choose_precision
 from .media import to_uint8
 
 
@@ -116,6 +117,8 @@ def main(argv=None) -> int:
                    help="video: frames per clip, given + predicted (default: the run's eval.frames, else the "
                         "model's window); longer clips are extended autoregressively")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 on GPUs and on CPUs whose bf16 matmul is clearly faster (the trainer's rule)")
     a = p.parse_args(argv)
     if a.guidance is not None and not a.guidance >= 0:
         p.error(f"argument --guidance: {a.guidance} must be 0 or more")
@@ -138,14 +141,18 @@ def main(argv=None) -> int:
             if not data:
                 raise ConfigError("a video snapshot needs conditioning frames: pass --data SHARDS")
             cond = leading_frames(data, m, n)
+        dev = torch.device(a.device)
+        prec = choose_precision(a.precision, dev)
         prepare_output(a.out, "--out")  # now, not after minutes of sampling
         prepare_output(a.npz, "--npz")
     except (ConfigError, DataError, rundir.SnapshotError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"[sample] {snap} (step {meta.get('step')}): {n} samples on {a.device}", file=sys.stderr)
-    x, labels = generate(model, dcfg, n, a.batch, a.seed, a.steps, a.sampler, a.guidance, a.label, cond,
-                         a.device, frames=frames)
+    print(f"[sample] {snap} (step {meta.get('step')}): {n} samples on {a.device} in {prec.name} ({prec.reason})",
+          file=sys.stderr)
+    with prec.autocast(dev):
+        x, labels = generate(model, dcfg, n, a.batch, a.seed, a.steps, a.sampler, a.guidance, a.label, cond,
+                             a.device, frames=frames)
 
     try:
         write_outputs(a, x, labels, m)
