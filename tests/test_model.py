@@ -304,9 +304,15 @@ def test_stage_by_stage_checkpointing_gives_the_same_outputs_and_gradients(chunk
     first_block = ["read_step", "compute_step"] + ["write_step"] * writes + ["conv_step"] * bool(conv)
     assert calls[:len(first_block)] == first_block
     assert len(calls) == 3 * (2 + writes + bool(conv))
-    assert torch.allclose(got[0], ref[0], atol=1e-6) and torch.allclose(got[1], ref[1], atol=1e-6)
-    for n in ref[2]:
-        assert torch.allclose(got[2][n], ref[2][n], rtol=1e-4, atol=1e-6), n  # chunks: summed in another order
+    # Unchunked: the same operations, so the same bits. Chunked: each chunk's contribution to the
+    # latents' gradients is summed in another order, so the two differ by rounding, which is
+    # bounded by the tensor's scale (an element's own size can be far smaller after cancellation).
+    pairs = [("out", got[0], ref[0]), ("latents", got[1], ref[1])] + [(n, got[2][n], ref[2][n]) for n in ref[2]]
+    for n, a, b in pairs:
+        if chunk:
+            assert (a - b).abs().max() <= 1e-5 * b.abs().max(), n
+        else:
+            assert torch.equal(a, b), n
     # a no-grad pass checkpoints nothing, and its chunked write gives the same numbers
     calls.clear()
     with torch.no_grad():
