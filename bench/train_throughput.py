@@ -74,7 +74,7 @@ class Bench:
     autocast: engine.ds_config); the same seed gives every precision the same weights."""
 
     def __init__(self, batch: int, dev: torch.device, prec: Precision):
-        self.dev, self.batch = dev, batch
+        self.dev, self.batch, self.prec = dev, batch, prec
         self.cfg = cfg = load_config("cifar10", [f"train.global_batch={batch}", "train.zero_stage=0",
                                                  "train.warmup_steps=10"])
         torch.manual_seed(0)
@@ -91,11 +91,11 @@ class Bench:
             self.prev = self.model(self.x_t, self.gamma, self.labels)[1]
         self.fwd = forward_flops(cfg.model) * batch
 
-    def fwd_bwd(self, prec: Precision) -> float:
+    def fwd_bwd(self) -> float:
         self.model.zero_grad(set_to_none=True)
         _sync(self.dev)
         t0 = time.perf_counter()
-        with prec.autocast(self.dev):
+        with self.prec.autocast(self.dev):
             out, _ = self.model(self.x_t, self.gamma, self.labels, self.prev)
             loss = F.mse_loss(out.float(), self.eps)
         loss.backward()
@@ -104,19 +104,19 @@ class Bench:
         self.model.zero_grad(set_to_none=True)
         return dt
 
-    def self_cond_fwd(self, prec: Precision) -> float:
+    def self_cond_fwd(self) -> float:
         _sync(self.dev)
         t0 = time.perf_counter()
-        with prec.autocast(self.dev), torch.no_grad():
+        with self.prec.autocast(self.dev), torch.no_grad():
             self.model(self.x_t, self.gamma, self.labels)
         _sync(self.dev)
         return time.perf_counter() - t0
 
-    def step(self, prec: Precision) -> tuple[float, float, float]:
+    def step(self) -> tuple[float, float, float]:
         """(both forwards, backward, optimizer step) of one training step, in seconds."""
         _sync(self.dev)
         t0 = time.perf_counter()
-        with prec.autocast(self.dev):
+        with self.prec.autocast(self.dev):
             loss, _ = training_loss(self.engine, self.x0, self.cfg.diffusion, labels=self.labels)
         _sync(self.dev)
         t1 = time.perf_counter()
@@ -180,17 +180,16 @@ def main():
 
     benches = {prec.name: Bench(args.batch, dev, prec) for prec in precs}
     b = benches["fp32"]
-    for prec in precs:  # warm-up: kernel selection, first-touch of buffers, optimizer state
-        bp = benches[prec.name]
-        bp.fwd_bwd(prec), bp.self_cond_fwd(prec), bp.step(prec)
+    for bp in benches.values():  # warm-up: kernel selection, first-touch of buffers, optimizer state
+        bp.fwd_bwd(), bp.self_cond_fwd(), bp.step()
     res = {prec.name: {"peak": [], "fb": [], "sc": [], "fwds": [], "bwd": [], "opt": [], "step": []} for prec in precs}
     for _ in range(args.rounds):
         for prec in precs:
             r, bp = res[prec.name], benches[prec.name]
             r["peak"].append(matmul_peak(prec.dtype, dev, seconds=0.5, n=1024))
-            r["fb"].append(bp.fwd_bwd(prec))
-            r["sc"].append(bp.self_cond_fwd(prec))
-            fwds, bwd, opt = bp.step(prec)
+            r["fb"].append(bp.fwd_bwd())
+            r["sc"].append(bp.self_cond_fwd())
+            fwds, bwd, opt = bp.step()
             r["fwds"].append(fwds), r["bwd"].append(bwd), r["opt"].append(opt), r["step"].append(fwds + bwd + opt)
     m = {k: {q: median(v) for q, v in r.items()} for k, r in res.items()}
     peak32 = m["fp32"]["peak"]
