@@ -2,6 +2,10 @@
 
     loader = ShardLoader(cfg.data, cfg.model, batch_size, rank, world_size, state=saved)
     for batch in loader: ...            # forever, by epochs; batch = {"x", "label", "key"}
+
+"x" holds uint8 pixels (media.to_unit makes the model's [-1, 1] floats on the device): a quarter of
+fp32's bytes through the workers' shared memory, pinned memory and the host-to-device copy
+(25 MB instead of 101 MB for a micro-batch of 8 images at 1024x1024).
     saved = loader.state_dict()         # JSON-able; what the consumer has received so far
 
 Order. Each epoch the shards are shuffled with (seed, epoch) and concatenated into one global
@@ -205,7 +209,7 @@ class _EpochStream(torch.utils.data.IterableDataset):
                 xs.append(item[0]); labels.append(item[1]); keys.append(item[2])
             owed = 0
             while len(xs) >= B:
-                yield {"x": to_unit(torch.stack(xs[:B])), "label": torch.tensor(labels[:B], dtype=torch.long),
+                yield {"x": torch.stack(xs[:B]), "label": torch.tensor(labels[:B], dtype=torch.long),
                        "key": keys[:B], "_errors": errors}
                 xs, labels, keys, errors = xs[B:], labels[B:], keys[B:], 0
         if owed:  # nothing decodable at all in this worker's share

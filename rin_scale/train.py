@@ -514,13 +514,14 @@ class StepResult(NamedTuple):
 def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
     """One optimizer step over the global batch (`accum` micro-batches on each rank), then the EMA."""
     from .diffusion import training_loss
+    from .media import to_unit
 
     cfg, engine = tr.cfg, tr.engine
     t0, wait0 = time.perf_counter(), tr.batches.wait
     losses = []
     for _ in range(tr.accum):
         batch = tr.batches.next()
-        x0, cond = split_clip(batch["x"].to(tr.dev, non_blocking=True), cfg.model)
+        x0, cond = split_clip(to_unit(batch["x"].to(tr.dev, non_blocking=True)), cfg.model)
         labels = batch["label"].to(tr.dev, non_blocking=True) if cfg.model.num_classes else None
         with tr.compute.precision.autocast(tr.dev):
             loss, details = training_loss(engine, x0, cfg.diffusion, labels=labels, cond=cond)

@@ -19,6 +19,7 @@ from data_tools.shard import main as shard_main
 from data_tools.shard import make_shards
 from rin_scale.config import load_config
 from rin_scale.data import DataError, ShardLoader, iter_samples
+from rin_scale.media import to_unit
 from rin_scale.shards import read_tar_samples, tar_bytes
 from rin_scale.storage import fs_path, write_bytes
 
@@ -277,8 +278,8 @@ def test_two_ranks_two_workers_cover_the_epoch_once(heldout):
         loader, batches = epoch_keys(cfg, 12, rank, 2)
         assert loader.batches_per_epoch == 15 and len(batches) == 15
         for b in batches:
-            assert b["x"].shape == (12, 3, 16, 16) and b["x"].dtype == torch.float32
-            assert -1 <= b["x"].min() and b["x"].max() <= 1 and b["label"].dtype == torch.long
+            assert b["x"].shape == (12, 3, 16, 16) and b["x"].dtype == torch.uint8  # made float on the device
+            assert b["label"].dtype == torch.long
             assert (b["label"] >= 0).all() and (b["label"] < 10).all()
             keys += b["key"]
     assert len(keys) == 360 and sorted(keys) == sorted(all_keys(heldout))
@@ -299,7 +300,7 @@ def test_epochs_reshuffle_and_labels_match(heldout):
     b = e0[0]
     for i, k in enumerate(b["key"]):
         x, y = truth[k]
-        assert int(b["label"][i]) == y and torch.equal(b["x"][i], x)  # hflip off in tiny
+        assert int(b["label"][i]) == y and torch.equal(to_unit(b["x"][i]), x)  # hflip off in tiny
 
 
 def test_shards_read_the_same_through_webdataset_itself(heldout):
@@ -412,7 +413,7 @@ def test_video_clips_from_moving_digits(tmp_path):
             "--workers", "2", "--quiet")
     cfg = load_config("tiny_video", [f"data.shards={out}", "data.workers=2", "data.shuffle_buffer=20"])
     loader, batches = epoch_keys(cfg, 6, 0, 2, n=3)
-    x = batches[0]["x"]
+    x = to_unit(batches[0]["x"])
     assert x.shape == (6, 3, cfg.model.frames, 16, 16) and -1 <= x.min() and x.max() <= 1
     assert (x[:, :, 1:] - x[:, :, :-1]).abs().mean() > 0.01  # the digit moves
     state = loader.state_dict()
