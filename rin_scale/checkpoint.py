@@ -165,7 +165,7 @@ def _fetch(url: str, folder: str) -> None:
 
 
 def saved_meta(folder: str) -> dict:
-    """trainer.json of a state: step, images seen, world size, precision, wall time."""
+    """trainer.json of a state: step, images seen, world size, precision, wall time, optimizer groups."""
     with open(os.path.join(folder, "trainer.json")) as f:
         return json.load(f)
 

@@ -189,16 +189,55 @@ def _keep_autocast(checkpoint):
 
 
 def build_engine(model, cfg: Config, world_size: int, load_universal: bool = False,
-                 precision: Precision | None = None):
+                 precision: Precision | None = None, groups: str = "by_setting"):
     """(engine, base optimizer, LR scheduler). The model must already be on its device; `precision`
-    is the one its forwards run in (ds_config)."""
+    is the one its forwards run in (ds_config); `groups` the optimizer's param groups
+    (optim.make_optimizer)."""
     import deepspeed
 
-    from .optim import make_optimizer, make_scheduler
+    from .optim import Lamb, make_optimizer, make_scheduler
 
     configure_checkpointing(model, cfg)
-    opt = make_optimizer(model, cfg)
+    opt = make_optimizer(model, cfg, groups)
     sched = make_scheduler(opt, cfg)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched,
                                            config=ds_config(cfg, world_size, load_universal, precision))
+    if isinstance(opt, Lamb) and opt.partitioned:
+        opt.pieces = zero_pieces(engine.optimizer)
     return engine, opt, sched
+
+
+def zero_pieces(zopt):
+    """For LAMB under ZeRO: a function from one of the ZeRO optimizer's flat fp32 partitions to
+    [(start, length)], where each tensor of its group lies in it on this rank (length 0: on other
+    ranks only), in the group's order, which is the same on every rank. Read from DeepSpeed's own
+    bookkeeping: ZeRO 1-2 link each weight to its fragment of the partition (_hp_mapping, the
+    mapping behind deepspeed.utils.safe_get_full_fp32_param); ZeRO-3 records each weight's place in
+    its sub-group's partition (grad_position), its rank-r slice being [r * size, (r + 1) * size) of
+    the weight, padded past its end."""
+    table = {}
+    if hasattr(zopt, "single_partition_of_fp32_groups"):  # ZeRO 1 and 2
+        for params, flat in zip(zopt.bit16_groups, zopt.single_partition_of_fp32_groups):
+            rows = []
+            for p in params:
+                frag = getattr(getattr(p, "_hp_mapping", None), "hp_fragment", None)
+                rows.append((frag.storage_offset() - flat.storage_offset(), frag.numel()) if frag is not None
+                            else (0, 0))
+            table[id(flat)] = (flat, rows)
+    else:  # ZeRO-3
+        rank = dist.get_rank(group=zopt.dp_process_group)
+        for i, (params, flat) in enumerate(zip(zopt.fp16_groups, zopt.fp32_partitioned_groups_flat)):
+            rows = []
+            for p in params:
+                sub, start, size = zopt.grad_position[zopt.get_param_id(p)]
+                assert sub == i, (sub, i)
+                rows.append((start, max(0, min(size, p.ds_numel - rank * size))))
+            table[id(flat)] = (flat, rows)
+
+    def pieces(flat):
+        found = table.get(id(flat))
+        if found is None or found[0] is not flat:
+            raise RuntimeError("LAMB was handed a ZeRO partition it has no layout for (DeepSpeed replaced "
+                               "its flat fp32 partitions after the engine was built)")
+        return found[1]
+    return pieces

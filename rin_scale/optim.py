@@ -51,14 +51,19 @@ class Lamb(torch.optim.Optimizer):
     or update norm is zero (tfa: where(||w|| > 0, where(||u|| > 0, ||w|| / ||u||, 1), 1)), so a
     zero-initialized weight moves at step 1.
 
-    With `partitioned=True` (ZeRO), every param group must hold one parameter, of which this rank
-    sees a slice: the norms are summed over all ranks so the trust ratio is that of the whole
-    layer, exactly as without ZeRO. ZeRO checks the gradients for non-finite values itself."""
+    With `partitioned=True` (ZeRO), DeepSpeed hands each group's step this rank's flat fp32
+    partition of the group's tensors. `pieces` (engine.zero_pieces, set once the engine is built)
+    says where in it each of the group's tensors lies, (start, length), length 0 where this rank
+    holds none of it: the norms of every piece are summed over all ranks in one all-reduce per
+    group, so each trust ratio is that of the whole layer, exactly as without ZeRO (one
+    collective per group, where one group per tensor cost one per tensor). Without `pieces`, each
+    parameter is taken as one tensor. ZeRO checks the gradients for non-finite values itself."""
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, partitioned=False,
                  compiled=False):
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, adapt=True, step=0))
         self.partitioned = partitioned
+        self.pieces = None  # flat ZeRO partition -> [(start, length)] per tensor of its group
         self.overflow = False
         # (moments, update) from compiled_passes(), or None: the eager cache-sliced passes below
         self.passes = compiled_passes(self._device()) if compiled else None
@@ -69,15 +74,16 @@ class Lamb(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         # Under ZeRO, DeepSpeed has already skipped a step whose gradient norm is not finite, and it
-        # calls step() once per group (here one per tensor): a check here would cost an all-reduce
-        # and a host sync per tensor (~190 a step for cifar10, ~520 for imagenet1024).
+        # calls step() once per group: a check here would cost an all-reduce and a host sync each.
         if not self.partitioned:
             self.overflow = not _all_finite(p.grad for g in self.param_groups for p in g["params"]
                                             if p.grad is not None)
             if self.overflow:
                 return None
         _count_step(self)
-        todo = []  # (group, parameter, its state, bias corrections (1 / (1 - b1^k), 1 / sqrt(1 - b2^k)))
+        # (group, (weight, grad, m, v), bias corrections (1 / (1 - b1^k), 1 / sqrt(1 - b2^k))): one per
+        # tensor, whole or this rank's piece of it
+        todo = []
         for g in self.param_groups:
             b1, b2 = g["betas"]
             for p in g["params"]:
@@ -90,16 +96,23 @@ class Lamb(torch.optim.Optimizer):
                     st["exp_avg_sq"] = torch.zeros_like(p, dtype=torch.float32)
                 st["step"] += 1
                 k = st["step"].item()  # a CPU tensor: no device sync
-                todo.append((g, p, st, (1 / (1 - b1 ** k), 1 / math.sqrt(1 - b2 ** k))))
+                bias = (1 / (1 - b1 ** k), 1 / math.sqrt(1 - b2 ** k))
+                tensors = (p, p.grad, st["exp_avg"], st["exp_avg_sq"])
+                if self.partitioned and self.pieces is not None:
+                    flat = [t.view(-1) for t in tensors]
+                    todo += [(g, tuple(f[s:s + n] for f in flat), bias) for s, n in self.pieces(p)]
+                else:
+                    todo.append((g, tensors, bias))
         if not todo:
             return None
         if self.passes:
             return self._compiled_step(todo)
         norms = []
-        for g, p, st, bias in todo:
+        for g, tensors, bias in todo:
             b1, b2 = g["betas"]
+            p = tensors[0]
             u_sq = p.new_zeros((), dtype=torch.float32)
-            for w, grad, m, v in _slices(p, p.grad, st["exp_avg"], st["exp_avg_sq"]):
+            for w, grad, m, v in _slices(*tensors):
                 grad = grad.float()
                 m.lerp_(grad, 1 - b1)
                 v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
@@ -107,9 +120,9 @@ class Lamb(torch.optim.Optimizer):
             norms.append(torch.stack([torch.linalg.vector_norm(p, dtype=torch.float32) ** 2, u_sq]))
         # One host sync per step (the finite check has one already), not one per tensor: the update
         # w - lr r (c1 m / d + wd w) = w (1 - lr r wd) - lr r c1 m / d takes Python scalars.
-        for (g, p, st, bias), r in zip(todo, self._trust(todo, norms).tolist()):
+        for (g, (p, _, m, v), bias), r in zip(todo, self._trust(todo, norms).tolist()):
             lr, wd = g["lr"] * r, g["weight_decay"]
-            for w, m, v in _slices(p, st["exp_avg"], st["exp_avg_sq"]):
+            for w, m, v in _slices(p, m, v):
                 if wd:
                     w.mul_(1 - lr * wd)
                 w.addcdiv_(m, _denom(g, bias, v), value=-lr * bias[0])
@@ -119,7 +132,7 @@ class Lamb(torch.optim.Optimizer):
         """Each tensor's trust ratio from its [||w||^2, ||u||^2] (1 where the group does not adapt)."""
         norms = torch.stack(norms)
         if self.partitioned and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(norms)  # each group is one whole layer, sliced over the ranks
+            dist.all_reduce(norms)  # each row is one whole tensor, its pieces on the ranks
         wn, un = norms.sqrt().unbind(1)
         one = torch.ones_like(wn)
         trust = torch.where((wn > 0) & (un > 0), wn / torch.where(un > 0, un, one), one)
@@ -131,15 +144,17 @@ class Lamb(torch.optim.Optimizer):
         scalars reach the device in one copy, then rows cloned apart: plain tensors like the ones
         the passes were compiled for at start-up."""
         moments, update = self.passes
-        dev = todo[0][1].device
+        dev = todo[0][1][0].device
         h = torch.tensor([[1 - g["betas"][0], g["betas"][1], 1 - g["betas"][1], *bias, g["eps"], g["weight_decay"]]
-                          for g, _, _, bias in todo], dtype=torch.float32, device=dev)
+                          for g, _, bias in todo], dtype=torch.float32, device=dev)
         hs = [row.clone() for row in h]
-        norms = [moments(*map(_flat, (p, p.grad, st["exp_avg"], st["exp_avg_sq"])), hs[i])
-                 for i, (_, p, st, _) in enumerate(todo)]
+        zero = torch.zeros(2, device=dev)
+        # an empty piece (a tensor wholly on other ranks) would compile anew: dynamic shapes treat 0 apart
+        norms = [moments(*map(_flat, ts), hs[i]) if ts[0].numel() else zero for i, (_, ts, _) in enumerate(todo)]
         lr = self._trust(todo, norms) * torch.tensor([g["lr"] for g, *_ in todo], dtype=torch.float32, device=dev)
-        for i, (_, p, st, _) in enumerate(todo):
-            update(*map(_flat, (p, st["exp_avg"], st["exp_avg_sq"])), hs[i], lr[i].clone())
+        for i, (_, (p, _, m, v), _) in enumerate(todo):
+            if p.numel():
+                update(*map(_flat, (p, m, v)), hs[i], lr[i].clone())
         return None
 
 
@@ -305,12 +320,15 @@ def param_groups(model, cfg: Config, one_per_param: bool, layer_adaptation: bool
     return groups
 
 
-def make_optimizer(model, cfg: Config):
+def make_optimizer(model, cfg: Config, groups: str = "by_setting"):
+    """groups: "by_setting" (up to 4: decay or not, trust ratio or not), or "per_tensor" (LAMB under
+    ZeRO for states saved in that layout, before commit __FLAT__: it resumes as it was saved)."""
     tc = cfg.train
     if tc.optimizer == "lamb":
         partitioned = tc.zero_stage >= 1
         n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        return Lamb(param_groups(model, cfg, one_per_param=partitioned), lr=tc.lr, betas=tuple(tc.betas),
+        one = partitioned and groups == "per_tensor"
+        return Lamb(param_groups(model, cfg, one_per_param=one), lr=tc.lr, betas=tuple(tc.betas),
                     eps=tc.eps, weight_decay=tc.weight_decay, partitioned=partitioned,
                     compiled=compile_wanted(tc.compile_optimizer, n_params))
     return AdamW(param_groups(model, cfg, one_per_param=False, layer_adaptation=False), lr=tc.lr,

@@ -360,6 +360,7 @@ class Trainer:
     batches: Batches
     train_log: TrainLog
     flops_per_example: float  # of one training step
+    groups: str  # the optimizer's param groups (optim.make_optimizer), kept in every state
     tb: object = None  # rank 0: TensorBoard
     preview: PreviewGrid | None = None  # rank 0, when train.sample_every
     loss_watch: LossWatch = field(default_factory=LossWatch)
@@ -401,10 +402,12 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
     if resume is not None and tc.zero_stage > 0 and saved["world_size"] != world:
         universal = universal_for(resume.folder, tc.zero_stage)
 
-    # Model, engine, EMA. Same seed on every rank: identical initial weights.
+    # Model, engine, EMA. Same seed on every rank: identical initial weights. A state from before
+    # the groups were recorded has LAMB's ZeRO layout of then, one group per tensor, and keeps it.
     torch.manual_seed(tc.seed)
+    groups = saved.get("optimizer_groups", "per_tensor") if resume is not None else "by_setting"
     engine, opt, _ = build_engine(RIN(cfg.model).to(dev), cfg, world, load_universal=bool(universal),
-                                  precision=compute.precision)
+                                  precision=compute.precision, groups=groups)
     if tc.optimizer == "lamb":
         how = f"compiled in {optim.COMPILE_SECONDS[dev.type]:.1f} s" if opt.passes else "eager"
         log0(rank, f"LAMB passes {how} (train.compile_optimizer={tc.compile_optimizer})")
@@ -420,8 +423,9 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
                 log0(rank, f"discarded snapshot step {step}: written after the state resumed from")
 
     loader = ShardLoader(cfg.data, cfg.model, micro, rank, world, state=loaded.loader if loaded else None)
+    flops = train_flops_per_example(cfg.model, cfg.diffusion.self_cond_rate)
     tr = Trainer(cfg, rank, world, accum, dev, compute, engine, ema, loader, Batches(loader),
-                 TrainLog(tc.run_dir, rank, state.step), train_flops_per_example(cfg.model, cfg.diffusion.self_cond_rate))
+                 TrainLog(tc.run_dir, rank, state.step), flops, groups)
     if rank == 0:
         tr.tb = open_tensorboard(cfg, state.step)
         tr.preview = PreviewGrid(cfg, dev) if tc.sample_every else None  # its weight init draws random numbers
@@ -649,7 +653,7 @@ def maybe_save(tr: Trainer, state: TrainState) -> None:
         rundir.prune(tc.run_dir, "snapshots", tc.keep_last, tc.milestone_every)
     if want_state:
         tr.train_log.flush()  # the rows up to this step outlive the job with the state (buffered on a bucket)
-        save_state(tr.engine, tr.cfg, step, ema_full, tr.loader.state_dict(), meta)
+        save_state(tr.engine, tr.cfg, step, ema_full, tr.loader.state_dict(), {**meta, "optimizer_groups": tr.groups})
     if tr.rank == 0 and (want_samples or want_snapshot):
         tr.tb.flush()
 
