@@ -322,7 +322,8 @@ def param_groups(model, cfg: Config, one_per_param: bool, layer_adaptation: bool
 
 def make_optimizer(model, cfg: Config, groups: str = "by_setting"):
     """groups: "by_setting" (up to 4: decay or not, trust ratio or not), or "per_tensor" (LAMB under
-    ZeRO for states saved in that layout, before commit __FLAT__: it resumes as it was saved)."""
+    ZeRO, for a state saved in that layout before trainer.json named its groups: it resumes as
+    it was saved)."""
     tc = cfg.train
     if tc.optimizer == "lamb":
         partitioned = tc.zero_stage >= 1
