@@ -3,7 +3,7 @@ COMPLETE only after every rank has written and a barrier; resume takes the newes
 
     STATE/step-N/step-N/...          DeepSpeed (model, ZeRO optimizer partitions, LR schedule)
     STATE/step-N/ema.safetensors     full fp32 EMA (rank 0)
-    STATE/step-N/trainer.json        step, images seen, world size, wall time (rank 0)
+    STATE/step-N/trainer.json        step, images seen, world size, wall time, precision, optimizer groups (rank 0)
     STATE/step-N/rank-R.pt           {"rng": torch/CUDA/numpy/python RNG states of rank R,
                                       "loader": its data position (ShardLoader.state_dict, as JSON)}
                                      (loadable with weights_only=True)
