@@ -2,11 +2,11 @@
 
     loader = ShardLoader(cfg.data, cfg.model, batch_size, rank, world_size, state=saved)
     for batch in loader: ...            # forever, by epochs; batch = {"x", "label", "key"}
+    saved = loader.state_dict()         # JSON-able; what the consumer has received so far
 
 "x" holds uint8 pixels (media.to_unit makes the model's [-1, 1] floats on the device): a quarter of
 fp32's bytes through the workers' shared memory, pinned memory and the host-to-device copy
 (25 MB instead of 101 MB for a micro-batch of 8 images at 1024x1024).
-    saved = loader.state_dict()         # JSON-able; what the consumer has received so far
 
 Order. Each epoch the shards are shuffled with (seed, epoch) and concatenated into one global
 sample sequence. Rank r takes the contiguous range [r*q, r*q + n) with q = total // world_size and
