@@ -26,6 +26,10 @@ def test_overrides_are_typed_and_applied_in_order(tmp_path):
     assert cfg.train.lr == 5e-4 and isinstance(cfg.train.total_steps, int) and cfg.train.betas == (0.9, 0.99)
     assert cfg.data.hflip is False
     assert load_config("tiny", ["model.image_size=32"]).model.image_size == 32
+    # the later item wins, whether a key=value or a YAML file (key=value runs merge in one go)
+    assert load_config("tiny", ["train.lr=1e-3", "train.lr=2e-3"]).train.lr == 2e-3
+    assert load_config("tiny", ["train.lr=2e-3", str(f)]).train.lr == 1e-4
+    assert load_config("tiny", ["train.lr=2e-3", str(f), "train.lr=3e-3"]).train.lr == 3e-3
 
 
 @pytest.mark.parametrize("overrides, words", [
