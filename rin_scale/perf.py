@@ -3,6 +3,7 @@ The FLOPs a model needs are counted in rin_scale.flops."""
 from __future__ import annotations
 
 import os
+import platform
 import resource
 import time
 
@@ -33,6 +34,20 @@ def matmul_peak(dtype=torch.float32, dev=torch.device("cpu"), seconds: float = 0
             dt = time.perf_counter() - t0
             if dt >= seconds:
                 return 2 * n**3 * count / dt
+
+
+def native_cpu_bf16() -> bool | None:
+    """Whether this x86 CPU multiplies bf16 natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo);
+    None where the flags cannot tell (another architecture, no /proc). Without them torch emulates
+    bf16, several times slower than fp32."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return None
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def _sync(dev):

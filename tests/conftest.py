@@ -87,16 +87,17 @@ def gcs_bucket(gcs_server, request):
 
 def bf16_missing() -> str | None:
     """Why bf16 training is not tested here, or None: on the CPU it needs avx512_bf16 or amx_bf16
-    (the flags that make train.precision=auto's probe pick bf16); without them torch emulates bf16,
-    several times slower than fp32. Flags, not the probe: a timing reads otherwise on a busy machine."""
+    (without them train.precision=auto picks fp32 unprobed, and torch emulates bf16, several times
+    slower). Flags, not auto's probe: a timing reads otherwise on a busy machine."""
     import torch
 
     if torch.cuda.is_available():
         return None if torch.cuda.is_bf16_supported() else "this GPU has no bf16"
-    try:
-        flags = set(open("/proc/cpuinfo").read().split())
-    except OSError:
-        return "no /proc/cpuinfo to read the CPU's avx512_bf16 / amx_bf16 flags from"
-    if flags & {"avx512_bf16", "amx_bf16"}:
+    from rin_scale.perf import native_cpu_bf16
+
+    native = native_cpu_bf16()
+    if native is None:
+        return "not an x86 CPU with /proc/cpuinfo: its avx512_bf16 / amx_bf16 flags cannot be read"
+    if native:
         return None
     return "this CPU has no native bf16 (neither avx512_bf16 nor amx_bf16): torch would emulate it, slowly"

@@ -196,3 +196,24 @@ def test_zero_still_skips_a_non_finite_lamb_step(one_process_group, monkeypatch)
     assert all(torch.isfinite(w).all() for w in weights().values())
     # (prev_mlp sits behind prev_norm's zero scale: no gradient at the first step)
     assert not [n for n, w in weights().items() if torch.equal(w, before[n]) and not n.startswith("prev_mlp.")]
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_on_the_cpu_probes_only_where_bf16_is_native(native, monkeypatch):
+    # without the flags bf16 is emulated (~0.35 s a product): fp32 at once, the reason naming them;
+    # with them the matmul probe decides (here made to read bf16 2x faster)
+    from rin_scale import engine, perf
+
+    probed = []
+
+    def probe(dtype, dev, seconds):
+        probed.append(dtype)
+        return 2e11 if dtype == torch.bfloat16 else 1e11
+
+    monkeypatch.setattr(perf, "native_cpu_bf16", lambda: native)
+    monkeypatch.setattr(perf, "matmul_peak", probe)
+    prec = engine.choose_precision("auto", torch.device("cpu"))
+    if native:
+        assert prec.name == "bf16" and probed == [torch.float32, torch.bfloat16], (prec, probed)
+    else:
+        assert prec.name == "fp32" and "avx512_bf16" in prec.reason and not probed, (prec, probed)
