@@ -37,7 +37,7 @@ from rin_scale.diffusion import gamma_fn, training_loss  # noqa: E402
 from rin_scale.engine import Precision, build_engine, device, init_distributed  # noqa: E402
 from rin_scale.flops import forward_flops  # noqa: E402
 from rin_scale.model import RIN  # noqa: E402
-from rin_scale.perf import matmul_peak  # noqa: E402
+from rin_scale.perf import matmul_peak, native_cpu_bf16  # noqa: E402
 
 TARGETS = {"fb_fp32": 0.80, "fb_bf16": 0.65, "step_over_parts": 1.15, "bf16_speedup": 1.8}
 
@@ -61,7 +61,7 @@ def cpu_info() -> dict:
         pass
     amx = sorted(f for f in flags if f.startswith("amx"))
     return {"name": name or "unknown CPU", "avx512_bf16": "avx512_bf16" in flags, "amx": amx,
-            "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags}
+            "native_bf16": native_cpu_bf16() is True}
 
 
 def _sync(dev):
