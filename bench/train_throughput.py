@@ -1,7 +1,7 @@
 """Training throughput of the cifar10 preset (32x32), batch 8, one process: fp32 and bf16, each
 figure a ratio to the matmul peak measured in the same run.
 
-    OMP_NUM_THREADS=2 .venv/bin/python bench/train_throughput.py [--rounds 5] [--batch 8]
+    OMP_NUM_THREADS=2 .venv/bin/python bench/train_throughput.py [--rounds 5] [--batch 8] [--glibc-default]
 
 Prints the device (on the CPU: lscpu's model name and whether the avx512_bf16 / AMX flags are
 there; bf16 is measured only where they are, or on a GPU with bf16), then, measured in rounds
@@ -15,6 +15,8 @@ that interleave the precisions (fp32, bf16, fp32, ...), the median of:
     optimizer step; split into its forwards, backward and optimizer step. The preset's LAMB runs
     its compiled passes (train.compile_optimizer=auto: 31M parameters); the LAMB step alone is also
     timed with its eager passes, interleaved.
+On the CPU glibc keeps freed memory for reuse, as in the trainer (perf.keep_freed_memory;
+--glibc-default leaves it as it is), and each step's page faults are counted.
 bf16 is the trainer's: torch.autocast over fp32 weights (engine.Precision). FLOPs are counted by
 rin_scale.flops (a multiply-add is 2): fwd+bwd = 3 forwards, the step = 4.
 """
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import subprocess
 import sys
 import time
@@ -37,7 +40,7 @@ from rin_scale.diffusion import gamma_fn, training_loss  # noqa: E402
 from rin_scale.engine import Precision, build_engine, device, init_distributed  # noqa: E402
 from rin_scale.flops import forward_flops  # noqa: E402
 from rin_scale.model import RIN  # noqa: E402
-from rin_scale.perf import matmul_peak, native_cpu_bf16  # noqa: E402
+from rin_scale.perf import keep_freed_memory, matmul_peak, native_cpu_bf16  # noqa: E402
 
 TARGETS = {"fb_fp32": 0.80, "fb_bf16": 0.65, "step_over_parts": 1.15, "bf16_speedup": 1.8}
 
@@ -160,6 +163,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=5, help="measurement rounds (medians are reported)")
     p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--glibc-default", action="store_true",
+                   help="leave glibc's malloc as it is, where the trainer makes it keep freed memory (perf.keep_freed_memory)")
     args = p.parse_args()
     init_distributed()
     dev = device()
@@ -176,20 +181,23 @@ def main():
         if not native:
             print("This CPU has no native bf16 (neither AVX-512-BF16 nor AMX): its bf16 matrix multiplies are "
                   "emulated, slower than fp32. Measuring fp32 only.")
+        print("CPU memory:", "glibc's malloc as it is (--glibc-default)" if args.glibc_default else keep_freed_memory())
     precs = [Precision("fp32", "bench")] + ([Precision("bf16", "bench")] if native else [])
 
     benches = {prec.name: Bench(args.batch, dev, prec) for prec in precs}
     b = benches["fp32"]
     for bp in benches.values():  # warm-up: kernel selection, first-touch of buffers, optimizer state
         bp.fwd_bwd(), bp.self_cond_fwd(), bp.step()
-    res = {prec.name: {"peak": [], "fb": [], "sc": [], "fwds": [], "bwd": [], "opt": [], "step": []} for prec in precs}
+    res = {prec.name: {"peak": [], "fb": [], "sc": [], "fwds": [], "bwd": [], "opt": [], "step": [], "faults": []} for prec in precs}
     for _ in range(args.rounds):
         for prec in precs:
             r, bp = res[prec.name], benches[prec.name]
             r["peak"].append(matmul_peak(prec.dtype, dev, seconds=0.5, n=1024))
             r["fb"].append(bp.fwd_bwd())
             r["sc"].append(bp.self_cond_fwd())
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             fwds, bwd, opt = bp.step()
+            r["faults"].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults)
             r["fwds"].append(fwds), r["bwd"].append(bwd), r["opt"].append(opt), r["step"].append(fwds + bwd + opt)
     m = {k: {q: median(v) for q, v in r.items()} for k, r in res.items()}
     peak32 = m["fp32"]["peak"]
@@ -198,14 +206,14 @@ def main():
           f"({' and '.join(p.name for p in precs)} interleaved); forward GFLOPs per image "
           f"{b.fwd / args.batch / 1e9:.2f}\n")
     print("| precision | matmul peak TFLOP/s | fwd+bwd (s) | fwd+bwd / peak | fwd+bwd / fp32 peak | self-cond fwd (s) "
-          "| step (s) | forwards / backward / optimizer (s) | step / (fwd+bwd + self-cond fwd) | images/s | step MFU |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| step (s) | forwards / backward / optimizer (s) | step / (fwd+bwd + self-cond fwd) | images/s | step MFU | page faults / step |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k, r in m.items():
         fb_rate = 3 * b.fwd / r["fb"]
         print(f"| {k} | {r['peak'] / 1e12:.3f} | {r['fb']:.3f} | {fb_rate / r['peak']:.1%} | {fb_rate / peak32:.1%} "
               f"| {r['sc']:.3f} | {r['step']:.3f} | {r['fwds']:.3f} / {r['bwd']:.3f} / {r['opt']:.3f} "
               f"| {r['step'] / (r['fb'] + r['sc']):.3f} | {args.batch / r['step']:.1f} "
-              f"| {4 * b.fwd / r['step'] / r['peak']:.1%} |")
+              f"| {4 * b.fwd / r['step'] / r['peak']:.1%} | {r['faults']:,.0f} |")
     print()
     t = TARGETS
     fb32 = 3 * b.fwd / m["fp32"]["fb"] / peak32

@@ -50,6 +50,38 @@ def native_cpu_bf16() -> bool | None:
     return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+def keep_freed_memory() -> str:
+    """Make glibc keep the memory torch frees, for the next step to reuse, instead of returning it
+    to the OS; returns a line for the log.
+
+    A training step on the CPU allocates and frees the same large buffers every step (activations,
+    gradients, DeepSpeed's flat buffers). glibc serves those over its mmap threshold (at most 32 MB)
+    with a fresh mmap and unmaps them on free, and trims the heap's free top: the next step faults
+    every page in again, zero-filled. The cifar10 step took 40,000-140,000 page faults (160-560 MB)
+    on the AVX-512-BF16 EPYC, 10-20% of its time. With no mmap and no trim, a step after the first
+    takes none. The process's resident memory stays at its peak, which the next step needs anyway.
+    Not on a GPU: torch's CUDA allocator already caches. Left alone where the user set glibc's own
+    knobs (MALLOC_* or GLIBC_TUNABLES), or where the C library is not glibc (musl, macOS)."""
+    import ctypes
+
+    mine = sorted(k for k in os.environ if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES")
+    if mine:
+        return f"glibc's malloc as set by {', '.join(mine)}"
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.gnu_get_libc_version.restype = ctypes.c_char_p
+        version = libc.gnu_get_libc_version().decode()
+    except (OSError, AttributeError):
+        return "the C library's malloc as it is (not glibc)"
+    if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)):
+        return f"glibc {version}'s malloc as it is (mallopt refused)"
+    return f"glibc {version} keeps freed memory for reuse (no mmap, no trim)"
+
+
 def _sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)

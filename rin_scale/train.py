@@ -375,6 +375,7 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
     from .engine import build_engine, device, init_distributed
     from .flops import train_flops_per_example
     from .model import RIN
+    from .perf import keep_freed_memory
 
     tc = cfg.train
     check_writable(cfg)  # one line now, not a traceback after DeepSpeed's start-up
@@ -383,6 +384,8 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
     check_dataset(cfg.data, cfg.model, micro, world)  # bad data: one line before the engine is built
     take_lease(cfg, rank)  # before anything is written to the run
     dev = device()
+    if dev.type == "cpu":  # before the model: every allocation from here on is kept for reuse
+        log0(rank, f"CPU memory: {keep_freed_memory()}")
 
     # The newest complete state, found first: one saved by another world size under ZeRO 1-3 is
     # loaded through DeepSpeed's universal checkpoint, which the engine must know of when built;

@@ -1,6 +1,11 @@
-"""Trainer parts in one process: activation checkpointing, LAMB, non-finite steps, LR schedule, EMA."""
+"""Trainer parts in one process: activation checkpointing, LAMB, non-finite steps, LR schedule, EMA,
+precision and CPU memory settings."""
 import contextlib
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -12,6 +17,8 @@ from rin_scale.engine import Precision, build_engine, configure_checkpointing, d
 from rin_scale.model import RIN
 from rin_scale.optim import AdamW, Lamb, WarmupCosine
 from rin_scale.train import LossWatch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
@@ -217,3 +224,40 @@ def test_auto_precision_on_the_cpu_probes_only_where_bf16_is_native(native, monk
         assert prec.name == "bf16" and probed == [torch.float32, torch.bfloat16], (prec, probed)
     else:
         assert prec.name == "fp32" and "avx512_bf16" in prec.reason and not probed, (prec, probed)
+
+
+FAULTS_SCRIPT = """
+import json, resource, sys, torch
+from rin_scale.perf import keep_freed_memory
+how = keep_freed_memory() if sys.argv[1] == "keep" else "as it is"
+faults = []
+for _ in range(16):  # a step's buffer: 48 MB, over glibc's largest mmap threshold (32 MB)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(12 << 20).sum()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"how": how, "faults": faults}))
+"""
+
+
+@pytest.mark.parametrize("mode", ["keep", "as it is", "user's MALLOC_ setting"])
+def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_every_step(mode, tmp_path):
+    # train.set_up calls perf.keep_freed_memory on the CPU: glibc otherwise maps a buffer over its
+    # mmap threshold afresh at each allocation and unmaps it on free, so every step faulted all
+    # its pages in again (40,000-140,000 faults a cifar10 step). Once the heap holds the step's
+    # buffers, allocating one takes no fault; glibc as it is faults every time. A user's own
+    # MALLOC_* settings are left alone.
+    script = tmp_path / "faults.py"
+    script.write_text(FAULTS_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    if mode == "user's MALLOC_ setting":
+        env["MALLOC_TRIM_THRESHOLD_"] = str(2**30)
+    out = subprocess.run([sys.executable, str(script), "as is" if mode == "as it is" else "keep"],
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    res = json.loads(out.stdout.splitlines()[-1])
+    late = res["faults"][8:]
+    if mode == "keep":
+        assert "keeps freed memory" in res["how"] and sum(late) == 0, res
+    else:
+        assert all(f > 0 for f in late), res  # a fresh mapping every time
+        assert res["how"] == ("as it is" if mode == "as it is" else "glibc's malloc as set by MALLOC_TRIM_THRESHOLD_"), res
