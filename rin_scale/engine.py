@@ -207,6 +207,11 @@ def build_engine(model, cfg: Config, world_size: int, load_universal: bool = Fal
                                            config=ds_config(cfg, world_size, load_universal, precision))
     if isinstance(opt, Lamb) and opt.partitioned:
         opt.pieces = zero_pieces(engine.optimizer)
+    if world_size == 1 and cfg.train.zero_stage == 0:
+        # Nothing to reduce over one rank, yet DeepSpeed would flatten every gradient into one buffer,
+        # all-reduce it and copy it back at each step (~3% of a cifar10 bf16 step on the CPU). It
+        # turns the same switch off itself where there is no process group.
+        engine.enable_backward_allreduce = False
     return engine, opt, sched
 
 

@@ -205,6 +205,28 @@ def test_zero_still_skips_a_non_finite_lamb_step(one_process_group, monkeypatch)
     assert not [n for n, w in weights().items() if torch.equal(w, before[n]) and not n.startswith("prev_mlp.")]
 
 
+def test_one_rank_zero0_skips_deepspeeds_gradient_allreduce_with_the_same_result(one_process_group, monkeypatch):
+    # Over one rank DeepSpeed's all-reduce only flattens every gradient and copies it back:
+    # build_engine turns it off there, and the weights must come out bit for bit as with it.
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    cfg = small_cfg("train.zero_stage=0", "train.global_batch=4", "train.optimizer=lamb")
+    x0, labels = torch.rand(4, 3, 16, 16) * 2 - 1, torch.tensor([0, 1, 2, 3])
+    trained = {}
+    for allreduce in (False, True):
+        torch.manual_seed(0)
+        engine, _, _ = build_engine(RIN(cfg.model), cfg, 1)
+        assert engine.enable_backward_allreduce is False
+        engine.enable_backward_allreduce = allreduce  # True: DeepSpeed's own path
+        before = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        for _ in range(2):
+            loss, _ = training_loss(engine, x0, cfg.diffusion, labels=labels)
+            engine.backward(loss)
+            engine.step()
+        trained[allreduce] = {n: p.detach().clone() for n, p in engine.module.named_parameters()}
+        assert any(not torch.equal(w, before[n]) for n, w in trained[allreduce].items())
+    assert all(torch.equal(w, trained[True][n]) for n, w in trained[False].items())
+
+
 @pytest.mark.parametrize("native", [False, True])
 def test_auto_precision_on_the_cpu_probes_only_where_bf16_is_native(native, monkeypatch):
     # without the flags bf16 is emulated (~0.35 s a product): fp32 at once, the reason naming them;
