@@ -265,7 +265,7 @@ print(json.dumps({"how": how, "faults": faults}))
 def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_every_step(mode, tmp_path):
     # train.set_up calls perf.keep_freed_memory on the CPU: glibc otherwise maps a buffer over its
     # mmap threshold afresh at each allocation and unmaps it on free, so every step faulted all
-    # its pages in again (40,000-140,000 faults a cifar10 step). Once the heap holds the step's
+    # its pages in again (30,000-120,000 faults a cifar10 step). Once the heap holds the step's
     # buffers, allocating one takes no fault; glibc as it is faults every time. A user's own
     # MALLOC_* settings are left alone.
     script = tmp_path / "faults.py"
