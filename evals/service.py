@@ -484,6 +484,7 @@ def main(argv=None) -> int:
     p.add_argument("overrides", nargs="*", help="config overrides, e.g. eval.num_samples=5000 eval.order=newest")
     args = p.parse_args(argv)
     from rin_scale.data import DataError
+    from rin_scale.perf import keep_freed_memory
 
     from .extractors import ExtractorError
 
@@ -499,6 +500,8 @@ def main(argv=None) -> int:
                 time.sleep(30)
         log(f"watching {args.run}: {svc.metric.upper()}, {svc.cfg.eval.num_samples} samples per snapshot, "
             f"order={svc.cfg.eval.order}, device={svc.device}")
+        if svc.device.type == "cpu":  # sampling and feature extraction reuse their buffers (as the trainer)
+            log(f"CPU memory: {keep_freed_memory()}")
         while True:
             n = svc.run_once(limit=args.limit)
             if args.once and svc.failed:
