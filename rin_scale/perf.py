@@ -63,8 +63,8 @@ def keep_freed_memory() -> str:
     with a fresh mmap and unmaps them on free, and trims the heap's free top: the next step faults
     every page in again, zero-filled. A cifar10 step took 30,000-120,000 page faults (120-480 MB)
     on the AVX-512-BF16 EPYC, and 9% (fp32) / 15% (bf16) less time without them. With no mmap and
-    no trim, a step after the first takes none. The process's resident memory stays at its peak,
-    which the next step needs anyway.
+    no trim, a step takes none once the heap has settled (a few steps). The process's resident
+    memory stays at its peak, which the next step needs anyway.
     Not on a GPU: torch's CUDA allocator already caches. Left alone where the user set glibc's own
     knobs (MALLOC_* or GLIBC_TUNABLES), or where the C library is not glibc (musl, macOS)."""
     import ctypes

@@ -253,7 +253,7 @@ import json, resource, sys, torch
 from rin_scale.perf import keep_freed_memory
 how = keep_freed_memory() if sys.argv[1] == "keep" else "as it is"
 faults = []
-for _ in range(16):  # a step's buffer: 48 MB, over glibc's largest mmap threshold (32 MB)
+for _ in range(48):  # a step's buffer: 48 MB, over glibc's largest mmap threshold (32 MB)
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(12 << 20).sum()
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -267,7 +267,9 @@ def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_every_step(mo
     # mmap threshold afresh at each allocation and unmaps it on free, so every step faulted all
     # its pages in again (30,000-120,000 faults a cifar10 step). Once the heap holds the step's
     # buffers, allocating one takes no fault; glibc as it is faults every time. A user's own
-    # MALLOC_* settings are left alone.
+    # MALLOC_* settings are left alone. The heap settles in a few iterations, how many depends on
+    # where small allocations land (torch's aligned allocations do not fit the hole the last one
+    # left at first): 4-9 here, 10 on a CI machine; the last 16 of 48 leave a wide margin.
     script = tmp_path / "faults.py"
     script.write_text(FAULTS_SCRIPT)
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -277,7 +279,7 @@ def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_every_step(mo
                          env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     res = json.loads(out.stdout.splitlines()[-1])
-    late = res["faults"][8:]
+    late = res["faults"][32:]
     if mode == "keep":
         assert "keeps freed memory" in res["how"] and sum(late) == 0, res
     else:
