@@ -96,20 +96,25 @@ class MLP(nn.Module):
         return x + self.drop_path(self.fc2(self.dropout(F.gelu(self.fc1(self.norm(x))))))
 
 
-# On the CPU, SDPA's bf16 flash kernel is slower than its fp32 one for short sequences (a cifar10
-# block's attention: fp32 1.6-2x faster, forward + backward); it gains only when thousands of
-# keys or queries meet (imagenet1024's read and write: bf16 ~10% faster). Up to this many score
-# entries per head, a bf16 attention on the CPU runs in fp32 and rounds its output to bf16.
-CPU_FP32_ATTENTION_MAX = 1 << 20
+# On the CPU, SDPA's bf16 flash kernel is slower than its fp32 one for short sequences, and both
+# are slower than the attention written out in bf16 (two matmuls and a softmax, oneDNN's bf16
+# GEMMs): forward + backward of a cifar10 block's attention, bf16 flash / fp32 flash / explicit
+# bf16: 37 / 19 / 10 ms for the latents' self-attention, 26 / 14 / 8 ms for the write (AVX-512-BF16
+# EPYC, 2 threads); 8% of a cifar10 bf16 forward+backward. The explicit form keeps the probabilities
+# for the backward (2 bytes per score), where flash keeps one number per query: so only up to this
+# many score entries per head (imagenet1024's latents, not its 16,384-token read and write).
+CPU_MATH_ATTENTION_MAX = 1 << 20
 
 
 def attend(q, k, v):
-    """softmax(q k^T / sqrt(head_dim)) v by F.scaled_dot_product_attention: the same maths, in fp32
-    for short bf16 attention on the CPU (more precise too: only the output is rounded)."""
+    """softmax(q k^T / sqrt(head_dim)) v, by F.scaled_dot_product_attention; short bf16 attention on
+    the CPU written out instead, rounded as the usual bf16 "eager" attention (Hugging Face's): scores
+    and probabilities in bf16, the softmax itself computed in fp32 (torch's CPU bf16 softmax does).
+    GPU flash keeps the scores in fp32."""
     if (q.device.type == "cpu" and q.dtype == torch.bfloat16
-            and q.shape[-2] * k.shape[-2] <= CPU_FP32_ATTENTION_MAX):
-        with torch.autocast("cpu", enabled=False):
-            return F.scaled_dot_product_attention(q.float(), k.float(), v.float()).to(q.dtype)
+            and q.shape[-2] * k.shape[-2] <= CPU_MATH_ATTENTION_MAX):
+        with torch.autocast("cpu", enabled=False):  # autocast would run the softmax in fp32
+            return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), -1) @ v
     return F.scaled_dot_product_attention(q, k, v)
 
 
