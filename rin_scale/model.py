@@ -100,7 +100,7 @@ class MLP(nn.Module):
 # are slower than the attention written out in bf16 (two matmuls and a softmax, oneDNN's bf16
 # GEMMs): forward + backward of a cifar10 block's attention, bf16 flash / fp32 flash / explicit
 # bf16: 37 / 19 / 10 ms for the latents' self-attention, 26 / 14 / 8 ms for the write (AVX-512-BF16
-# EPYC, 2 threads); 8% of a cifar10 bf16 forward+backward. The explicit form keeps the probabilities
+# EPYC, 2 threads); 10% of a cifar10 bf16 forward+backward. The explicit form keeps the probabilities
 # for the backward (2 bytes per score), where flash keeps one number per query: so only up to this
 # many score entries per head (imagenet1024's latents, not its 16,384-token read and write).
 CPU_MATH_ATTENTION_MAX = 1 << 20
