@@ -6,9 +6,11 @@
 SOURCE: a folder of images (class subfolders become labels; a flat folder is unlabelled), a folder
 of videos, or a text file listing files or URLs (one a line, optionally "<TAB>class").
 OUT gets PREFIX-000000.tar, ... and PREFIX-manifest.json. Deterministic: the same input gives the
-same bytes and keys. A shard appears under its final name only when complete (rin_scale.storage's
-atomic writes); PREFIX-progress.json records finished shards, so re-running after a crash carries on
-after the last complete shard. Unreadable files are skipped and listed in the manifest; so are the
+same bytes and keys. Items are shuffled with a fixed seed before writing (--no-shuffle keeps
+sorted order), so that a folder sorted by class gives shards that each hold every class; for videos
+the source list is shuffled (the clips of one video stay together in one shard). A shard appears
+under its final name only when complete (rin_scale.storage's atomic writes); PREFIX-progress.json
+records finished shards, so re-running after a crash carries on after the last complete shard. Unreadable files are skipped and listed in the manifest; so are the
 few files without a class when most have one (a stray README.jpg beside the class folders).
 """
 from __future__ import annotations
@@ -318,6 +320,18 @@ def build_items(args):
             for s, n in pairs], classes, kind
 
 
+SHUFFLE_SEED = 0  # fixed: the same input gives the same shards
+
+
+def shuffle_items(items: list, shuffle: bool) -> list:
+    """The items in a fixed random order: a folder sorted by class would otherwise give one class
+    per shard, and batches of a handful of classes at training time."""
+    if not shuffle:
+        return items
+    order = np.random.default_rng(SHUFFLE_SEED).permutation(len(items))
+    return [items[i] for i in order]
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m data_tools.shard", description=__doc__.split("\n\n")[0])
     p.add_argument("paths", nargs="+", metavar="[SOURCE] OUT", help="source folder or list file, and output URL")
@@ -332,6 +346,8 @@ def main(argv=None) -> int:
                    help="re-encode images in this format (default: keep the source's; png for embedded)")
     p.add_argument("--clip-frames", type=int, default=0, help="video: frames per clip (0 = whole video)")
     p.add_argument("--frame-stride", type=int, default=1, help="video: keep every n-th frame")
+    p.add_argument("--no-shuffle", action="store_true",
+                   help="write the inputs in sorted order (default: shuffled with a fixed seed, so shards mix classes)")
     p.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
@@ -347,9 +363,11 @@ def main(argv=None) -> int:
         p.error("--shard-size must be at least 1")
     try:
         items, classes, kind = build_items(args)
+        shuffle = not args.no_shuffle and not args.embedded  # embedded sets are generated mixed
+        items = shuffle_items(items, shuffle)
         opts = {"kind": kind, "shard_size": args.shard_size, "shard_bytes": int(args.shard_bytes),
                 "resize": args.resize, "format": args.format, "clip_frames": args.clip_frames,
-                "frame_stride": args.frame_stride,
+                "frame_stride": args.frame_stride, "shuffle": shuffle,
                 "source": f"embedded:{args.embedded}:{args.split}" if args.embedded else args.source}
         man = make_shards(items, out, opts, classes, args.prefix, max(1, args.workers), not args.quiet)
     except (ShardError, FileNotFoundError, PermissionError, StorageUnavailable) as e:
