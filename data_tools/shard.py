@@ -10,8 +10,9 @@ same bytes and keys. Items are shuffled with a fixed seed before writing (--no-s
 sorted order), so that a folder sorted by class gives shards that each hold every class; for videos
 the source list is shuffled (the clips of one video stay together in one shard). A shard appears
 under its final name only when complete (rin_scale.storage's atomic writes); PREFIX-progress.json
-records finished shards, so re-running after a crash carries on after the last complete shard. Unreadable files are skipped and listed in the manifest; so are the
-few files without a class when most have one (a stray README.jpg beside the class folders).
+records finished shards, so re-running after a crash carries on after the last complete shard.
+Unreadable files are skipped and listed in the manifest; so are the few files without a class when
+most have one (a stray README.jpg beside the class folders).
 """
 from __future__ import annotations
 

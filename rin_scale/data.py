@@ -1,6 +1,6 @@
 """The streaming data pipeline: WebDataset tar shards from any fsspec URL, resumable to the sample.
 
-    loader = ShardLoader(cfg.data, cfg.model, batch_size, rank, world_size, state=saved)
+    loader = ShardLoader(cfg.data, cfg.model, batch_size, rank, world_size, state=saved, global_batch=g)
     for batch in loader: ...            # forever, by epochs; batch = {"x", "label", "key"}
     saved = loader.state_dict()         # JSON-able; what the consumer has received so far
 
@@ -8,23 +8,57 @@
 fp32's bytes through the workers' shared memory, pinned memory and the host-to-device copy
 (25 MB instead of 101 MB for a micro-batch of 8 images at 1024x1024).
 
-Order. Each epoch the shards are shuffled with (seed, epoch) and concatenated into one global
-sample sequence. Rank r takes the contiguous range [r*q, r*q + n) with q = total // world_size and
-n = (q // batch) * batch, so every rank yields exactly q // batch batches per epoch: the remainder
-(total - world_size * n samples, at most world_size * batch - 1 plus total % world_size) is
-not seen in that epoch; since the shard order changes every epoch, a different part is left out
-each time. Within a rank, batch j comes from worker j % K (K DataLoader workers, the order in
-which the DataLoader hands batches out); each worker reads a contiguous piece of the rank's range
-and shuffles it with a buffer of data.shuffle_buffer samples. The buffer shuffle is computed on
-sample indices, before any byte is read, so resuming derives the same permutation and reads only
-the samples not yet consumed (skipped tar members are passed over by their headers, undecoded).
-Augmentation draws from a generator seeded by (seed, epoch, sample position): a resumed run sees
-the same pixels too.
+Order. Each epoch has one global sample sequence, the same for every world size, batch size and
+worker count (EpochOrder). The shards are shuffled with (seed, epoch) and cut into windows of W
+consecutive shards; a window's samples are a uniform random merge of its W shards (each shard
+read front to back), passed through a shuffle buffer of data.shuffle_buffer samples; the windows
+follow each other. So a batch holds about as many shards as independent draws would, and shards
+that each hold one class (sorted folders sharded by other tools, or by data_tools.shard before
+it shuffled) still give batches of many classes: with one class per shard, a batch of B holds
+about W (1 - (1 - 1/W)^B) classes. W is data.interleave where the config has it, else 4 for
+shards that data_tools.shard wrote shuffled (manifest options.shuffle) and 64 for any other: at
+least 0.9 of independent draws for micro-batches up to 12 whatever the number of classes, 16
+with up to 700 classes, 32 with up to 110 (window_width; a larger W mixes more, with more shards
+open; the shard tool's shuffled shards need none of it).
+Measured (bench/data_mixing.py, 20 classes x 60 images, shard size 60, 4 ranks x batch 32):
+16.2 and 15.9 distinct classes per batch (tool-sharded folder, one class per shard) where
+independent draws give 16.1; the shuffle buffer adds nothing to that, since the merge already
+mixes: it only reorders samples within a shard from epoch to epoch.
 
-State = {"epoch", "position" (batches handed to the consumer this epoch by this rank),
-"world_size", "batch_size", "workers", "seed", "total"}. Resuming with another world size, batch
-size, worker count or dataset restarts the current epoch at the same fraction of it: the order is
-re-derived for the new layout, so within that epoch some samples may repeat and others be missed.
+The epoch is the longest whole number of global batches (ShardLoader's global_batch, the
+trainer's train.global_batch; else batch x world size) of the sequence; the rest of it, under a
+global batch, is not seen that epoch, and since the shard order changes each epoch, a different
+part is left out each time. Global micro-batch j is positions [j G, (j + 1) G) with G = batch x
+world size, rank r taking [j G + r batch, j G + (r + 1) batch). Within a rank, batch j comes from
+DataLoader worker (j - position) % K, the order in which the DataLoader hands batches out.
+
+What a worker reads. The sequence is computed on indices, a window at a time, before any byte is
+read: a worker reads, per window, its own samples from the shards of that window that hold them,
+one reader per shard, front to back once, passing the other members by their tar headers (never
+decoded, never read from the start again); at most W shards are open at once (each with its 8 MB
+read buffer on an object store: a reason the shard tool's shuffled shards get W = 4). A sample read before
+its turn waits in memory: about data.shuffle_buffer x the worker's share of the samples. At scale
+each worker reads a small share of many shards: 512 ranks x 8 workers with a micro-batch of 8 on
+ImageNet (1,281 shards of ~1,000, W = 64 for sorted shards, 4 for shuffled ones) means a global
+micro-batch of 4,096 every 4,096 positions, so each worker reads one batch of 8 samples per 32,768
+positions: per epoch ~312 samples (its 1/4,096 of 1.28M) in ~40 batches, the 8 of a batch from up to
+8 shards, walking each such shard's headers up to the samples. On node-local disk or a page-cached mount those header walks are
+cheap (a seek each); on an object store the read buffer fetches the bytes it passes (up to half a
+shard per visit), so at that scale stage the shards on node-local disk. Augmentation draws from a generator
+seeded by (seed, epoch, position in the sequence): a resumed run sees the same pixels too, at any
+world size.
+
+State = {"epoch", "position" (batches handed to the consumer this epoch by this rank), "consumed"
+(samples of the epoch's sequence consumed by all ranks: position x batch x world size), and the
+layout: "world_size", "batch_size", "workers", "global_batch", "seed", "total", "window",
+"shuffle_buffer"}. Resuming continues the sequence at "consumed", exactly, whatever the new world
+size, batch or worker count, so each sample of the epoch is seen once across the change; the
+trainer saves between optimizer steps, where "consumed" is a whole number of global batches, which
+any world size that can keep the global batch continues. A state whose "consumed" the new layout
+cannot continue (not a whole number of its batch x world size) is a DataError naming world sizes
+that can. Another dataset, seed, window or buffer (or a state from before the sequence was global)
+means another sequence: the current epoch restarts at the same fraction, and within it some
+samples may repeat and others be missed.
 
 Labels. A conditional model (model.num_classes > 0) is checked against the manifest at start-up:
 more classes in it than the model has, or a manifest that lists none, is a DataError. A sample
@@ -119,78 +153,102 @@ def buffer_permutation(n: int, buffer: int, rng) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
-# The per-epoch plan: which samples a rank and a worker read, in which order
+# The epoch's global sample sequence: the same for every world size and worker count
+
+WINDOW_SORTED = 64  # shards mixed at a time when their order may be sorted (one class per shard)
+WINDOW_MIXED = 4  # ... for shards the shard tool wrote from a shuffled item list
 
 
-def epoch_plan(counts: list[int], seed: int, epoch: int, rank: int, world_size: int, batch: int, workers: int):
-    """(shard order, batches per rank, [(first global position, samples, batches)] per worker)."""
-    total = sum(counts)
-    order = np.random.default_rng([seed, epoch, 7]).permutation(len(counts))
-    q = total // world_size
-    nb = q // batch
-    start = rank * q
-    pieces, off = [], start
-    for w in range(workers):
-        nbw = len(range(w, nb, workers))
-        pieces.append((off, nbw * batch, nbw))
-        off += nbw * batch
-    return order, nb, pieces
+def window_width(data_cfg, manifest: dict) -> int:
+    """Shards mixed at a time: data.interleave when the config has it, else by the shards' origin.
+    Not from the batch size: the sequence must not change when a resume at another world size
+    changes the micro-batch. With one class per shard, a batch of B from W shards holds
+    W (1 - (1 - 1/W)^B) classes: W >= 5 B keeps that at 0.9 of independent draws or more however
+    many classes there are (W = 64: micro-batches up to 12, and more with fewer classes)."""
+    width = int(getattr(data_cfg, "interleave", 0) or 0)
+    if width > 0:
+        return width
+    return WINDOW_MIXED if (manifest.get("options") or {}).get("shuffle") else WINDOW_SORTED
 
 
-def _locate(counts, order, pos_start, length):
-    """Global-sequence range -> list of (shard index, first member, last member + 1, offset)."""
-    segs, base, end = [], 0, pos_start + length
-    for s in order:
-        c = counts[s]
-        lo, hi = max(pos_start, base), min(end, base + c)
-        if lo < hi:
-            segs.append((int(s), lo - base, hi - base, lo - pos_start))
-        base += c
-        if base >= end:
-            break
-    return segs
+def _members(labels: np.ndarray) -> np.ndarray:
+    """For a sequence of shard ids, each entry's index within its shard (its count so far)."""
+    idx = np.argsort(labels, kind="stable")
+    ordered = labels[idx]
+    out = np.empty(len(labels), np.int64)
+    out[idx] = np.arange(len(labels)) - np.searchsorted(ordered, ordered, side="left")
+    return out
+
+
+class EpochOrder:
+    """Global position in the epoch -> (shard, member), computed on indices before any byte is read.
+
+    The shards are shuffled with (seed, epoch) and cut into windows of `width` consecutive shards;
+    a window's positions are a uniform random merge of its shards (each shard read front to back)
+    passed through a shuffle buffer of `buffer` samples. A window is derived on its own, when first
+    needed, so a worker computes only the windows it reads from."""
+
+    def __init__(self, counts, seed: int, epoch: int, width: int, buffer: int):
+        self.counts, self.seed, self.epoch, self.buffer = np.asarray(counts, np.int64), seed, epoch, buffer
+        order = np.random.default_rng([seed, epoch, 7]).permutation(len(counts))
+        self.windows = [order[i:i + width] for i in range(0, len(order), width)]
+        self.starts = np.cumsum([0] + [int(self.counts[w].sum()) for w in self.windows])
+        self._cached = (-1, None)
+
+    def window_of(self, pos: int) -> int:
+        return int(np.searchsorted(self.starts, pos, side="right")) - 1
+
+    def window(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(shard, member) for each position of window k, in sequence order."""
+        if self._cached[0] != k:
+            rng = np.random.default_rng([self.seed, self.epoch, k, 17])
+            shards = self.windows[k]
+            labels = rng.permutation(np.repeat(shards, self.counts[shards]))
+            members = _members(labels)
+            perm = buffer_permutation(len(labels), self.buffer, rng)
+            self._cached = (k, (labels[perm], members[perm]))
+        return self._cached[1]
+
+
+def epoch_batches(total: int, batch: int, world: int, unit: int) -> int:
+    """Batches per rank per epoch: the epoch is the longest multiple of `unit` (the global batch)
+    samples, cut into global micro-batches of batch x world."""
+    return (total // unit) * unit // (batch * world)
+
+
+def positions(rank: int, world: int, batch: int, j: int) -> np.ndarray:
+    """Global positions of rank's batch j: global micro-batch j is [j*G, (j+1)*G), split by rank."""
+    return j * batch * world + rank * batch + np.arange(batch)
 
 
 class _EpochStream(torch.utils.data.IterableDataset):
     """One rank's batches for one epoch, from `position` on; split across DataLoader workers."""
 
-    def __init__(self, shards, counts, data_cfg, model_cfg, batch, rank, world, epoch, position, workers):
+    def __init__(self, shards, counts, data_cfg, model_cfg, batch, rank, world, epoch, position, nb, width):
         self.shards, self.counts, self.d, self.m = shards, counts, data_cfg, model_cfg
         self.batch, self.rank, self.world, self.epoch, self.position = batch, rank, world, epoch, position
-        self.workers = workers
+        self.nb, self.width = nb, width
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
-        # the DataLoader starts its round-robin at worker 0 whatever the position: worker i plays the
-        # part of the worker that owns batch position + i
-        w = ((info.id if info is not None else 0) + self.position) % self.workers
+        # the DataLoader hands batches out round-robin starting at worker 0: worker i reads the
+        # rank's batches position + i, position + i + K, ...
+        wid, k = (info.id, info.num_workers) if info is not None else (0, 1)
         if info is not None:
             torch.set_num_threads(1)
-        K, B = self.workers, self.batch
-        order, nb, pieces = epoch_plan(self.counts, self.d.seed, self.epoch, self.rank, self.world, B, K)
-        start, length, nbw = pieces[w]
-        skip_batches = len(range(w, self.position, K))  # batches j < position with j % K == w
-        if skip_batches >= nbw:
+        B = self.batch
+        mine = range(self.position + wid, self.nb, k)
+        if not len(mine):
             return
-        rng = np.random.default_rng([self.d.seed, self.epoch, self.rank, self.world, w, K, 11])
-        perm = buffer_permutation(length, self.d.shuffle_buffer, rng)
-        todo = perm[skip_batches * B:]
-        needed = set(todo.tolist())
-        segs = _locate(self.counts, order, start, length)
-        reader = self._reader(segs, needed)
-        pending: dict = {}
+        order = EpochOrder(self.counts, self.d.seed, self.epoch, self.width, self.d.shuffle_buffer)
+        pos = np.concatenate([positions(self.rank, self.world, B, j) for j in mine])
         last_good = None
         owed = 0  # failed samples waiting for the next good one to stand in
         xs, labels, keys, errors = [], [], [], 0
-        for local in todo:
-            local = int(local)
-            while local not in pending:
-                i, sample = next(reader)
-                pending[i] = sample
-            sample = pending.pop(local)
+        for p, sample in self._samples(order, pos):
             item = None
             if sample is not None:
-                rng_s = np.random.default_rng([self.d.seed, self.epoch, start + local, 13])
+                rng_s = np.random.default_rng([self.d.seed, self.epoch, int(p), 13])
                 try:
                     x, y = decode_sample(sample, self.m, rng_s, self.d.random_crop, self.d.hflip)
                     check_label(y, sample, self.m)
@@ -213,36 +271,59 @@ class _EpochStream(torch.utils.data.IterableDataset):
                        "key": keys[:B], "_errors": errors}
                 xs, labels, keys, errors = xs[B:], labels[B:], keys[B:], 0
         if owed:  # nothing decodable at all in this worker's share
-            raise DataError(f"no decodable sample in {len(todo)} samples of {self.d.shards}: check the shards "
+            raise DataError(f"no decodable sample in {len(pos)} samples of {self.d.shards}: check the shards "
                             f"with python -m data_tools.check {self.d.shards}")
 
-    def _reader(self, segs, needed):
-        """Yields (local index, raw sample or None if unreadable) for every needed local index.
+    def _samples(self, order: EpochOrder, pos: np.ndarray):
+        """Yields (position, raw sample or None if unreadable) for the given increasing positions.
+
+        A window at a time: every shard of it that holds one of these samples gets one reader, read
+        front to back once, passing the other members by their headers; a sample read before its
+        turn waits in `pending` (the shuffle buffer's reach: about data.shuffle_buffer x the share
+        of the samples this worker reads)."""
+        win = np.array([order.window_of(int(p)) for p in pos[[0, -1]]])
+        for k in range(int(win[0]), int(win[1]) + 1):
+            lo, hi = order.starts[k], order.starts[k + 1]
+            here = pos[(pos >= lo) & (pos < hi)]
+            if not len(here):
+                continue
+            shard_of, member_of = order.window(k)
+            s_here, m_here = shard_of[here - lo], member_of[here - lo]
+            wanted: dict = {}
+            for s, m in zip(s_here.tolist(), m_here.tolist()):
+                wanted.setdefault(s, set()).add(m)
+            readers = {s: self._shard(s, ms) for s, ms in wanted.items()}
+            pending: dict = {}
+            for p, s, m in zip(here.tolist(), s_here.tolist(), m_here.tolist()):
+                while (s, m) not in pending:
+                    i, sample = next(readers[s])
+                    pending[(s, i)] = sample
+                yield p, pending.pop((s, m))
+            for r in readers.values():
+                r.close()
+
+    def _shard(self, s: int, wanted: set):
+        """Yields (member, raw sample or None if unreadable) for the wanted members of shard s, in order.
 
         Corrupt bytes end the shard there: the rest counts as errors. A storage outage does not:
         the shard is reopened past the samples already read, with backoff, for up to
         data.storage_retry_seconds; then the run stops with StorageUnavailable."""
-        for s, lo, hi, off in segs:
-            url = self.shards[s]
-            got = set()
-            want = lambda i: lo <= i < hi and (i - lo + off) in needed and i not in got  # noqa: E731
-            if not any((i + off) in needed for i in range(hi - lo)):
-                continue  # whole segment consumed before the resume point: not even opened
-            backoff = Backoff(f"reading {url}", self.d.storage_retry_seconds, log=_log)
-            while True:
-                try:
-                    for i, sample in read_tar_samples(url, want, stop=hi):
-                        if sample is not None:
-                            got.add(i)
-                            yield i - lo + off, sample
-                    break
-                except Exception as e:  # noqa: BLE001 - classified here
-                    if not is_transient(e):
-                        break  # truncated or corrupt from here: the missing samples count as errors below
-                    backoff.wait(e)
-            for i in range(lo, hi):
-                if i not in got and (i - lo + off) in needed:
-                    yield i - lo + off, None
+        url, stop = self.shards[s], max(wanted) + 1
+        got: set = set()
+        backoff = Backoff(f"reading {url}", self.d.storage_retry_seconds, log=_log)
+        while True:
+            try:
+                for i, sample in read_tar_samples(url, lambda i: i in wanted and i not in got, stop=stop):
+                    if sample is not None:
+                        got.add(i)
+                        yield i, sample
+                break
+            except Exception as e:  # noqa: BLE001 - classified here
+                if not is_transient(e):
+                    break  # truncated or corrupt from here: the missing samples count as errors below
+                backoff.wait(e)
+        for i in sorted(wanted - got):
+            yield i, None
 
 
 def _log(msg: str) -> None:
@@ -265,15 +346,26 @@ def check_dataset(data_cfg, model_cfg, batch_size: int, world_size: int = 1):
 
 
 class ShardLoader:
-    """Batches forever, by epochs, for one rank; see the module docstring for order and state."""
+    """Batches forever, by epochs, for one rank; see the module docstring for order and state.
 
-    def __init__(self, data_cfg, model_cfg, batch_size: int, rank: int = 0, world_size: int = 1, state=None):
+    global_batch: the trainer's global batch (micro-batch x accumulation x world size); the epoch is
+    a whole number of them, so states saved between optimizer steps resume at any world size."""
+
+    def __init__(self, data_cfg, model_cfg, batch_size: int, rank: int = 0, world_size: int = 1, state=None,
+                 global_batch: int | None = None):
         self.d, self.m = data_cfg, model_cfg
         self.batch, self.rank, self.world = int(batch_size), int(rank), int(world_size)
         self.workers = max(1, int(data_cfg.workers))
+        self.unit = int(global_batch or self.batch * self.world)
+        if self.unit % (self.batch * self.world):
+            raise DataError(f"global batch {self.unit} is not a multiple of batch {self.batch} x {self.world} rank(s)")
         self.shards, self.counts, self.manifest = check_dataset(data_cfg, model_cfg, self.batch, self.world)
         self.total = sum(self.counts)
-        self.batches_per_epoch = (self.total // self.world) // self.batch
+        self.width = window_width(data_cfg, self.manifest)
+        self.batches_per_epoch = epoch_batches(self.total, self.batch, self.world, self.unit)
+        if self.batches_per_epoch == 0:
+            raise DataError(f"{data_cfg.shards} has {self.total} samples: fewer than the global batch {self.unit}; "
+                            f"use a smaller batch or more data")
         self.epoch, self.position = 0, 0
         self.stats = {"samples": 0, "errors": 0, "epoch": 0}
         if state:
@@ -282,29 +374,46 @@ class ShardLoader:
     def __len__(self):
         return self.batches_per_epoch
 
-    def _layout(self):
-        return {"world_size": self.world, "batch_size": self.batch, "workers": self.workers,
-                "seed": self.d.seed, "total": self.total}
+    def _sequence(self):
+        """What fixes the epoch's global sample sequence (any world size, batch or worker count reads it)."""
+        return {"seed": self.d.seed, "total": self.total, "window": self.width, "shuffle_buffer": self.d.shuffle_buffer}
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position, **self._layout(),
+        return {"epoch": self.epoch, "position": self.position, "consumed": self.position * self.batch * self.world,
+                "world_size": self.world, "batch_size": self.batch, "workers": self.workers,
+                "global_batch": self.unit, **self._sequence(),
                 "samples": self.stats["samples"], "errors": self.stats["errors"]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.epoch, pos = int(state.get("epoch", 0)), int(state.get("position", 0))
-        old = {k: state.get(k, v) for k, v in self._layout().items()}
-        if old != self._layout():
-            # another layout: same fraction of the epoch, order re-derived for the new layout
-            old_nb = max(1, (int(old["total"]) // int(old["world_size"])) // int(old["batch_size"]))
-            pos = int(pos / old_nb * self.batches_per_epoch)
+        self.epoch = int(state.get("epoch", 0))
+        if "consumed" in state and {k: state.get(k) for k in self._sequence()} == self._sequence():
+            pos = self._continue(int(state["consumed"]))  # exact, at any world size, batch or worker count
+        else:
+            # another sequence (seed, data, window, buffer, or a state from before it was global):
+            # the same fraction of the epoch, so within it some samples may repeat and others be missed
+            old_nb = max(1, (int(state.get("total", self.total)) // int(state.get("world_size", self.world)))
+                         // int(state.get("batch_size", self.batch)))
+            pos = int(int(state.get("position", 0)) / old_nb * self.batches_per_epoch)
         self.position = min(pos, self.batches_per_epoch)
         self.stats["samples"] = int(state.get("samples", 0))
         self.stats["errors"] = int(state.get("errors", 0))
         self.stats["epoch"] = self.epoch
 
+    def _continue(self, consumed: int) -> int:
+        """This rank's batch position after `consumed` samples of the epoch's sequence."""
+        g = self.batch * self.world
+        if consumed % g:
+            near = [w for w in range(1, 4 * self.world + 1) if consumed % (self.batch * w) == 0
+                    and self.unit % (self.batch * w) == 0]
+            near = sorted(near, key=lambda w: (abs(w - self.world), w))[:2]
+            raise DataError(f"epoch {self.epoch} was saved after {consumed} samples, not a whole number of "
+                            f"batches of {self.batch} x {self.world} rank(s): resume on "
+                            f"{' or '.join(map(str, sorted(near))) or 'the old number of'} rank(s)")
+        return consumed // g
+
     def _loader(self):
         ds = _EpochStream(self.shards, self.counts, self.d, self.m, self.batch, self.rank, self.world,
-                          self.epoch, self.position, self.workers)
+                          self.epoch, self.position, self.batches_per_epoch, self.width)
         if self.d.workers == 0:
             return iter(ds)
         return iter(torch.utils.data.DataLoader(

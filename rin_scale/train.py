@@ -425,7 +425,9 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
             for step in rundir.discard_after(tc.run_dir, "snapshots", state.step):
                 log0(rank, f"discarded snapshot step {step}: written after the state resumed from")
 
-    loader = ShardLoader(cfg.data, cfg.model, micro, rank, world, state=loaded.loader if loaded else None)
+    # the epoch is whole global batches, so a state saved between steps continues at any world size
+    loader = ShardLoader(cfg.data, cfg.model, micro, rank, world, state=loaded.loader if loaded else None,
+                         global_batch=tc.global_batch)
     flops = train_flops_per_example(cfg.model, cfg.diffusion.self_cond_rate)
     tr = Trainer(cfg, rank, world, accum, dev, compute, engine, ema, loader, Batches(loader),
                  TrainLog(tc.run_dir, rank, state.step), flops, groups)

@@ -352,17 +352,58 @@ def test_resume_yields_the_same_stream(heldout, stop):
     assert all(torch.equal(a["x"], b["x"]) for a, b in zip(rest, full[stop:]))
 
 
-def test_resume_with_another_world_size_restarts_at_the_same_fraction(heldout):
+def test_resume_with_another_sequence_restarts_at_the_same_fraction(heldout):
     cfg = image_cfg(heldout, workers=0)
     old = ShardLoader(cfg.data, cfg.model, 12, 0, 2)
     it = iter(old)
     for _ in range(5):
         next(it)
-    state = old.state_dict()
+    state = {**old.state_dict(), "shuffle_buffer": 7}  # another order of the epoch: only its fraction carries over
     new = ShardLoader(cfg.data, cfg.model, 12, 0, 1, state=state)  # 30 batches per epoch now
     assert new.state_dict()["position"] == 10 and new.state_dict()["epoch"] == 0
     it = iter(new)
     assert len([next(it) for _ in range(21)]) == 21 and new.state_dict()["epoch"] == 1
+
+
+def run_ranks(cfg, world, batch, n, state=None):
+    """Keys of n batches on every rank (each resumed from `state`, rank 0's as the trainer does); rank 0's state."""
+    keys, last = [], None
+    for rank in range(world):
+        loader = ShardLoader(cfg.data, cfg.model, batch, rank, world, state=state, global_batch=24)
+        it = iter(loader)
+        todo = loader.batches_per_epoch - loader.position if n is None else n
+        keys += sum((next(it)["key"] for _ in range(todo)), [])
+        last = last or json.loads(json.dumps(loader.state_dict()))
+    return keys, last
+
+
+@pytest.mark.parametrize("before,after", [((2, 12), (1, 24)), ((1, 24), (2, 12)), ((2, 12), (3, 8))])
+def test_resume_at_another_world_size_sees_each_sample_of_the_epoch_once(heldout, before, after):
+    # the trainer's case: global batch 24 kept, micro-batch = 24 / ranks; 360 samples = 15 global batches
+    cfg = image_cfg(heldout, workers=2)
+    first, state = run_ranks(cfg, *before, n=6 * 24 // (before[0] * before[1]))
+    assert state["consumed"] == 144 and state["epoch"] == 0
+    rest, state = run_ranks(cfg, *after, n=None, state=state)
+    assert len(first) == 144 and len(rest) == 216
+    assert sorted(first + rest) == sorted(all_keys(heldout))  # each key of the epoch exactly once
+
+
+def test_one_sequence_whatever_the_world_size_and_worker_count(heldout):
+    # global micro-batch j is positions [24 j, 24 (j + 1)) of the epoch, split by rank
+    one, _ = run_ranks(image_cfg(heldout, workers=0), 1, 24, n=15)
+    two, _ = run_ranks(image_cfg(heldout, workers=2), 2, 12, n=15)
+    three, _ = run_ranks(image_cfg(heldout, workers=3), 3, 8, n=15)
+    by_batch = lambda keys, world, b: [sorted(sum((keys[r * 15 * b + j * b:r * 15 * b + (j + 1) * b]  # noqa: E731
+                                                   for r in range(world)), [])) for j in range(15)]
+    assert by_batch(one, 1, 24) == by_batch(two, 2, 12) == by_batch(three, 3, 8)
+
+
+def test_resume_that_cannot_continue_the_sequence_is_one_line(heldout):
+    cfg = image_cfg(heldout, workers=0)
+    _, state = run_ranks(cfg, 2, 12, n=5)  # 120 samples: not a whole number of batches of 16 x 2
+    with pytest.raises(DataError, match="not a whole number of batches of 16 x 2 rank") as e:
+        ShardLoader(cfg.data, cfg.model, 16, 0, 2, state=state)
+    assert "\n" not in str(e.value)
 
 
 def test_corrupt_samples_and_truncated_shard_are_skipped_and_counted(tmp_path, heldout):
@@ -419,7 +460,7 @@ def test_video_clips_from_moving_digits(tmp_path):
     assert x.shape == (6, 3, cfg.model.frames, 16, 16) and -1 <= x.min() and x.max() <= 1
     assert (x[:, :, 1:] - x[:, :, :-1]).abs().mean() > 0.01  # the digit moves
     state = loader.state_dict()
-    _, again = epoch_keys(cfg, 6, 0, 2, state={**state, "position": 1}, n=2)
+    _, again = epoch_keys(cfg, 6, 0, 2, state={**state, "position": 1, "consumed": 1 * 6 * 2}, n=2)
     assert [b["key"] for b in again] == [b["key"] for b in batches[1:]]
     assert torch.equal(again[0]["x"], batches[1]["x"])  # same random clip start on resume
     p = run_cli("data_tools.check", out, "--json", "--preview", str(tmp_path / "strip.gif"))
