@@ -26,7 +26,7 @@ import sys
 import numpy as np
 from PIL import Image, ImageOps
 
-from rin_scale.media import encode_image, encode_mp4, read_video, resize_crop
+from rin_scale.media import VideoReader, encode_image, encode_mp4, resize_crop
 from rin_scale.shards import tar_bytes
 from rin_scale.storage import StorageUnavailable, fs_path, join, read_json, write_bytes, write_json
 
@@ -162,29 +162,45 @@ def encode_image_item(key, src, data, label, opts):
 
 
 def encode_video_item(key, src, data, label, opts):
-    """One sample per clip of opts['clip_frames'] frames (every frame_stride-th), or the whole video."""
+    """One sample per clip of opts['clip_frames'] frames (every frame_stride-th), or the whole video.
+    Frames stream from the decoder at the shard's size, clip by clip: the source is never held whole."""
     stride = max(1, opts.get("frame_stride") or 1)
+    n, size = opts.get("clip_frames"), opts.get("resize")
     if isinstance(data, np.ndarray):
-        frames, fps = list(data), 8.0
+        fps, (h, w), reader = 8.0, data.shape[1:3], None
+        frames = (np.asarray(resize_crop(Image.fromarray(f), size)) if size else f for f in data[::stride])
     else:
-        frames, fps = read_video(data)
-    h, w = frames[0].shape[:2]
-    frames = frames[::stride]
-    n = opts.get("clip_frames") or len(frames)
-    out = []
-    for c, s in enumerate(range(0, len(frames) - n + 1, n)):
-        clip = frames[s:s + n]
-        if opts.get("resize"):
-            clip = [np.asarray(resize_crop(Image.fromarray(f), opts["resize"])) for f in clip]
-        clip = np.stack(clip)
-        clip = clip[:, : clip.shape[1] // 2 * 2, : clip.shape[2] // 2 * 2]  # H.264 wants even sizes
-        meta = {"source": src, "width": w, "height": h, "fps": fps / stride, "frames": n, "clip": c,
-                "start_frame": s * stride, "frame_stride": stride}
-        out.append(_sample(f"{key}_{c:04d}" if opts.get("clip_frames") else key, "mp4",
-                           encode_mp4(clip, fps=max(1, round(fps / stride))), label, meta))
+        reader = VideoReader(data)
+        fps, total = reader.fps, reader.stream.frames
+        clips = -(-total // stride) // n if n and total else 0  # known length: stop after the last clip
+        frames = reader.frames(0, (clips * n - 1) * stride + 1 if clips else None, stride, size)
+    out, clip, count = [], [], 0
+    try:
+        for f in frames:
+            clip.append(f)
+            count += 1
+            if n and len(clip) == n:  # a clip is encoded as soon as its last frame is decoded
+                out.append(_clip_sample(key, src, label, opts, clip, len(out), reader or (w, h), fps, stride))
+                clip = []
+        if not n and clip:
+            out.append(_clip_sample(key, src, label, opts, clip, 0, reader or (w, h), fps, stride))
+    finally:
+        if reader is not None:
+            reader.close()
     if not out:
-        raise ValueError(f"video has {len(frames)} frames after stride {stride}, fewer than a clip of {n}")
+        raise ValueError(f"video has {count} frames after stride {stride}, fewer than a clip of {n or count}")
     return out
+
+
+def _clip_sample(key, src, label, opts, clip, c, source, fps, stride):
+    w, h = (source.width, source.height) if isinstance(source, VideoReader) else source
+    n = len(clip)
+    clip = np.stack(clip)
+    clip = clip[:, : clip.shape[1] // 2 * 2, : clip.shape[2] // 2 * 2]  # H.264 wants even sizes
+    meta = {"source": src, "width": w, "height": h, "fps": fps / stride, "frames": n, "clip": c,
+            "start_frame": c * n * stride, "frame_stride": stride}
+    return _sample(f"{key}_{c:04d}" if opts.get("clip_frames") else key, "mp4",
+                   encode_mp4(clip, fps=max(1, round(fps / stride))), label, meta)
 
 
 def _sample(key, ext, data, label, meta):
