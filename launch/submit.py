@@ -88,7 +88,9 @@ def parse_args(argv: tp.Optional[list[str]] = None) -> argparse.Namespace:
 
 def resolve(args: argparse.Namespace) -> tuple[Config, str, list[str]]:
     """(config, run_dir, argv for the service) from the positional config arguments."""
-    items = [os.path.abspath(a) if "=" not in a and os.path.exists(a) else a for a in args.config]
+    # YAML files by absolute path (the job may start elsewhere); a preset name stays a name even when
+    # a folder of that name (say the shards just written to ./imagenet256) is in the working directory
+    items = [os.path.abspath(a) if a.endswith((".yaml", ".yml")) and os.path.exists(a) else a for a in args.config]
     if args.service == "train":
         cfg = load_config(None, items)
         run = cfg.train.run_dir
