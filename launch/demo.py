@@ -4,6 +4,7 @@ processes, score the final EMA snapshot with the eval service, print where every
     python -m launch.demo                  # class-conditional digits, tiny preset, ZeRO-2
     python -m launch.demo --video          # moving digits, tiny_video preset: predicted frames vs held-out truth
     python -m launch.demo --steps 200 train.lr=1e-3   # shorter; overrides go to the trainer
+    python -m launch.demo --dry-run        # print the stages' commands and check the config; run nothing
 
 Each stage runs the same command a user would run by hand (printed before it runs), so the demo
 doubles as a walkthrough. Re-running resumes: shards already written are kept and the trainer
@@ -22,8 +23,10 @@ import time
 from rin_scale import rundir, storage
 
 
-def run(cmd: list[str], env: dict | None = None) -> None:
+def run(cmd: list[str], env: dict | None = None, dry: bool = False) -> None:
     print(f"\n$ {shlex.join(cmd)}", flush=True)
+    if dry:
+        return
     t0 = time.time()
     proc = subprocess.run(cmd, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
@@ -54,8 +57,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=0, help="training steps (default: the demo's own)")
     p.add_argument("--procs", type=int, default=2, help="local training processes (default 2)")
     p.add_argument("--eval-samples", type=int, default=0, help="samples per evaluation (default: the demo's own)")
+    p.add_argument("--dry-run", action="store_true", help="print each stage's command and check the training "
+                   "config (a bad override fails here, as it would in the trainer); run nothing")
     p.add_argument("overrides", nargs="*", help="config overrides for training, e.g. train.lr=1e-3")
     args = p.parse_args(argv)
+    dry = args.dry_run
 
     py = sys.executable
     out = os.path.abspath(args.out) if "://" not in args.out else args.out
@@ -73,10 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     run_url = storage.join(out, f"run-{preset}")
 
     print(f"[demo] 1/3 shard the embedded {dataset} dataset (ships with scikit-learn; no download)")
-    run([py, "-m", "data_tools.shard", "--embedded", dataset, "--split", "train", data_train])
+    run([py, "-m", "data_tools.shard", "--embedded", dataset, "--split", "train", data_train], dry=dry)
     # Held-out digits: the image classifier's data; for video, the clips whose given frames the eval
     # service conditions on and whose true continuation it scores the predictions against.
-    run([py, "-m", "data_tools.shard", "--embedded", dataset, "--split", "heldout", data_heldout])
+    run([py, "-m", "data_tools.shard", "--embedded", dataset, "--split", "heldout", data_heldout], dry=dry)
 
     print(f"[demo] 2/3 train the {preset} preset with DeepSpeed ZeRO-2 on {args.procs} local processes")
     # One EMA snapshot, at the end: scoring one costs about 100 s of the 2-core CPU (500 samples, DDPM 100,
@@ -92,12 +98,22 @@ def main(argv: list[str] | None = None) -> None:
         launcher = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.procs}"]
     else:
         launcher = [py]
-    run(launcher + ["-m", "rin_scale.train"] + train_cfg, env={"OMP_NUM_THREADS": "1"})
+    run(launcher + ["-m", "rin_scale.train"] + train_cfg, env={"OMP_NUM_THREADS": "1"}, dry=dry)
 
     print(f"[demo] 3/3 score the final snapshot with the eval service ({metric.upper()})")
     # One thread for the video model's small sampling batches: two threads on a shared 2-core machine
     # were measured ~10x slower (each step waits for the busier core).
-    run([py, "-m", "evals.service", "--run", run_url, "--once"], env={"OMP_NUM_THREADS": "1"} if args.video else None)
+    run([py, "-m", "evals.service", "--run", run_url, "--once"], env={"OMP_NUM_THREADS": "1"} if args.video else None,
+        dry=dry)
+    if dry:
+        from rin_scale.config import ConfigError, check_world, load_config
+
+        try:  # the data does not exist yet: only the config's own checks, as the trainer makes them
+            check_world(load_config(None, train_cfg), args.procs)
+        except ConfigError as e:
+            sys.exit(f"config error: {e}")
+        print(f"\n[demo] dry run: the config is valid for {args.procs} process(es); nothing was run")
+        return
 
     from evals import ledger as eval_ledger
 
