@@ -23,7 +23,7 @@ class ConfigError(ValueError):
 
 
 def _f(default, help: str):
-    """A field with its meaning, which reference_markdown() prints in the README's table."""
+    """A field with its meaning, which reference_markdown() prints in docs/config.md."""
     return field(default=default, metadata={"help": help})
 
 
@@ -531,7 +531,7 @@ def _divisor_near(n: int, p: int) -> int:
 
 
 def reference_markdown() -> str:
-    """The config reference for the README: every key, its default and its help text."""
+    """The config reference table: every key, its default and its help text."""
     rows = ["| key | default | meaning |", "|---|---|---|"]
     for section in ("model", "diffusion", "data", "train", "eval"):
         for f in dataclasses.fields(typing.get_type_hints(Config)[section]):
@@ -540,5 +540,34 @@ def reference_markdown() -> str:
     return "\n".join(rows)
 
 
-if __name__ == "__main__":  # python -m rin_scale.config: print the reference table
-    print(reference_markdown())
+REFERENCE_INTRO = """# Config reference
+
+Every key of the config, its default and its meaning. A config is built in this order, each step
+overriding the one before: the preset named first (default `tiny`; `rin_scale/presets.py`), then
+YAML files and `section.key=value` overrides in the order given on the command line (a YAML file
+may start with `preset: NAME`). Types and allowed values are checked before anything expensive
+starts, and the resolved config is written to `RUN/config.yaml` with secrets masked.
+
+    python -m rin_scale.train cifar10 my_run.yaml train.lr=2e-3 --dry-run   # prints the resolved config
+
+The defaults below are the dataclasses' own; a preset overrides many of them
+(`python -m rin_scale.train PRESET --dry-run` shows a preset's values).
+
+This page is written by `python -m rin_scale.config docs/config.md`; a test fails when it is stale.
+
+"""
+
+
+def reference_page() -> str:
+    """docs/config.md: how configs combine, then the reference table."""
+    return REFERENCE_INTRO + reference_markdown() + "\n"
+
+
+if __name__ == "__main__":  # python -m rin_scale.config [FILE]: the reference page, printed or written
+    import sys
+
+    if len(sys.argv) > 1:
+        with open(sys.argv[1], "w") as f:
+            f.write(reference_page())
+    else:
+        print(reference_page(), end="")
