@@ -101,3 +101,36 @@ def bf16_missing() -> str | None:
     if native:
         return None
     return "this CPU has no native bf16 (neither avx512_bf16 nor amx_bf16): torch would emulate it, slowly"
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The demo's model and sampler made small enough for the suite (the demo's own shapes take minutes).
+SMALL_DEMO = ["model.latent_dim=64", "model.interface_dim=64", "model.latent_heads=4", "model.read_write_heads=4",
+              "model.num_latents=16", "train.global_batch=16", "diffusion.sample_steps=4", "train.sample_count=10"]
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The README's first command, shortened, run once for the session: (out folder, its process).
+
+    The command is taken from the README itself (`.venv/bin/python -m launch.demo` after
+    `bash install.sh &&`), so the demo test and the README test check what a user types.
+    """
+    import sys
+
+    from readme_commands import fenced, shell_commands
+
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    first = shell_commands(fenced(readme)[0][1])[1]
+    assert first[0].endswith("python") and first[1:3] == ["-m", "launch.demo"], first
+    tmp = tmp_path_factory.mktemp("demo")
+    out = tmp / "demo"
+    cmd = [sys.executable, *first[1:], "--out", str(out), "--steps", "12", "--eval-samples", "20",
+           f"eval.cache_dir={tmp / 'cache'}", "eval.reference_samples=40", *SMALL_DEMO]
+    # The environment a user has: no OMP_NUM_THREADS (the suite sets 1), so the demo gives each
+    # training rank one thread and the eval service every core, as it does for them.
+    user_env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    proc = subprocess.run(cmd, cwd=ROOT, env={**user_env, "PYTHONPATH": ROOT}, capture_output=True, text=True,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc

@@ -14,20 +14,10 @@ from evals import ledger as eval_ledger
 from rin_scale import rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMALL = ["model.latent_dim=64", "model.interface_dim=64", "model.latent_heads=4", "model.read_write_heads=4",
-         "model.num_latents=16", "train.global_batch=16", "diffusion.sample_steps=4", "train.sample_count=10"]
 
 
-def test_shortened_demo_leaves_every_stage_output(tmp_path):
-    out = tmp_path / "demo"
-    cmd = [sys.executable, "-m", "launch.demo", "--out", str(out), "--steps", "12", "--eval-samples", "20",
-           f"eval.cache_dir={tmp_path / 'cache'}", "eval.reference_samples=40", *SMALL]
-    # The environment a user has: no OMP_NUM_THREADS (the suite's conftest sets 1), so the demo gives
-    # each training rank one thread and the eval service every core, as it does for them.
-    user_env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    proc = subprocess.run(cmd, cwd=ROOT, env={**user_env, "PYTHONPATH": ROOT}, capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+def test_shortened_demo_leaves_every_stage_output(demo_run, tmp_path):
+    out, proc = demo_run  # conftest.demo_run: the README's first command, shortened, run once
 
     # 1. shards: the training and held-out splits of the embedded digits, with manifests
     for split, n in (("train", 1437), ("heldout", 360)):
