@@ -104,6 +104,9 @@ class DataConfig:
     kind: str = _f("image", "image | video (must agree with the model)")
     workers: int = _f(2, "DataLoader workers per rank")
     shuffle_buffer: int = _f(1000, "samples held in the shuffle buffer per worker")
+    interleave: int = _f(0, "shards whose samples are mixed at a time (rin_scale/data.py); 0 = 4 for shards "
+                            "data_tools.shard wrote shuffled, 64 for others (they may hold one class each); "
+                            "class-sorted shards need about 5x the per-rank batch")
     random_crop: bool = _f(False, "random crop instead of a center crop to image_size")
     hflip: bool = _f(True, "random horizontal flips")
     max_error_rate: float = _f(0.05, "stop the run when more than this fraction of samples fail")
@@ -472,6 +475,7 @@ def validate(cfg: Config) -> Config:
            f"data.kind={data.kind!r} does not match the model (model.frames={m.frames}): "
            f"use data.kind={'video' if m.is_video else 'image'}")
     _check(data.workers >= 0, "data.workers must be 0 or more")
+    _check(data.interleave >= 0, "data.interleave must be 0 (chosen from the shards) or a number of shards")
     _check(0 <= data.max_error_rate <= 1, "data.max_error_rate must lie in [0, 1]")
     _check(data.storage_retry_seconds >= 0, "data.storage_retry_seconds must be 0 or more (seconds)")
 
@@ -514,9 +518,13 @@ def _validate_eval(e: EvalConfig, m: ModelConfig) -> None:
 def check_world(cfg: Config, world_size: int) -> tuple[int, int]:
     """(micro_batch, accumulation) for this world size, or a ConfigError naming the fix."""
     t = cfg.train
-    _check(t.global_batch % world_size == 0,
-           f"train.global_batch={t.global_batch} is not divisible by the world size {world_size}: "
-           f"use a multiple of {world_size}")
+    if t.global_batch % world_size:
+        fits = [w for w in range(1, t.global_batch + 1) if t.global_batch % w == 0]
+        near = sorted({max((w for w in fits if w < world_size), default=1),
+                       min((w for w in fits if w > world_size), default=t.global_batch)})
+        raise ConfigError(f"train.global_batch={t.global_batch} is not divisible by the world size {world_size}: "
+                          f"run on {' or '.join(map(str, near))} ranks to keep it, or set train.global_batch to a "
+                          f"multiple of {world_size} (which changes the training recipe)")
     per_rank = t.global_batch // world_size
     micro = t.micro_batch or per_rank
     _check(per_rank % micro == 0,

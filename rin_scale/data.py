@@ -15,7 +15,7 @@ read front to back), passed through a shuffle buffer of data.shuffle_buffer samp
 follow each other. So a batch holds about as many shards as independent draws would, and shards
 that each hold one class (sorted folders sharded by other tools, or by data_tools.shard before
 it shuffled) still give batches of many classes: with one class per shard, a batch of B holds
-about W (1 - (1 - 1/W)^B) classes. W is data.interleave where the config has it, else 4 for
+about W (1 - (1 - 1/W)^B) classes. W is data.interleave when set, else 4 for
 shards that data_tools.shard wrote shuffled (manifest options.shuffle) and 64 for any other: at
 least 0.9 of independent draws for micro-batches up to 12 whatever the number of classes, 16
 with up to 700 classes, 32 with up to 110 (window_width; a larger W mixes more, with more shards
@@ -160,14 +160,13 @@ WINDOW_MIXED = 4  # ... for shards the shard tool wrote from a shuffled item lis
 
 
 def window_width(data_cfg, manifest: dict) -> int:
-    """Shards mixed at a time: data.interleave when the config has it, else by the shards' origin.
+    """Shards mixed at a time: data.interleave when set, else by the shards' origin.
     Not from the batch size: the sequence must not change when a resume at another world size
     changes the micro-batch. With one class per shard, a batch of B from W shards holds
     W (1 - (1 - 1/W)^B) classes: W >= 5 B keeps that at 0.9 of independent draws or more however
     many classes there are (W = 64: micro-batches up to 12, and more with fewer classes)."""
-    width = int(getattr(data_cfg, "interleave", 0) or 0)
-    if width > 0:
-        return width
+    if data_cfg.interleave > 0:
+        return data_cfg.interleave
     return WINDOW_MIXED if (manifest.get("options") or {}).get("shuffle") else WINDOW_SORTED
 
 

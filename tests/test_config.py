@@ -142,3 +142,14 @@ def test_every_field_has_help_in_the_reference():
     # docs/config.md is the generator's output, so a new key cannot go undocumented there
     page = (Path(__file__).resolve().parent.parent / "docs" / "config.md").read_text()
     assert page == reference_page(), "docs/config.md is stale: run `python -m rin_scale.config docs/config.md`"
+
+
+def test_a_world_size_that_cannot_keep_the_global_batch_names_the_nearest_that_can():
+    # 1,024 images on 56 ranks: 8 nodes of 8 GPUs after losing one node
+    cfg = load_config("imagenet256", ["train.global_batch=1024"])
+    with pytest.raises(ConfigError) as e:
+        check_world(cfg, 56)
+    assert "train.global_batch=1024 is not divisible by the world size 56: run on 32 or 64 ranks to keep it" in str(e.value)
+    assert check_world(cfg, 64) == (16, 1)
+    cfg = load_config("imagenet256", ["train.global_batch=1024", "train.micro_batch=8"])
+    assert check_world(cfg, 32) == (8, 4)  # 32 images per rank: 4 accumulated micro-batches of 8
