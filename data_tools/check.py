@@ -3,7 +3,9 @@
     python -m data_tools.check URL [--json] [--preview grid.png] [--count 64]
 
 URL: a shard folder, a manifest or a brace pattern (as data.shards). Every sample of every shard is
-read and decoded; counts are compared with the manifest. Exit status 1 when anything is wrong.
+read and decoded; counts are compared with the manifest. Exit status 1 when anything is wrong. A
+dataset written in parts (data_tools.shard --part I/N) is read through its joined manifest; a folder
+of finished parts that were never joined is an error naming `data_tools.shard --join`.
 Video previews are a GIF (or .mp4) strip: one row of clips, played frame by frame.
 """
 from __future__ import annotations
@@ -12,6 +14,7 @@ import argparse
 import collections
 import io
 import json
+import re
 import sys
 
 import numpy as np
@@ -89,6 +92,12 @@ def check(url: str, keep: int = 0) -> tuple[dict, list[np.ndarray]]:
         report["errors"].append(f"{url}: empty dataset, {len(shards)} shards hold no samples" + (
             f"; all {man.get('inputs', '?')} inputs were skipped when sharding "
             f"(first: {first[0].get('source')}: {first[0].get('error')})" if man.get("errors") else ""))
+    if not man and not url.endswith((".json", ".tar")) and "{" not in url:
+        fs, path = fs_path(url)  # parts written with --part I/N but never joined: no class map, no counts
+        parts = [p for p in fs.ls(path, detail=False) if re.search(r"-p\d{4}of\d{4}\.json$", p)]
+        if parts:
+            report["errors"].append(f"{url}: {len(parts)} finished part(s) but no joined manifest: run "
+                                    f"python -m data_tools.shard --join {url} (it names the parts not finished)")
     report["classes"], report["sizes"], report["frames"] = dict(classes), dict(sizes), dict(frames)
     report["skipped_at_write"] = man.get("skipped", 0)
     return report, kept
