@@ -4,12 +4,20 @@
         --nodes 4 --gpus-per-node 8 --partition gpu --time-min 2880 --setup "module load cuda"
     python -m launch.submit tiny train.run_dir=runs/t --executor local --tasks-per-node 2
     python -m launch.submit --service eval train.run_dir=runs/t --executor local
+    python -m launch.submit --service shard /data/imagenet/train gs://b/imagenet256 --resize 256 \
+        --workers 16 --nodes 8 --wait
     ... --dry-run     prints the sbatch script and the resolved config; submits nothing
 
 Before a training job waits in the queue, data.shards is checked from here as the trainer checks it
 at start-up (set, listable, complete tars, classes that fit the model, enough samples): a problem
 is one line, exit 2 (with --dry-run, a warning); shards that cannot be listed from here within
 30 s are left to the job (--skip-data-check skips the check).
+
+--service shard runs data_tools.shard as N = nodes x tasks-per-node tasks, task r writing part r of
+N (--part auto; each part resumes on its own), the last part to finish writing the one manifest;
+the options after SOURCE OUT are data_tools.shard's. --cpus-per-task defaults to its --workers.
+With --wait the parts are joined here once the job ends, if no part did. Logs and launch.jsonl go
+to --folder (default ./submitit/rin-shard-NAME).
 
 One task per GPU. The job requeues itself on preemption or timeout (up to --max-requeues) and
 the trainer resumes from the newest complete state; RUN/launch.jsonl logs every submission,
@@ -49,8 +57,9 @@ class _SlurmScript(SlurmExecutor):
 def parse_args(argv: tp.Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m launch.submit", description=__doc__.split("\n\n")[0])
     p.add_argument("config", nargs="*", help="[PRESET] [file.yaml ...] [section.key=value ...]")
-    p.add_argument("--service", choices=("train", "eval"), default="train",
-                   help="what the job runs: the trainer, or the eval service beside it")
+    p.add_argument("--service", choices=("train", "eval", "shard"), default="train",
+                   help="what the job runs: the trainer, the eval service beside it, or data_tools.shard "
+                        "split over the tasks (then give SOURCE OUT and its options)")
     p.add_argument("--executor", choices=("auto", "slurm", "local"), default="auto",
                    help="auto: slurm when sbatch is on PATH, else local processes")
     p.add_argument("--nodes", type=int, default=1)
@@ -83,7 +92,72 @@ def parse_args(argv: tp.Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the sbatch script and config; submit nothing")
     p.add_argument("--skip-data-check", action="store_true",
                    help="submit without first listing data.shards from here (e.g. a path only the nodes see)")
-    return p.parse_intermixed_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if _service(argv) != "shard":
+        args = p.parse_intermixed_args(argv)
+        args.shard_argv = []
+        return args
+    mine, theirs = _split_shard_argv(p, argv)
+    args = p.parse_intermixed_args(mine)
+    args.shard_argv = theirs
+    return args
+
+
+def _service(argv: list[str]) -> str:
+    for i, a in enumerate(argv):
+        if a == "--service" and i + 1 < len(argv):
+            return argv[i + 1]
+        if a.startswith("--service="):
+            return a.split("=", 1)[1]
+    return "train"
+
+
+def _split_shard_argv(p: argparse.ArgumentParser, argv: list[str]) -> tuple[list[str], list[str]]:
+    """(this launcher's options, data_tools.shard's arguments): an option is the launcher's when it
+    names one of its options exactly; everything else (SOURCE OUT, --resize 256, ...) is the tool's."""
+    from data_tools.shard import build_parser
+
+    def arity(parser):
+        return {o: a.nargs != 0 for a in parser._actions for o in a.option_strings}
+
+    mine_opts, theirs_opts = arity(p), arity(build_parser())
+    mine, theirs, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0]
+        if name in mine_opts:
+            dest, takes = mine, mine_opts[name]
+        else:
+            dest, takes = theirs, theirs_opts.get(name, False)
+        dest.append(a)
+        if takes and "=" not in a and i + 1 < len(argv):
+            dest.append(argv[i + 1])
+            i += 1
+        i += 1
+    return mine, theirs
+
+
+def shard_job_name(args) -> str:
+    return args.job_name or f"rin-shard-{shard_command(args).paths[1].rstrip('/').rsplit('/', 1)[-1]}"
+
+
+def shard_command(args) -> argparse.Namespace:
+    """data_tools.shard's own parse of the --service shard arguments; its errors as a LaunchError."""
+    from data_tools.shard import build_parser
+
+    p = build_parser()
+
+    def error(message):
+        raise LaunchError(f"data_tools.shard: {message}")
+
+    p.error = error
+    ns = p.parse_args(args.shard_argv)
+    if ns.embedded or ns.join or len(ns.paths) != 2:
+        raise LaunchError("--service shard: give SOURCE OUT and data_tools.shard's options "
+                          "(not --embedded or --join: those run on one machine)")
+    if ns.part:
+        raise LaunchError("--service shard: leave out --part: task r of N writes part r of N")
+    return ns
 
 
 def resolve(args: argparse.Namespace) -> tuple[Config, str, list[str]]:
@@ -91,6 +165,15 @@ def resolve(args: argparse.Namespace) -> tuple[Config, str, list[str]]:
     # YAML files by absolute path (the job may start elsewhere); a preset name stays a name even when
     # a folder of that name (say the shards just written to ./imagenet256) is in the working directory
     items = [os.path.abspath(a) if a.endswith((".yaml", ".yml")) and os.path.exists(a) else a for a in args.config]
+    if args.service == "shard":
+        ns = shard_command(args)
+        out = ns.paths[1]
+        if storage.is_local(out):  # the tasks may start elsewhere
+            out = os.path.abspath(storage.local_path(out))
+        src = ns.paths[0] if "://" in ns.paths[0] else os.path.abspath(ns.paths[0])
+        rest = [a for a in args.shard_argv if a not in ns.paths]
+        run = os.path.abspath(args.folder or os.path.join("submitit", shard_job_name(args)))
+        return None, run, [src, out, *rest, "--part", "auto", "--quiet"]
     if args.service == "train":
         cfg = load_config(None, items)
         run = cfg.train.run_dir
@@ -158,6 +241,9 @@ def check_options(args, cfg: Config, executor: str) -> None:
         raise LaunchError("--max-requeues must be 0 or more")
     if args.service == "train":
         check_world(cfg, args.nodes * tasks_per_node(args))
+    elif args.service == "shard":
+        if args.gpus_per_node:
+            raise LaunchError("--service shard runs on CPUs: drop --gpus-per-node (use --tasks-per-node)")
     elif args.nodes * tasks_per_node(args) != 1:
         raise LaunchError("--service eval runs as one task: use --nodes 1 and one GPU or task per node")
 
@@ -206,7 +292,7 @@ def check_data(cfg: Config, world: int, timeout: float = DATA_CHECK_SECONDS) -> 
 
 
 def make_executor(args, run: str, name: str, executor: str):
-    folder = args.folder
+    folder = args.folder or (run if args.service == "shard" else "")
     if not folder:
         folder = storage.join(run, "submitit") if storage.is_local(run) else os.path.join("submitit", name)
     folder = os.path.join(os.path.abspath(folder), args.service)
@@ -232,6 +318,8 @@ def sbatch_script(ex) -> str:
 def make_job(args, cfg: Config, run: str, argv: list[str]) -> LaunchJob:
     kw = dict(max_requeues=args.max_requeues, master_addr=args.master_addr or None, timeout_min=args.time_min,
               signal_delay_s=args.signal_delay_s)
+    if args.service == "shard":
+        return LaunchJob("data_tools.shard:main", list(argv), run, kind="shard", **kw)
     return TrainJob(argv, run, **kw) if args.service == "train" else EvalJob(argv, run, **kw)
 
 
@@ -254,7 +342,12 @@ def _submit(args: argparse.Namespace):
             if not args.dry_run:
                 raise
             warning = f"{e} (a submit would stop here)"
-    name = args.job_name or f"rin-{args.service}-{cfg.name}"
+    if args.service == "shard":
+        name = args.job_name or shard_job_name(args)
+        if not args.cpus_per_task:  # one core per shard worker process
+            args.cpus_per_task = max(1, shard_command(args).workers)
+    else:
+        name = args.job_name or f"rin-{args.service}-{cfg.name}"
     ex = make_executor(args, run, name, executor)
     if warning:  # after the executor's own option errors, which come alone
         print(f"warning: {warning}", file=sys.stderr)
@@ -264,6 +357,10 @@ def _submit(args: argparse.Namespace):
             print(sbatch_script(ex))
         else:
             print(f"# ---- local job: {tasks_per_node(args)} task(s) on this machine, submitit folder {ex.folder}")
+        if cfg is None:
+            print(f"# ---- each of the {args.nodes * tasks_per_node(args)} task(s) runs ----")
+            print("python -m data_tools.shard " + " ".join(service_argv))
+            return None
         print("# ---- resolved config ----")
         print(dump_yaml(cfg), end="")
         return None
@@ -298,6 +395,24 @@ def main(argv: tp.Optional[list[str]] = None) -> int:
                   file=sys.stderr)
             return 1
         print(f"job {job.job_id} finished")
+        if args.service == "shard":
+            return _join_after(args)
+    return 0
+
+
+def _join_after(args) -> int:
+    """--service shard --wait: the joined manifest (written by the last part, or here), in one line."""
+    from data_tools.shard import ShardError, join_parts
+
+    ns = shard_command(args)
+    out = os.path.abspath(ns.paths[1]) if storage.is_local(ns.paths[1]) else ns.paths[1]
+    try:
+        man = join_parts(out, ns.prefix)
+    except ShardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"{out}: {man['total']} {man['kind']} samples from {man['inputs']} inputs in {len(man['shards'])} "
+          f"shards, {man.get('parts', 1)} part(s), {len(man['classes'])} classes ({ns.prefix}-manifest.json)")
     return 0
 
 
