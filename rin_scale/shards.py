@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 import tarfile
 
 from .storage import dirname, fs_path, join, open_read
@@ -163,13 +164,14 @@ def _list_shards(url: str, check_ends: bool) -> tuple[list[str], list[int], dict
     return shards, counts, man
 
 
-def read_tar_samples(url: str, wanted=None, stop=None):
+def read_tar_samples(url, wanted=None, stop=None):
     """Yields (index, sample dict) for the samples of one shard, in order, up to index `stop`.
 
-    wanted(index) -> bool picks the samples whose data is read; the others are passed over by their
-    tar headers. A truncated or corrupt tar raises (tarfile.TarError / OSError) where it breaks.
+    url: a shard URL, or a binary file object holding a tar (closed after). wanted(index) -> bool
+    picks the samples whose data is read; the others are passed over by their tar headers. A
+    truncated or corrupt tar raises (tarfile.TarError / OSError) where it breaks.
     """
-    with open_read(url) as f, tarfile.open(fileobj=f, mode="r:") as tf:
+    with (open_read(url) if isinstance(url, str) else url) as f, tarfile.open(fileobj=f, mode="r:") as tf:
         cur_key, cur, index = None, None, -1
         for m in tf:
             if not m.isfile():
@@ -202,3 +204,59 @@ def tar_bytes(samples: list[dict]) -> bytes:
                 info.size, info.mtime, info.mode = len(s[ext]), 0, 0o644
                 tf.addfile(info, io.BytesIO(s[ext]))
     return buf.getvalue()
+
+# --------------------------------------------------------------------------------------------
+# The sample index: NAME.tar.idx beside each shard, for ranged reads of single samples
+
+INDEX_SUFFIX = ".idx"
+
+
+def index_url(shard_url: str) -> str:
+    return shard_url + INDEX_SUFFIX
+
+
+def tar_offsets(fileobj) -> list[int]:
+    """Each sample's first byte in the tar (the header of its first member, extended headers
+    included), then the end of the last sample's data: n + 1 offsets, the samples counted as
+    read_tar_samples counts them. Reads headers only."""
+    starts, end, cur_key = [], 0, None
+    with tarfile.open(fileobj=fileobj, mode="r:") as tf:
+        for m in tf:
+            if not m.isfile():
+                continue
+            key = split_name(m.name)[0]
+            if key != cur_key:
+                starts.append(m.offset)
+                cur_key = key
+            end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    return starts + [max(end, starts[-1] if starts else 0)]
+
+
+def index_bytes(offsets) -> bytes:
+    """The index file's bytes: the offsets as int64 little-endian."""
+    return struct.pack(f"<{len(offsets)}q", *offsets)
+
+
+def parse_index(data: bytes, count: int | None = None) -> list[int] | None:
+    """The offsets in an index file, or None when it does not fit its shard (a sample count other
+    than `count`, offsets not increasing, a torn file): that shard is then read front to back."""
+    if len(data) < 8 or len(data) % 8:
+        return None
+    off = list(struct.unpack(f"<{len(data) // 8}q", data))
+    if (count is not None and len(off) != count + 1) or off[0] < 0 or any(b <= a for a, b in zip(off, off[1:])):
+        return None
+    return off
+
+
+def sample_from_bytes(data: bytes) -> dict:
+    """The one sample in `data`: a sample's span [offset i, offset i + 1) cut from a tar. Raises
+    (tarfile.TarError / OSError) unless its members fill the span exactly and make one sample: a
+    span cut short, or an index that no longer fits its tar, is an error, not a wrong sample."""
+    end = 0
+    with tarfile.open(fileobj=io.BytesIO(data + bytes(2 * tarfile.BLOCKSIZE)), mode="r:") as tf:
+        for m in tf:
+            end = m.offset_data + -(-m.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+    got = list(read_tar_samples(io.BytesIO(data + bytes(2 * tarfile.BLOCKSIZE))))
+    if len(got) != 1 or end != len(data):
+        raise tarfile.ReadError(f"{len(got)} samples in {end} of {len(data)} bytes where the index has one sample")
+    return got[0][1]

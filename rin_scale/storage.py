@@ -133,6 +133,13 @@ def read_bytes(url: str) -> bytes:
     return fs.cat_file(path)
 
 
+def read_range(url: str, start: int, end: int) -> bytes:
+    """Bytes [start, end) of an object in one request (a ranged GET on an object store); fewer at
+    its end. Errors as fs.cat_file raises them (the caller retries transient ones)."""
+    fs, path = fs_path(url)
+    return fs.cat_file(path, start=int(start), end=int(end))
+
+
 def write_bytes(url: str, data: bytes) -> None:
     """Atomic: a local file is written beside its name and renamed; an object store commits an
     object only when its upload completes. Transient errors are retried."""
