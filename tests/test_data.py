@@ -479,7 +479,8 @@ def test_shard_to_gcs_and_stream_from_it_with_workers(gcs_bucket, heldout):
     assert "360 image samples" in p.stdout and "4 shards" in p.stdout
     fs, path = fs_path(url)
     names = sorted(n.rsplit("/", 1)[-1] for n in fs.ls(path))
-    assert names == [f"data-{i:06d}.tar" for i in range(4)] + ["data-inputs.txt.gz", "data-manifest.json"]
+    assert names == sorted([f"data-{i:06d}.tar{x}" for i in range(4) for x in ("", ".idx")]
+                           + ["data-inputs.txt.gz", "data-manifest.json"])
     rep = json.loads(run_cli("data_tools.check", url, "--json").stdout)
     assert rep["samples"] == 360 and rep["errors"] == []
     cfg = image_cfg(url, workers=2)
