@@ -109,7 +109,10 @@ class DataConfig:
                             "class-sorted shards need about 5x the per-rank batch")
     random_crop: bool = _f(False, "random crop instead of a center crop to image_size")
     hflip: bool = _f(True, "random horizontal flips")
-    max_error_rate: float = _f(0.05, "stop the run when more than this fraction of samples fail")
+    label_key: str = _f("", 'where a sample\'s class label is: "" = its cls member; a name = that field of its '
+                            'json member, an int (e.g. img2dataset/video2dataset metadata)')
+    max_error_rate: float = _f(0.05, "stop the run when more than this fraction of samples fail (checked from "
+                                     "the 200th sample on, so one bad shard up front does not stop it)")
     storage_retry_seconds: float = _f(600.0, "seconds a storage outage (refused, timeouts, 429/5xx) is waited out "
                                              "before the run stops; corrupt bytes are never retried")
     seed: int = _f(0, "random seed (data: shard order, shuffling, augmentation; train: init, noise)")
@@ -477,6 +480,9 @@ def validate(cfg: Config) -> Config:
     _check(data.workers >= 0, "data.workers must be 0 or more")
     _check(data.interleave >= 0, "data.interleave must be 0 (chosen from the shards) or a number of shards")
     _check(0 <= data.max_error_rate <= 1, "data.max_error_rate must lie in [0, 1]")
+    _check(data.label_key == data.label_key.strip() and "." not in data.label_key,
+           f"data.label_key={data.label_key!r}: give the name of a top-level field of the samples' json "
+           f"(e.g. data.label_key=label), or \"\" for their cls member")
     _check(data.storage_retry_seconds >= 0, "data.storage_retry_seconds must be 0 or more (seconds)")
 
     _one_of("train.zero_stage", t.zero_stage, (0, 1, 2, 3))

@@ -60,10 +60,17 @@ that can. Another dataset, seed, window or buffer (or a state from before the se
 means another sequence: the current epoch restarts at the same fraction, and within it some
 samples may repeat and others be missed.
 
-Labels. A conditional model (model.num_classes > 0) is checked against the manifest at start-up:
-more classes in it than the model has, or a manifest that lists none, is a DataError. A sample
-whose label lies outside [0, model.num_classes) is a sample error (it would index past the class
-embedding, or train as the "no label" row); a sample without a label trains as unlabelled (-1).
+Labels. A sample's label is its `cls` member, or with data.label_key set, that field of its
+`json` member (an int: img2dataset/video2dataset shards carry their metadata there). A conditional
+model (model.num_classes > 0) is checked at start-up: against the manifest (more classes in it than
+the model has, or a manifest that lists none, is a DataError), and on shards without a manifest (or
+with data.label_key) against the first sample, which must carry a label. A sample whose label lies
+outside [0, model.num_classes) is a sample error (it would index past the class embedding, or train
+as the "no label" row); a sample without a label trains as unlabelled (-1).
+
+Kind. An image model on video shards, or a video model on image shards, is a DataError at start-up
+(the manifest's kind, else the first sample's members); a model.image_size above the manifest's
+options.resize is a warning line (the images are upsampled).
 
 Errors. An unreadable sample, or the rest of a truncated/corrupt shard, is counted in
 stats["errors"] and replaced by the worker's previous good sample (so batch counts stay equal on
@@ -72,6 +79,7 @@ with a DataError.
 """
 from __future__ import annotations
 
+import json
 import sys
 import tarfile
 
@@ -85,8 +93,24 @@ from .storage import Backoff, is_transient
 MIN_SAMPLES_FOR_RATE = 200  # error-rate check waits for this many samples (one bad shard up front)
 
 
-def decode_sample(sample: dict, model_cfg, rng=None, random_crop=False, hflip=False):
-    """A raw sample {ext: bytes} -> (x uint8 tensor CHW or CTHW, label int). Raises if undecodable."""
+def sample_label(sample: dict, label_key: str = "") -> int | None:
+    """A raw sample's label: its cls member, or with label_key (data.label_key) that field of its json
+    member, an int; None when it carries none. Raises ValueError for a value that is not an int."""
+    if not label_key:
+        return int(sample["cls"]) if "cls" in sample else None
+    if "json" not in sample:
+        return None
+    meta = json.loads(sample["json"])
+    value = meta.get(label_key) if isinstance(meta, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("-").isdigit():
+        raise ValueError(f"sample {sample.get('__key__')}: json field {label_key!r} is {value!r}, not a class index")
+    return int(value)
+
+
+def decode_sample(sample: dict, model_cfg, rng=None, random_crop=False, hflip=False, label_key=""):
+    """A raw sample {ext: bytes} -> (x uint8 tensor CHW or CTHW, label int, -1 = none). Raises if undecodable."""
     if model_cfg.frames > 0:
         media = next((e for e in VIDEO_EXTS if e in sample), None)
         if media is None:
@@ -98,15 +122,15 @@ def decode_sample(sample: dict, model_cfg, rng=None, random_crop=False, hflip=Fa
         if media is None:
             raise ValueError(f"no image member ({'/'.join(IMAGE_EXTS)}) in sample {sample.get('__key__')}")
         x = decode_image(sample[media], model_cfg.image_size, model_cfg.channels, rng, random_crop, hflip)
-    label = int(sample["cls"]) if "cls" in sample else -1
-    return x, label
+    label = sample_label(sample, label_key)
+    return x, -1 if label is None else label
 
 
-def check_label(label: int, sample: dict, model_cfg) -> None:
+def check_label(label: int, sample: dict, model_cfg, label_key: str = "") -> None:
     """Raises for a label a conditional model cannot take: one past its classes would index past the
     class embedding, one equal to model.num_classes would silently train as "no label"."""
     n = model_cfg.num_classes
-    if n > 0 and "cls" in sample and not 0 <= label < n:
+    if n > 0 and sample_label(sample, label_key) is not None and not 0 <= label < n:
         raise ValueError(f"sample {sample.get('__key__')}: label {label} outside 0..{n - 1} (model.num_classes={n})")
 
 
@@ -249,8 +273,9 @@ class _EpochStream(torch.utils.data.IterableDataset):
             if sample is not None:
                 rng_s = np.random.default_rng([self.d.seed, self.epoch, int(p), 13])
                 try:
-                    x, y = decode_sample(sample, self.m, rng_s, self.d.random_crop, self.d.hflip)
-                    check_label(y, sample, self.m)
+                    x, y = decode_sample(sample, self.m, rng_s, self.d.random_crop, self.d.hflip,
+                                         self.d.label_key)
+                    check_label(y, sample, self.m, self.d.label_key)
                     item = (x, y, sample["__key__"])
                 except Exception:
                     item = None
@@ -329,14 +354,103 @@ def _log(msg: str) -> None:
     print(f"[data] {msg}", file=sys.stderr, flush=True)
 
 
+class _Probe:
+    """The first sample of the first non-empty shard ({ext: bytes}), read once when first asked for;
+    None when there is none or it cannot be read (the loader then counts it as a sample error)."""
+
+    def __init__(self, shards, counts):
+        self.shards, self.counts, self._sample = shards, counts, False
+
+    def get(self) -> dict | None:
+        if self._sample is False:
+            self._sample = None
+            for url, n in zip(self.shards, self.counts):
+                if n:
+                    try:
+                        self._sample = next((smp for _, smp in read_tar_samples(url, stop=1)), None)
+                    except Exception:  # noqa: BLE001 - unreadable: the loader's own errors say so
+                        pass
+                    break
+        return self._sample
+
+
+def _member(sample: dict | None, exts) -> str | None:
+    return next((e for e in (sample or {}) if e in exts), None)
+
+
+def check_kind(man: dict, first: _Probe, model_cfg, url: str) -> None:
+    """A DataError when the shards hold the other kind of data than the model takes: the manifest's
+    kind, else the first sample's members (one with what the model reads is fine, whatever else it
+    holds; one with neither kind is left to the loader)."""
+    video = model_cfg.frames > 0
+    kind = man.get("kind")
+    if kind in ("image", "video"):
+        if (kind == "video") == video:
+            return
+        other = _member(first.get(), VIDEO_EXTS if kind == "video" else IMAGE_EXTS) or "its manifest's kind"
+    else:
+        sample = first.get()
+        if _member(sample, VIDEO_EXTS if video else IMAGE_EXTS):
+            return
+        other = _member(sample, IMAGE_EXTS if video else VIDEO_EXTS)
+        if other is None:
+            return
+    if not video:
+        raise DataError(f"data.shards={url} holds video clips ({other}) but the model is an image model: "
+                        f"use a video preset (model.frames > 0, data.kind=video) or image shards")
+    raise DataError(f"data.shards={url} holds images ({other}) but the model is a video model "
+                    f"(model.frames={model_cfg.frames}): use an image preset (model.frames=0, data.kind=image) "
+                    f"or video shards")
+
+
+def check_sample_labels(first: _Probe, model_cfg, data_cfg) -> None:
+    """Shards without a manifest (or labelled by data.label_key): a conditional model needs the
+    first sample to carry a label; else the run would train on label -1 throughout."""
+    n, key, url = model_cfg.num_classes, data_cfg.label_key, data_cfg.shards
+    sample = first.get()
+    if n <= 0 or sample is None:
+        return
+    try:
+        label = sample_label(sample, key)
+    except ValueError as e:
+        raise DataError(f"data.label_key={key}: {e}: name a json field that holds the class index") from None
+    if label is not None:
+        return
+    if key:
+        raise DataError(f"model.num_classes={n} but sample {sample['__key__']} of {url} has no label (no json "
+                        f"field {key!r}): set data.label_key to the json field that holds the class index, "
+                        f"or model.num_classes=0 to train unconditionally")
+    raise DataError(f"model.num_classes={n} but sample {sample['__key__']} of {url} has no label (no cls member): "
+                    f"set data.label_key=FIELD to take labels from each sample's json, or model.num_classes=0 "
+                    f"to train unconditionally")
+
+
+def dataset_warnings(man: dict, model_cfg, url: str) -> list[str]:
+    """Lines worth a warning at start-up, not an error: a model.image_size above the size the shard
+    tool resized the images to (manifest options.resize), which upsamples every image."""
+    resize = int((man.get("options") or {}).get("resize") or 0)
+    if resize and model_cfg.image_size > resize:
+        return [f"model.image_size={model_cfg.image_size} is larger than the shards' resize={resize} ({url}): "
+                f"every sample is upsampled; re-shard with --resize {model_cfg.image_size} or set "
+                f"model.image_size={resize}"]
+    return []
+
+
 def check_dataset(data_cfg, model_cfg, batch_size: int, world_size: int = 1):
     """(shard URLs, sample counts, manifest) once everything the loader can check at start-up holds,
     else a one-line DataError: data.kind fits the model, the shards are listable and (without a
-    manifest) every tar is complete, the classes fit the model, and every rank gets a batch."""
+    manifest) every tar is complete, they hold the model's kind of data (images or clips), the
+    classes fit the model (or, without a manifest, the first sample carries a label when the model
+    is conditional), and every rank gets a batch."""
     if data_cfg.kind == "video" and model_cfg.frames <= 0:
         raise DataError("data.kind=video needs model.frames > 0 (frames per clip)")
     shards, counts, man = list_shards(data_cfg.shards, check_ends=True)
-    check_labels(man, model_cfg, data_cfg.shards)
+    first = _Probe(shards, counts)
+    check_kind(man, first, model_cfg, data_cfg.shards)
+    if man and not data_cfg.label_key:
+        check_labels(man, model_cfg, data_cfg.shards)
+    else:
+        check_sample_labels(first, model_cfg, data_cfg)
     total = sum(counts)
     if (total // world_size) // batch_size == 0:
         raise DataError(f"{data_cfg.shards} has {total} samples: too few for {world_size} rank(s) x "
@@ -359,6 +473,9 @@ class ShardLoader:
         if self.unit % (self.batch * self.world):
             raise DataError(f"global batch {self.unit} is not a multiple of batch {self.batch} x {self.world} rank(s)")
         self.shards, self.counts, self.manifest = check_dataset(data_cfg, model_cfg, self.batch, self.world)
+        if self.rank == 0:
+            for line in dataset_warnings(self.manifest, model_cfg, data_cfg.shards):
+                _log(f"warning: {line}")
         self.total = sum(self.counts)
         self.width = window_width(data_cfg, self.manifest)
         self.batches_per_epoch = epoch_batches(self.total, self.batch, self.world, self.unit)
