@@ -67,6 +67,33 @@ def generate(model, dcfg, n: int, batch: int, seed: int, steps=None, sampler=Non
     return torch.cat(out), labels
 
 
+def class_index(text: str, num_classes: int, run: str, data: str = "") -> int:
+    """--class as an index, or as a class name from the manifest of the run's data.shards (or --data)."""
+    text = text.strip()
+    if text.lstrip("-").isdigit():
+        label = int(text)
+        if not 0 <= label < num_classes:
+            raise ConfigError(f"--class {label}: the model has {num_classes} classes (0..{num_classes - 1})")
+        return label
+    if num_classes <= 0:
+        raise ConfigError(f"--class {text}: the model is unconditional (model.num_classes=0)")
+    from .shards import manifest_of
+
+    if not data:
+        if not run:
+            raise ConfigError(f"--class {text}: a class name needs the run's manifest; give the run directory "
+                              f"(or --data SHARDS), or the class index")
+        data = rundir.load_run_config(run).data.shards
+    classes = manifest_of(data).get("classes") or []
+    if text in classes:
+        return classes.index(text)
+    if not classes:
+        raise ConfigError(f"--class {text}: the shards {data} list no class names: give the class index "
+                          f"(0..{num_classes - 1})")
+    shown = ", ".join(classes[:20]) + (f", ... ({len(classes)} in all)" if len(classes) > 20 else "")
+    raise ConfigError(f"--class {text}: not a class of {data}: use one of {shown} (or an index 0..{num_classes - 1})")
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, not the usage block
         self.exit(2, f"{self.prog}: error: {message}\n")
@@ -104,7 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("source", help="snapshot folder or run directory (any fsspec URL)")
     p.add_argument("--out", default="samples.png", help="PNG grid to write")
     p.add_argument("--n", type=_at_least(0), default=0, help="samples (default: 10 per class, or 64)")
-    p.add_argument("--class", dest="label", type=int, default=None, help="condition every sample on this class")
+    p.add_argument("--class", dest="label", default=None,
+                   help="condition every sample on this class: an index, or a name from the run's manifest")
     p.add_argument("--steps", type=_at_least(1), default=None, help="sampling steps (default: the snapshot's config)")
     p.add_argument("--sampler", choices=("ddim", "ddpm"), default=None)
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance weight w")
@@ -126,8 +154,8 @@ def main(argv=None) -> int:
         snap, run = resolve_snapshot(a.source)
         model, dcfg, meta = rundir.load_snapshot_model(snap, device=a.device)
         m = model.cfg
-        if a.label is not None and not 0 <= a.label < m.num_classes:
-            raise ConfigError(f"--class {a.label}: the model has {m.num_classes} classes (0..{m.num_classes - 1})")
+        if a.label is not None:
+            a.label = class_index(a.label, m.num_classes, run, a.data)
         problem = a.guidance and guidance_problem(m)
         if problem:  # now, not after loading data and printing the plan
             raise ConfigError(f"--guidance {a.guidance}: {problem}; sample without --guidance")

@@ -81,6 +81,16 @@ def read_manifest(url: str) -> dict:
     return m
 
 
+def manifest_of(url: str) -> dict:
+    """The manifest of data.shards (a folder, a manifest URL or a brace pattern), {} when it has none;
+    reads no tar."""
+    if url.endswith(".json"):
+        return read_manifest(url)
+    base = dirname(_expand_braces(url)[0]) if "{" in url or url.endswith(".tar") else url.rstrip("/")
+    man_url = find_manifest(base)
+    return read_manifest(man_url) if man_url else {}
+
+
 def ends_cleanly(f) -> bool:
     """Whether the tar open in the seekable binary stream f ends with the two zero blocks of its
     end-of-archive marker. A tar cut inside a header or on a 512-byte boundary otherwise reads as

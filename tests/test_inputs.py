@@ -328,3 +328,47 @@ def test_sample_creates_the_output_folders_and_checks_them_before_sampling(snaps
         err = capsys.readouterr().err.strip()
         # no "[sample] ... samples on cpu" line: refused before sampling
         assert err.startswith("error: --out ") and needle in err and "\n" not in err, err
+
+
+def test_sample_takes_a_class_name_from_the_runs_manifest(snapshot, tmp_path, capsys):
+    """--class NAME: the index of NAME in the manifest of the run's data.shards (RUN/config.yaml)."""
+    import numpy as np
+
+    from rin_scale.sample import main as sample_main
+
+    shards = tmp_path / "animals"
+    shards.mkdir()
+    (shards / "manifest.json").write_text(json.dumps({"kind": "image", "classes": ["cat", "dog", "fox"],
+                                                      "shards": []}))
+    run = snapshot.split("/snapshots/")[0]
+    cfg = load_config("tiny", [f"train.run_dir={run}", f"data.shards={shards}", "model.image_size=8",
+                               "model.latent_dim=64", "model.interface_dim=64", "model.latent_heads=4",
+                               "model.read_write_heads=4", "model.num_latents=8", "model.num_classes=3"])
+    storage.write_bytes(f"{run}/config.yaml", dump_yaml(cfg).encode())
+    try:
+        npz = tmp_path / "fox.npz"
+        for source in (run, snapshot):
+            assert sample_main([source, "--class", "fox", "--n", "2", "--steps", "2", "--out", str(tmp_path / "g.png"),
+                                "--npz", str(npz), "--device", "cpu"]) == 0
+            assert np.load(npz)["arr_1"].tolist() == [2, 2]
+        capsys.readouterr()
+        assert sample_main([snapshot, "--class", "wolf", "--out", str(tmp_path / "w.png"), "--device", "cpu"]) == 2
+        assert capsys.readouterr().err == (f"error: --class wolf: not a class of {shards}: use one of cat, dog, fox "
+                                           f"(or an index 0..2)\n")
+        assert sample_main([snapshot, "--class", "5", "--out", str(tmp_path / "w.png"), "--device", "cpu"]) == 2
+        assert capsys.readouterr().err == "error: --class 5: the model has 3 classes (0..2)\n"
+        assert not (tmp_path / "w.png").exists()
+    finally:
+        os.remove(f"{run}/config.yaml")  # the module's snapshot stays as the other tests know it
+
+
+def test_the_error_rate_help_says_from_which_sample_it_applies():
+    import dataclasses
+
+    from rin_scale.config import DataConfig
+    from rin_scale.data import MIN_SAMPLES_FOR_RATE
+
+    help_text = next(f.metadata["help"] for f in dataclasses.fields(DataConfig) if f.name == "max_error_rate")
+    assert f"from the {MIN_SAMPLES_FOR_RATE}th sample on" in help_text
+    with open(os.path.join(ROOT, "docs", "config.md")) as f:
+        assert f"from the {MIN_SAMPLES_FOR_RATE}th sample on" in f.read()
