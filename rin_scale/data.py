@@ -33,18 +33,24 @@ world size, rank r taking [j G + r batch, j G + (r + 1) batch). Within a rank, b
 DataLoader worker (j - position) % K, the order in which the DataLoader hands batches out.
 
 What a worker reads. The sequence is computed on indices, a window at a time, before any byte is
-read: a worker reads, per window, its own samples from the shards of that window that hold them,
-one reader per shard, front to back once, passing the other members by their tar headers (never
-decoded, never read from the start again); at most W shards are open at once (each with its 8 MB
-read buffer on an object store: a reason the shard tool's shuffled shards get W = 4). A sample read before
-its turn waits in memory: about data.shuffle_buffer x the worker's share of the samples. At scale
-each worker reads a small share of many shards: 512 ranks x 8 workers with a micro-batch of 8 on
-ImageNet (1,281 shards of ~1,000, W = 64 for sorted shards, 4 for shuffled ones) means a global
-micro-batch of 4,096 every 4,096 positions, so each worker reads one batch of 8 samples per 32,768
-positions: per epoch ~312 samples (its 1/4,096 of 1.28M) in ~40 batches, the 8 of a batch from up to
-8 shards, walking each such shard's headers up to the samples. On node-local disk or a page-cached mount those header walks are
-cheap (a seek each); on an object store the read buffer fetches the bytes it passes (up to half a
-shard per visit), so at that scale stage the shards on node-local disk. Augmentation draws from a generator
+read: a worker reads, per window, its own samples from the shards of that window that hold them.
+A shard with a sample index (NAME.tar.idx beside NAME.tar: each sample's byte offset, int64;
+data_tools.shard writes it with every shard, `python -m data_tools.index URL` adds it to shards
+written by other tools or older versions) is read by ranged reads: its index once per worker (8
+bytes a sample), then one request per run of consecutive wanted samples for exactly their bytes
+(at most 8 MB a request, one sample at least), each sample parsed from its own span, so a corrupt
+sample costs that sample only, and an outage retries only the runs not yet read. A shard without
+one is read front to back once, passing the other members by their tar headers; on an object
+store the 8 MB read buffer downloads the bytes it passes (up to half a shard per visit), and rank 0
+says at start-up that the shards have no index and how to add one. At scale each worker reads a
+small share of many shards: 512 ranks x 8 workers with a micro-batch of 8 on ImageNet (1,281
+shards of ~1,000, ~110 KB a sample) means a global micro-batch of 4,096 every 4,096 positions, so
+each worker reads one batch of 8 samples per 32,768 positions: per epoch ~312 samples (its 1/4,096
+of 1.28M) in ~40 batches, the 8 of a batch from up to 8 shards. With the index that is its 312
+samples plus an 8 KB index per shard visited: about 1.07x the dataset's 140 GB per epoch over all
+workers; without it, tens of TB. Measured (bench/data_read_volume.py, 64 ranks x 2 workers, one
+epoch): see docs/benchmarks.md. At most W shards are open at once; a sample read before its turn
+waits in memory: about data.shuffle_buffer x the worker's share of the samples. Augmentation draws from a generator
 seeded by (seed, epoch, position in the sequence): a resumed run sees the same pixels too, at any
 world size.
 
@@ -87,8 +93,8 @@ import numpy as np
 import torch
 
 from .media import IMAGE_EXTS, VIDEO_EXTS, decode_image, decode_video, to_unit
-from .shards import DataError, list_shards, read_tar_samples
-from .storage import Backoff, is_transient
+from .shards import DataError, index_url, list_shards, parse_index, read_tar_samples, sample_from_bytes
+from .storage import READ_BUFFER, Backoff, StorageUnavailable, exists, is_transient, read_bytes, read_range, retry
 
 MIN_SAMPLES_FOR_RATE = 200  # error-rate check waits for this many samples (one bad shard up front)
 
@@ -247,6 +253,8 @@ def positions(rank: int, world: int, batch: int, j: int) -> np.ndarray:
 class _EpochStream(torch.utils.data.IterableDataset):
     """One rank's batches for one epoch, from `position` on; split across DataLoader workers."""
 
+    indexed = True  # whether the shards may have sample indexes (ShardLoader checks the first at start-up)
+
     def __init__(self, shards, counts, data_cfg, model_cfg, batch, rank, world, epoch, position, nb, width):
         self.shards, self.counts, self.d, self.m = shards, counts, data_cfg, model_cfg
         self.batch, self.rank, self.world, self.epoch, self.position = batch, rank, world, epoch, position
@@ -329,9 +337,14 @@ class _EpochStream(torch.utils.data.IterableDataset):
     def _shard(self, s: int, wanted: set):
         """Yields (member, raw sample or None if unreadable) for the wanted members of shard s, in order.
 
-        Corrupt bytes end the shard there: the rest counts as errors. A storage outage does not:
+        With the shard's index, by ranged reads (_shard_ranged). Without: front to back; corrupt
+        bytes end the shard there: the rest counts as errors. A storage outage does not:
         the shard is reopened past the samples already read, with backoff, for up to
         data.storage_retry_seconds; then the run stops with StorageUnavailable."""
+        offsets = self._offsets(s)
+        if offsets is not None:
+            yield from self._shard_ranged(s, sorted(wanted), offsets)
+            return
         url, stop = self.shards[s], max(wanted) + 1
         got: set = set()
         backoff = Backoff(f"reading {url}", self.d.storage_retry_seconds, log=_log)
@@ -348,6 +361,72 @@ class _EpochStream(torch.utils.data.IterableDataset):
                 backoff.wait(e)
         for i in sorted(wanted - got):
             yield i, None
+
+    def _offsets(self, s: int):
+        """Shard s's sample offsets from its index, fetched once per worker; None without a usable one."""
+        cache = self.__dict__.setdefault("_index_cache", {})
+        if s not in cache:
+            cache[s] = None
+            if self.indexed:
+                url = index_url(self.shards[s])
+                try:
+                    data = retry(lambda: read_bytes(url), f"reading {url}", self.d.storage_retry_seconds, log=_log)
+                    cache[s] = parse_index(data, self.counts[s])
+                except StorageUnavailable:
+                    raise
+                except Exception:  # noqa: BLE001 - no index (or an unreadable one): read front to back
+                    pass
+        return cache[s]
+
+    def _shard_ranged(self, s: int, wanted: list, offsets: list):
+        """_shard for an indexed shard: one ranged read per run of consecutive wanted members
+        (sample_runs), each sample parsed from its own span (a corrupt one is an error alone).
+        A storage outage retries the run, with backoff, for up to data.storage_retry_seconds
+        (the runs already read are not read again); any other failure makes the run's samples errors."""
+        url = self.shards[s]
+        backoff = Backoff(f"reading {url}", self.d.storage_retry_seconds, log=_log)
+        for a, b in sample_runs(wanted, offsets, READ_BUFFER):
+            while True:
+                try:
+                    data = read_range(url, offsets[a], offsets[b])
+                    break
+                except Exception as e:  # noqa: BLE001 - classified here
+                    if not is_transient(e):
+                        data = b""
+                        break
+                    backoff.wait(e)
+            for i in range(a, b):
+                try:
+                    sample = sample_from_bytes(data[offsets[i] - offsets[a]:offsets[i + 1] - offsets[a]])
+                except Exception:  # noqa: BLE001 - corrupt or cut short: this sample only
+                    sample = None
+                yield i, sample
+
+
+def sample_runs(wanted: list, offsets: list, max_bytes: int) -> list[tuple[int, int]]:
+    """Sorted member indices -> [(a, b)]: runs of consecutive members, each one ranged read of bytes
+    [offsets[a], offsets[b]), cut where a run would pass max_bytes (one member at least)."""
+    runs: list = []
+    for i in wanted:
+        if runs and runs[-1][1] == i and offsets[i + 1] - offsets[runs[-1][0]] <= max_bytes:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(a, b) for a, b in runs]
+
+
+def shards_indexed(shards: list, url: str, say: bool) -> bool:
+    """Whether the shards have sample indexes, by the first shard's (one request); `say`: tell, once,
+    when they have none, and how to add them."""
+    try:
+        found = exists(index_url(shards[0]))
+    except Exception:  # noqa: BLE001 - cannot tell here: each worker tries each shard's index
+        return True
+    if not found and say:
+        _log(f"the shards at {url} have no sample index (NAME.tar.idx): each worker reads a shard from its "
+             f"start up to its samples, which on an object store downloads much of the shard per visit; "
+             f"add the indexes once with: python -m data_tools.index {url}")
+    return found
 
 
 def _log(msg: str) -> None:
@@ -478,6 +557,7 @@ class ShardLoader:
                 _log(f"warning: {line}")
         self.total = sum(self.counts)
         self.width = window_width(data_cfg, self.manifest)
+        self.indexed = shards_indexed(self.shards, data_cfg.shards, say=self.rank == 0)
         self.batches_per_epoch = epoch_batches(self.total, self.batch, self.world, self.unit)
         if self.batches_per_epoch == 0:
             raise DataError(f"{data_cfg.shards} has {self.total} samples: fewer than the global batch {self.unit}; "
@@ -530,6 +610,7 @@ class ShardLoader:
     def _loader(self):
         ds = _EpochStream(self.shards, self.counts, self.d, self.m, self.batch, self.rank, self.world,
                           self.epoch, self.position, self.batches_per_epoch, self.width)
+        ds.indexed = self.indexed
         if self.d.workers == 0:
             return iter(ds)
         return iter(torch.utils.data.DataLoader(

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from data_tools.embedded import digits
+from data_tools.index import write_shard
 from data_tools.check import main as check_main
 from data_tools.shard import main as shard_main
 from data_tools.shard import make_shards, shuffle_items
@@ -413,7 +414,7 @@ def test_corrupt_samples_and_truncated_shard_are_skipped_and_counted(tmp_path, h
     broken = s0[3]["__key__"]
     s0[3]["png"] = b"\x89PNG garbage"
     fs, _ = fs_path(str(bad))
-    write_bytes(str(bad / "data-000000.tar"), tar_bytes(s0))
+    write_shard(str(bad / "data-000000.tar"), tar_bytes(s0))  # a rewritten shard gets its index rewritten too
     t1 = bad / "data-000001.tar"
     t1.write_bytes(t1.read_bytes()[: int(t1.stat().st_size * 0.6)])
     readable = {s["__key__"] for _, s in read_tar_samples_safely(str(t1))}
