@@ -215,6 +215,7 @@ def tar_bytes(samples: list[dict]) -> bytes:
                 tf.addfile(info, io.BytesIO(s[ext]))
     return buf.getvalue()
 
+
 # --------------------------------------------------------------------------------------------
 # The sample index: NAME.tar.idx beside each shard, for ranged reads of single samples
 
