@@ -49,7 +49,7 @@ each worker reads one batch of 8 samples per 32,768 positions: per epoch ~312 sa
 of 1.28M) in ~40 batches, the 8 of a batch from up to 8 shards. With the index that is its 312
 samples plus an 8 KB index per shard visited: about 1.07x the dataset's 140 GB per epoch over all
 workers; without it, tens of TB. Measured (bench/data_read_volume.py, 64 ranks x 2 workers, one
-epoch): see docs/benchmarks.md. At most W shards are open at once; a sample read before its turn
+epoch): docs/data.md. At most W shards are open at once; a sample read before its turn
 waits in memory: about data.shuffle_buffer x the worker's share of the samples. Augmentation draws from a generator
 seeded by (seed, epoch, position in the sequence): a resumed run sees the same pixels too, at any
 world size.
