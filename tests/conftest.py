@@ -134,3 +134,26 @@ def demo_run(tmp_path_factory):
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    """A 2-node SLURM cluster on 127.0.0.1 (tests/slurm/slurm_up.sh), one per test module; yields
+    the environment to use it."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    d = str(tmp_path_factory.mktemp("slurm"))
+    up = subprocess.run(["bash", os.path.join(here, "slurm", "slurm_up.sh"), d, "2"],
+                        capture_output=True, text=True, timeout=600)
+    try:
+        assert up.returncode == 0, f"SLURM did not come up:\n{up.stdout[-2000:]}\n{up.stderr[-2000:]}"
+        yield dict(os.environ, SLURM_CONF=os.path.join(d, "slurm.conf"),
+                   PATH=os.path.join(d, "bin") + os.pathsep + os.environ["PATH"])
+    finally:
+        # end our jobs while slurmd still runs, or their slurmstepd outlive the cluster
+        env = dict(os.environ, SLURM_CONF=os.path.join(d, "slurm.conf"))
+        subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True, timeout=30)
+        deadline = time.time() + 30
+        while time.time() < deadline and subprocess.run(
+                ["squeue", "-h", "-t", "PD,R,CG,RQ,RS,S"], env=env, capture_output=True, text=True).stdout.strip():
+            time.sleep(0.5)
+        subprocess.run(["bash", os.path.join(here, "slurm", "slurm_down.sh"), d], timeout=60)

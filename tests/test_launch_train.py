@@ -99,26 +99,7 @@ def test_preempted_local_zero2_job_requeues_and_finishes_from_its_last_state(sha
     assert f"step: {total} / {total}" in text and "COMPLETED" in text and "starts 2  requeues 1 [preempted]" in text
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """A 2-node SLURM cluster on 127.0.0.1 (tests/slurm/slurm_up.sh); yields the env to use it."""
-    d = str(tmp_path_factory.mktemp("slurm"))
-    up = subprocess.run(["bash", os.path.join(HERE, "slurm", "slurm_up.sh"), d, "2"],
-                        capture_output=True, text=True, timeout=600)
-    try:
-        assert up.returncode == 0, f"SLURM did not come up:\n{up.stdout[-2000:]}\n{up.stderr[-2000:]}"
-        env = dict(os.environ, SLURM_CONF=os.path.join(d, "slurm.conf"),
-                   PATH=os.path.join(d, "bin") + os.pathsep + os.environ["PATH"])
-        yield env
-    finally:
-        # end our jobs while slurmd still runs, or their slurmstepd outlive the cluster
-        env = dict(os.environ, SLURM_CONF=os.path.join(d, "slurm.conf"))
-        subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True, timeout=30)
-        deadline = time.time() + 30
-        while time.time() < deadline and subprocess.run(
-                ["squeue", "-h", "-t", "PD,R,CG,RQ,RS,S"], env=env, capture_output=True, text=True).stdout.strip():
-            time.sleep(0.5)
-        subprocess.run(["bash", os.path.join(HERE, "slurm", "slurm_down.sh"), d], timeout=60)
+
 
 
 def test_tiny_trains_as_a_2_node_slurm_job_running_the_dry_run_script(shards, slurm, tmp_path):

@@ -275,26 +275,7 @@ def test_16bit_pngs_are_stored_as_8bit_and_counted(tmp_path):
 # 2 nodes on the loopback SLURM cluster through the project's launcher
 
 
-@pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
-    """A 2-node SLURM cluster on 127.0.0.1 (tests/slurm/slurm_up.sh); yields the env to use it."""
-    import time
 
-    d = str(tmp_path_factory.mktemp("slurm"))
-    up = subprocess.run(["bash", os.path.join(HERE, "slurm", "slurm_up.sh"), d, "2"],
-                        capture_output=True, text=True, timeout=600)
-    try:
-        assert up.returncode == 0, f"SLURM did not come up:\n{up.stdout[-2000:]}\n{up.stderr[-2000:]}"
-        yield dict(os.environ, SLURM_CONF=os.path.join(d, "slurm.conf"),
-                   PATH=os.path.join(d, "bin") + os.pathsep + os.environ["PATH"])
-    finally:
-        env = dict(os.environ, SLURM_CONF=os.path.join(d, "slurm.conf"))
-        subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True, timeout=30)
-        deadline = time.time() + 30
-        while time.time() < deadline and subprocess.run(
-                ["squeue", "-h", "-t", "PD,R,CG,RQ,RS,S"], env=env, capture_output=True, text=True).stdout.strip():
-            time.sleep(0.5)
-        subprocess.run(["bash", os.path.join(HERE, "slurm", "slurm_down.sh"), d], timeout=60)
 
 
 @pytest.mark.timeout(600)
