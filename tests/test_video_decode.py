@@ -74,6 +74,37 @@ def test_a_clip_holds_the_frames_at_its_start_and_stride_at_its_size(numbered, s
         assert v.decoded <= stop - start // KEYINT * KEYINT
 
 
+def test_kept_frames_are_the_bytes_a_full_decode_gives(numbered):
+    """Seeking to the keyframe and telling the decoder to skip, packet by packet, the frames no other
+    frame refers to changes no kept frame: every clip, from every start at strides 1-3, is byte for
+    byte the full decode's frames at its positions. The source has B-frames that are references
+    (B-pyramid) and ones that are not, so a wrong skip would show in the frames that refer to them."""
+    ref = plain_decode(numbered)
+    for stride in (1, 2, 3):
+        for start in range(N):
+            want = range(start, min(N, start + 7 * stride + 1), stride)
+            with VideoReader(numbered) as v:
+                got = list(v.frames(start, want.stop, stride))
+            assert len(got) == len(want), (start, stride)
+            assert all(np.array_equal(f, ref[i]) for f, i in zip(got, want)), (start, stride)
+
+
+def test_frames_nothing_refers_to_are_skipped_unless_kept(numbered):
+    """The decoder honours the skip as it is switched between packets: a strided read decodes the
+    reference frames and the kept ones, and not one frame more."""
+    with av.open(io.BytesIO(numbered)) as c:
+        pts = sorted(p.pts for p in c.demux(c.streams.video[0]) if p.size)
+    with av.open(io.BytesIO(numbered)) as c:
+        c.streams.video[0].codec_context.skip_frame = "NONREF"
+        refs = {pts.index(f.pts) for f in c.decode(c.streams.video[0])}
+    for stride in (2, 3):
+        kept = set(range(0, N, stride))
+        assert len(set(range(N)) - refs - kept) >= N // 4  # enough frames to skip for this to test it
+        with VideoReader(numbered) as v:
+            assert len(list(v.frames(0, None, stride))) == len(kept)
+        assert v.decoded == len(refs | kept)
+
+
 def test_a_clip_late_in_a_long_source_does_not_decode_it_whole(numbered):
     with VideoReader(numbered) as v:
         clip = list(v.frames(100, 108, 2, 16))
