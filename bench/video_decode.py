@@ -17,9 +17,10 @@ one every 2-5 s, i.e. 50-150 frames at 30 fps). Two ways to use a source:
   all clips   every whole clip of the source, as the shard tool cuts them (per clip = per source / clips)
 The paths take turns (--rounds), each a share of the starts or one all-clips run a turn, so that a
 change in the machine's load falls on old and new alike.
-Each path reports wall and CPU time per clip (CPU: time.process_time, all threads of the process),
-one decoder thread (one worker); with --threads N the new one-clip path also runs with N frame
-threads, checked to give the same bytes. The mp4 encoding of shard clips is left out (the same for
+Each path reports wall and CPU time per clip (CPU: time.process_time, all threads of the process)
+and the frames the decoder produced per run (a clip, or the whole source for all clips: the same on
+any machine, whatever its load), one decoder thread (one worker); with --threads N the new one-clip
+path also runs with N frame threads, checked to give the same bytes. The mp4 encoding of shard clips is left out (the same for
 both paths). Peak RSS is VmHWM of the child that ran the path, imports included (numpy, PIL,
 av; not torch, which rin_scale.media does not import at load).
 """
@@ -68,9 +69,13 @@ def old_read_video(data: bytes, frames: int = 0, rng=None) -> tuple[list[np.ndar
     return (decoded[:frames] if frames else decoded), fps
 
 
+DECODED = []  # frames the decoder produced, per run of a path
+
+
 def old_clip(data, start, frames, stride, res):
     """One clip as the old code made it: the whole source decoded, then strided, then PIL."""
     src, _ = old_read_video(data)
+    DECODED.append(len(src))
     clip = src[start:start + (frames - 1) * stride + 1:stride]
     return np.stack([np.asarray(resize_crop(Image.fromarray(f), res)) for f in clip])
 
@@ -78,6 +83,7 @@ def old_clip(data, start, frames, stride, res):
 def old_all_clips(data, frames, stride, res):
     """Every clip of a source, as the old shard tool (encode_video_item) cut them."""
     src, _ = old_read_video(data)
+    DECODED.append(len(src))
     src = src[::stride]
     return [np.stack([np.asarray(resize_crop(Image.fromarray(f), res)) for f in src[s:s + frames]])
             for s in range(0, len(src) - frames + 1, frames)]
@@ -91,7 +97,9 @@ def new_clip(data, start, frames, stride, res, threads=1):
     with VideoReader(data) as v:
         if threads > 1:  # frame threads: set before the first packet opens the decoder
             v.stream.thread_type, v.stream.thread_count = "FRAME", threads
-        return np.stack(list(v.frames(start, start + (frames - 1) * stride + 1, stride, res)))
+        clip = np.stack(list(v.frames(start, start + (frames - 1) * stride + 1, stride, res)))
+        DECODED.append(v.decoded)
+    return clip
 
 
 def new_all_clips(data, frames, stride, res):
@@ -102,6 +110,7 @@ def new_all_clips(data, frames, stride, res):
             if len(clip) == frames:
                 out.append(np.stack(clip))
                 clip = []
+        DECODED.append(v.decoded)
     return out
 
 
@@ -161,7 +170,7 @@ def child(args):
         wall.append((time.perf_counter() - t) / clips)
         cpu.append((time.process_time() - c) / clips)
     np.save(args.out, np.stack(out) if isinstance(out, list) else out[None])
-    print(json.dumps({"wall": wall, "cpu": cpu, "clips": clips, "maxrss_mb": peak_rss_mb()}))
+    print(json.dumps({"wall": wall, "cpu": cpu, "decoded": DECODED, "clips": clips, "maxrss_mb": peak_rss_mb()}))
 
 
 def peak_rss_mb():
@@ -189,13 +198,14 @@ def run_paths(args, src, paths):
     with VideoReader(open(src, "rb").read()) as v:
         n, keys = v.count, len(v._index()[1])
     starts = np.linspace(0, n - (args.frames - 1) * args.stride - 1, args.repeats).round().astype(int)
-    res = {path: {"wall": [], "cpu": [], "maxrss_mb": 0} for path in paths}
+    res = {path: {"wall": [], "cpu": [], "decoded": [], "maxrss_mb": 0} for path in paths}
     for r in range(args.rounds):
         for path in paths:
             got = run_child(args, src, path, starts[r::args.rounds], args.tmp)
             acc = res[path]
             acc["wall"] += got["wall"]
             acc["cpu"] += got["cpu"]
+            acc["decoded"] += got["decoded"]
             acc.update(clips=got["clips"], arr=got["arr"], maxrss_mb=max(acc["maxrss_mb"], got["maxrss_mb"]))
     for acc in res.values():
         acc["s_per_clip"], acc["cpu_per_clip"] = np.mean(acc["wall"]), np.mean(acc["cpu"])
@@ -232,12 +242,14 @@ def main(argv=None):
     print(f"clip: {args.frames} frames every {args.stride}, {args.res}x{args.res}; one decoder thread unless "
           f"named; mean of {args.repeats} evenly spaced starts (one clip) / {args.rounds} runs (all clips), "
           f"the paths taking turns\n")
-    print(f"{'path':<26}{'wall ms':>9}{'CPU ms':>9}{'clips':>7}{'peak RSS MB':>13}{'speed-up wall':>15}{'CPU':>7}")
+    print(f"{'path':<26}{'wall ms':>9}{'CPU ms':>9}{'clips':>7}{'decoded':>9}{'peak RSS MB':>13}"
+          f"{'speed-up wall':>15}{'CPU':>7}")
     for path, r in res.items():
         base = res["old " + path.split(", ")[0][4:]]
         sp = (f"{base['s_per_clip'] / r['s_per_clip']:.1f}x", f"{base['cpu_per_clip'] / r['cpu_per_clip']:.1f}x") \
             if path.startswith("new") else ("", "")
         print(f"{path:<26}{r['s_per_clip'] * 1e3:>9.1f}{r['cpu_per_clip'] * 1e3:>9.1f}{r['clips']:>7}"
+              f"{np.mean(r['decoded']):>9.1f}"
               f"{r['maxrss_mb']:>13.0f}{sp[0]:>15}{sp[1]:>7}")
     if args.threads > 1:
         same = np.array_equal(res["new one clip"]["arr"], res[paths[-1]]["arr"])
