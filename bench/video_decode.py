@@ -199,9 +199,10 @@ def run_paths(args, src, paths):
         n, keys = v.count, len(v._index()[1])
     starts = np.linspace(0, n - (args.frames - 1) * args.stride - 1, args.repeats).round().astype(int)
     res = {path: {"wall": [], "cpu": [], "decoded": [], "maxrss_mb": 0} for path in paths}
-    for r in range(args.rounds):
+    rounds = max(1, min(args.rounds, args.repeats))  # every round has a start
+    for r in range(rounds):
         for path in paths:
-            got = run_child(args, src, path, starts[r::args.rounds], args.tmp)
+            got = run_child(args, src, path, starts[r::rounds], args.tmp)
             acc = res[path]
             acc["wall"] += got["wall"]
             acc["cpu"] += got["cpu"]
