@@ -126,7 +126,7 @@ class TrainConfig:
     micro_batch: int = _f(0, "per rank; 0 = global_batch / world_size (no accumulation)")
     total_steps: int = _f(150_000, "optimizer steps of the whole run")
     zero_stage: int = _f(2, "0 | 1 | 2 | 3")
-    precision: str = _f("auto", "auto | bf16 | fp32 (auto: bf16 on GPUs and on CPUs where it is fast)")
+    precision: str = _f("auto", "auto | bf16 | fp32 (auto: bf16 on GPUs with bf16 and on CPUs with avx512_bf16 / amx_bf16)")
     optimizer: str = _f("lamb", "lamb | adamw")
     lr: float = _f(3e-3, "peak learning rate, after warmup")
     betas: tuple[float, float] = _f((0.9, 0.999), "optimizer betas")
@@ -156,7 +156,7 @@ class TrainConfig:
     log_every: int = _f(50, "steps between log lines and TensorBoard scalars")
     sample_every: int = _f(1000, "steps between sample grids in TensorBoard (0 = never)")
     sample_count: int = _f(16, "images in the TensorBoard sample grid")
-    peak_tflops: float = _f(0.0, "per device, for MFU; 0 = measured at start-up (CPU) or from a table")
+    peak_tflops: float = _f(0.0, "per device, for MFU; 0 = a table (GPUs) or the best matmul probe on this machine (CPU)")
     seed: int = _f(0, "random seed (data: shard order, shuffling, augmentation; train: init, noise)")
 
 

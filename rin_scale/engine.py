@@ -76,9 +76,11 @@ class Precision:
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.name == "bf16")
 
 
-def choose_precision(setting: str, dev: torch.device, probe_seconds: float = 0.2) -> Precision:
-    """'auto': bf16 on GPUs; on the CPU bf16 only where it is native and a matmul probe shows it
-    clearly faster."""
+def choose_precision(setting: str, dev: torch.device) -> Precision:
+    """'auto': bf16 on GPUs with bf16, and on CPUs that multiply it natively (avx512_bf16 or
+    amx_bf16); fp32 elsewhere. Decided by what does not change with the machine's load: a timing
+    probe (bf16 vs fp32 matmul) picked fp32 for one run and bf16 for the next of the same command on
+    a busy machine, and their losses differed from step 1."""
     if setting == "fp32":
         return Precision("fp32", "asked for (train.precision=fp32)")
     if dev.type == "cuda":
@@ -88,15 +90,14 @@ def choose_precision(setting: str, dev: torch.device, probe_seconds: float = 0.2
         return Precision("bf16" if ok else "fp32", "GPU" + ("" if ok else " without bf16 support"))
     if setting == "bf16":
         return Precision("bf16", "asked for (train.precision=bf16)")
-    from .perf import matmul_peak, native_cpu_bf16
+    from .perf import native_cpu_bf16
 
-    if native_cpu_bf16() is False:  # emulated bf16 is never the faster; probing it cost ~0.9 s (AVX2 EPYC)
-        return Precision("fp32", "this CPU has no native bf16 (neither avx512_bf16 nor amx_bf16)")
-    f32 = matmul_peak(torch.float32, dev, probe_seconds / 2)
-    b16 = matmul_peak(torch.bfloat16, dev, probe_seconds / 2)
-    if b16 > 1.3 * f32:
-        return Precision("bf16", f"CPU bf16 matmul {b16 / 1e9:.0f} GFLOP/s vs fp32 {f32 / 1e9:.0f}")
-    return Precision("fp32", f"CPU bf16 matmul not clearly faster ({b16 / 1e9:.0f} vs fp32 {f32 / 1e9:.0f} GFLOP/s)")
+    native = native_cpu_bf16()
+    if native:
+        return Precision("bf16", "this CPU multiplies bf16 natively (avx512_bf16 / amx_bf16)")
+    if native is None:
+        return Precision("fp32", "this CPU's bf16 support cannot be read from /proc/cpuinfo")
+    return Precision("fp32", "this CPU has no native bf16 (neither avx512_bf16 nor amx_bf16)")
 
 
 # --------------------------------------------------------------------------------------------

@@ -301,7 +301,7 @@ class Compute(NamedTuple):
     """What rank 0 measured and every rank uses."""
     precision: Precision
     peak: float  # FLOP/s per device, for MFU
-    peak_source: str  # where the peak came from: the config, a GPU table or a matmul probe
+    peak_source: str  # where the peak came from: the config, a GPU table or the best matmul probe
 
 
 @dataclass
@@ -364,6 +364,7 @@ class Trainer:
     tb: object = None  # rank 0: TensorBoard
     preview: PreviewGrid | None = None  # rank 0, when train.sample_every
     loss_watch: LossWatch = field(default_factory=LossWatch)
+    mfu: object = None  # perf.Mfu, made at the first log line
 
 
 def set_up(cfg) -> tuple[Trainer, TrainState]:
@@ -452,9 +453,9 @@ def seed_or_restore_rng(tc, rank: int, step: int, saved: dict | None) -> None:
 
 
 def measure_compute(tc, rank: int, dev: torch.device, saved_precision: str | None = None) -> Compute:
-    """Precision and the peak for MFU: rank 0 measures, every rank uses its answer (collective).
-    precision=auto decides once per run (the probe is timing, and may read otherwise on a busy
-    machine): a resumed run keeps what its state was trained in, so it resumes exactly."""
+    """Precision and the peak for MFU: rank 0 decides, every rank uses its answer (collective).
+    precision=auto decides once per run: a resumed run keeps what its state was trained in, so it
+    resumes exactly even on another machine."""
     from .engine import Precision, choose_precision
     from .perf import device_peak
 
@@ -609,7 +610,11 @@ def log_window(tr: Trainer, state: TrainState, meter: Meter, last: StepResult) -
     now = time.perf_counter()
     img_s = (step - meter.first_step) * tc.global_batch / max(now - meter.started, 1e-9)
     achieved = img_s * tr.flops_per_example / tr.world  # per device
-    mfu = achieved / tr.compute.peak
+    if tr.mfu is None:
+        from .perf import Mfu
+
+        tr.mfu = Mfu(tr.compute.peak, tr.compute.peak_source)
+    mfu, mfu_warning = tr.mfu(achieved)
     mem = memory_gb(tr.dev)
     if tr.rank == 0:
         n = meter.steps
@@ -624,9 +629,9 @@ def log_window(tr: Trainer, state: TrainState, meter: Meter, last: StepResult) -
         log0(tr.rank, f"step {step}/{tc.total_steps} loss {loss:.4f} lr {last.lr:.2e} {img_s:.1f} img/s "
                       f"mfu {mfu:.1%} data-wait {meter.data_wait / n:.3f}s mem {mem['peak_gb']:.2f}GB eta {_hms(eta)}"
                       + (f" data-errors {tr.loader.stats['errors']}" if tr.loader.stats["errors"] else ""))
-        warning = tr.loss_watch.check(step, loss)
-        if warning:
-            log0(tr.rank, warning)
+        for warning in (mfu_warning, tr.loss_watch.check(step, loss)):
+            if warning:
+                log0(tr.rank, warning)
         tr.train_log.flush()
     meter.reset(step, now)
 
