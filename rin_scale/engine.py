@@ -112,6 +112,10 @@ def ds_config(cfg: Config, world_size: int, load_universal: bool = False,
     tc = cfg.train
     micro, accum = check_world(cfg, world_size)
     zero = {"stage": tc.zero_stage}
+    if tc.zero_stage > 0:
+        # overlap needs a side stream to reduce on: the CPU accelerator has none, and there the
+        # overlapped run measured slower (bench/comm_buckets.py)
+        zero.update(comm_buckets(tc.comm_bucket_mb, tc.zero_stage, tc.overlap_comm and torch.cuda.is_available()))
     if tc.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     c = {
@@ -133,7 +137,25 @@ def ds_config(cfg: Config, world_size: int, load_universal: bool = False,
         # torch.is_autocast_enabled(), which sees CUDA's autocast only: CPU runs kept bf16, every
         # GPU run would have run in fp32. No lower-precision modules: the gradients are reduced
         # in fp32 as before (DeepSpeed's default would reduce those of Linear and Conv in bf16).
-        c["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+        # train.reduce_bf16 names the modules whose gradients are reduced in bf16 (DeepSpeed's
+        # comm_dtype per parameter): half the traffic, at the error docs/benchmarks.md states.
+        safe = ["torch.nn.Linear", "torch.nn.Conv2d", "torch.nn.Conv3d"] if tc.reduce_bf16 else []
+        c["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": safe}
+    return c
+
+
+def comm_buckets(bucket_mb: float, stage: int, overlap: bool) -> dict:
+    """ZeRO's gradient communication: buckets of `bucket_mb` MB of fp32 gradients, reduced while
+    the backward pass goes on (overlap_comm) out of one contiguous buffer (contiguous_gradients,
+    which also keeps the gradients from fragmenting memory). DeepSpeed's defaults (no overlap, 500M
+    elements: 2 GB buckets) reduce the whole gradient of a model our size after the backward."""
+    elements = int(bucket_mb * 2**20 / 4)
+    c = {"overlap_comm": overlap, "contiguous_gradients": True, "reduce_scatter": True,
+         "reduce_bucket_size": elements}
+    if stage == 3:
+        c["stage3_prefetch_bucket_size"] = elements
+    else:
+        c.update(allgather_partitions=True, allgather_bucket_size=elements)
     return c
 
 

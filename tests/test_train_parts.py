@@ -296,3 +296,16 @@ def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_every_step(mo
     else:
         assert all(f > 0 for f in late), res  # a fresh mapping every time
         assert res["how"] == ("as it is" if mode == "as it is" else "glibc's malloc as set by MALLOC_TRIM_THRESHOLD_"), res
+
+
+def test_zero_reduces_gradients_in_buckets_and_in_bf16_only_when_asked():
+    from rin_scale.engine import ds_config
+
+    cfg = small_cfg("train.zero_stage=2", "train.comm_bucket_mb=8")
+    zero = ds_config(cfg, 2)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 2 * 2**20  # 8 MB of fp32
+    assert zero["contiguous_gradients"] and zero["overlap_comm"] == torch.cuda.is_available()
+    bf16 = Precision("bf16", "test")
+    assert ds_config(cfg, 2, precision=bf16)["torch_autocast"]["lower_precision_safe_modules"] == []
+    cfg = small_cfg("train.zero_stage=2", "train.reduce_bf16=true")
+    assert "torch.nn.Linear" in ds_config(cfg, 2, precision=bf16)["torch_autocast"]["lower_precision_safe_modules"]
