@@ -118,6 +118,9 @@ class DataConfig:
     seed: int = _f(0, "random seed (data: shard order, shuffling, augmentation; train: init, noise)")
 
 
+COMM_BUCKET_MB = 50.0  # train.comm_bucket_mb's default: bench/comm_buckets.py
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = _f("runs/default", "local path or fsspec URL (gs://bucket/runs/NAME)")
@@ -126,7 +129,7 @@ class TrainConfig:
     micro_batch: int = _f(0, "per rank; 0 = global_batch / world_size (no accumulation)")
     total_steps: int = _f(150_000, "optimizer steps of the whole run")
     zero_stage: int = _f(2, "0 | 1 | 2 | 3")
-    precision: str = _f("auto", "auto | bf16 | fp32 (auto: bf16 on GPUs and on CPUs where it is fast)")
+    precision: str = _f("auto", "auto | bf16 | fp32 (auto: bf16 on GPUs with bf16 and on CPUs with avx512_bf16 / amx_bf16)")
     optimizer: str = _f("lamb", "lamb | adamw")
     lr: float = _f(3e-3, "peak learning rate, after warmup")
     betas: tuple[float, float] = _f((0.9, 0.999), "optimizer betas")
@@ -149,6 +152,12 @@ class TrainConfig:
                                         "(larger = shorter)")
     activation_checkpointing: int = _f(0, "0 = off, k = every k-th block (1 = every block)")
     checkpoint_cpu_offload: bool = _f(False, "keep activation checkpoints in CPU memory (GPU memory saver)")
+    overlap_comm: bool = _f(True, "ZeRO 1-3 on GPUs: reduce gradient buckets while the backward pass goes "
+                                      "on (the CPU has no side stream: never there)")
+    comm_bucket_mb: float = _f(COMM_BUCKET_MB, "ZeRO 1-3: MB of fp32 gradients per reduce / all-gather bucket "
+                                               "(chosen on 2 gloo ranks: docs/benchmarks.md)")
+    reduce_bf16: bool = _f(False, "bf16 runs: reduce the gradients of Linear and Conv layers in bf16 (half the "
+                                  "traffic; DeepSpeed's lower_precision_safe_modules)")
     state_every: int = _f(1000, "steps between full training states")
     snapshot_every: int = _f(1000, "steps between EMA snapshots")
     keep_last: int = _f(3, "newest states and snapshots kept")
@@ -156,7 +165,9 @@ class TrainConfig:
     log_every: int = _f(50, "steps between log lines and TensorBoard scalars")
     sample_every: int = _f(1000, "steps between sample grids in TensorBoard (0 = never)")
     sample_count: int = _f(16, "images in the TensorBoard sample grid")
-    peak_tflops: float = _f(0.0, "per device, for MFU; 0 = measured at start-up (CPU) or from a table")
+    sample_steps: int = _f(50, "DDIM steps of the sample grid, in bf16 where the device has it (0 = the "
+                               "snapshot's sampler: diffusion.sampler at diffusion.sample_steps, fp32)")
+    peak_tflops: float = _f(0.0, "per device, for MFU; 0 = a table (GPUs) or the best matmul probe on this machine (CPU)")
     seed: int = _f(0, "random seed (data: shard order, shuffling, augmentation; train: init, noise)")
 
 
@@ -501,6 +512,9 @@ def validate(cfg: Config) -> Config:
     _check(t.activation_checkpointing >= 0, "train.activation_checkpointing: 0 = off, k = every k-th block")
     _check(t.state_every >= 1 and t.snapshot_every >= 1 and t.log_every >= 1,
            "train.state_every, train.snapshot_every and train.log_every must be at least 1")
+    _check(t.sample_steps >= 0, "train.sample_steps must be 0 (the snapshot's sampler) or a number of DDIM steps")
+    _check(t.comm_bucket_mb > 0, f"train.comm_bucket_mb={t.comm_bucket_mb} must be positive (MB of gradients per "
+                                 f"bucket; {COMM_BUCKET_MB:g} is the default)")
     _check(t.keep_last >= 1, "train.keep_last must be at least 1 (the newest state is what resume needs)")
 
     _validate_eval(e, m)

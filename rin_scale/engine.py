@@ -76,9 +76,11 @@ class Precision:
         return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=self.name == "bf16")
 
 
-def choose_precision(setting: str, dev: torch.device, probe_seconds: float = 0.2) -> Precision:
-    """'auto': bf16 on GPUs; on the CPU bf16 only where it is native and a matmul probe shows it
-    clearly faster."""
+def choose_precision(setting: str, dev: torch.device) -> Precision:
+    """'auto': bf16 on GPUs with bf16, and on CPUs that multiply it natively (avx512_bf16 or
+    amx_bf16); fp32 elsewhere. Decided by what does not change with the machine's load: a timing
+    probe (bf16 vs fp32 matmul) picked fp32 for one run and bf16 for the next of the same command on
+    a busy machine, and their losses differed from step 1."""
     if setting == "fp32":
         return Precision("fp32", "asked for (train.precision=fp32)")
     if dev.type == "cuda":
@@ -88,15 +90,14 @@ def choose_precision(setting: str, dev: torch.device, probe_seconds: float = 0.2
         return Precision("bf16" if ok else "fp32", "GPU" + ("" if ok else " without bf16 support"))
     if setting == "bf16":
         return Precision("bf16", "asked for (train.precision=bf16)")
-    from .perf import matmul_peak, native_cpu_bf16
+    from .perf import native_cpu_bf16
 
-    if native_cpu_bf16() is False:  # emulated bf16 is never the faster; probing it cost ~0.9 s (AVX2 EPYC)
-        return Precision("fp32", "this CPU has no native bf16 (neither avx512_bf16 nor amx_bf16)")
-    f32 = matmul_peak(torch.float32, dev, probe_seconds / 2)
-    b16 = matmul_peak(torch.bfloat16, dev, probe_seconds / 2)
-    if b16 > 1.3 * f32:
-        return Precision("bf16", f"CPU bf16 matmul {b16 / 1e9:.0f} GFLOP/s vs fp32 {f32 / 1e9:.0f}")
-    return Precision("fp32", f"CPU bf16 matmul not clearly faster ({b16 / 1e9:.0f} vs fp32 {f32 / 1e9:.0f} GFLOP/s)")
+    native = native_cpu_bf16()
+    if native:
+        return Precision("bf16", "this CPU multiplies bf16 natively (avx512_bf16 / amx_bf16)")
+    if native is None:
+        return Precision("fp32", "this CPU's bf16 support cannot be read from /proc/cpuinfo")
+    return Precision("fp32", "this CPU has no native bf16 (neither avx512_bf16 nor amx_bf16)")
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,6 +112,10 @@ def ds_config(cfg: Config, world_size: int, load_universal: bool = False,
     tc = cfg.train
     micro, accum = check_world(cfg, world_size)
     zero = {"stage": tc.zero_stage}
+    if tc.zero_stage > 0:
+        # overlap needs a side stream to reduce on: the CPU accelerator has none, and there the
+        # overlapped run measured slower (bench/comm_buckets.py)
+        zero.update(comm_buckets(tc.comm_bucket_mb, tc.zero_stage, tc.overlap_comm and torch.cuda.is_available()))
     if tc.zero_stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = False
     c = {
@@ -132,7 +137,25 @@ def ds_config(cfg: Config, world_size: int, load_universal: bool = False,
         # torch.is_autocast_enabled(), which sees CUDA's autocast only: CPU runs kept bf16, every
         # GPU run would have run in fp32. No lower-precision modules: the gradients are reduced
         # in fp32 as before (DeepSpeed's default would reduce those of Linear and Conv in bf16).
-        c["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": []}
+        # train.reduce_bf16 names the modules whose gradients are reduced in bf16 (DeepSpeed's
+        # comm_dtype per parameter): half the traffic, at the error docs/benchmarks.md states.
+        safe = ["torch.nn.Linear", "torch.nn.Conv2d", "torch.nn.Conv3d"] if tc.reduce_bf16 else []
+        c["torch_autocast"] = {"enabled": True, "dtype": "bfloat16", "lower_precision_safe_modules": safe}
+    return c
+
+
+def comm_buckets(bucket_mb: float, stage: int, overlap: bool) -> dict:
+    """ZeRO's gradient communication: buckets of `bucket_mb` MB of fp32 gradients, reduced while
+    the backward pass goes on (overlap_comm) out of one contiguous buffer (contiguous_gradients,
+    which also keeps the gradients from fragmenting memory). DeepSpeed's defaults (no overlap, 500M
+    elements: 2 GB buckets) reduce the whole gradient of a model our size after the backward."""
+    elements = int(bucket_mb * 2**20 / 4)
+    c = {"overlap_comm": overlap, "contiguous_gradients": True, "reduce_scatter": True,
+         "reduce_bucket_size": elements}
+    if stage == 3:
+        c["stage3_prefetch_bucket_size"] = elements
+    else:
+        c.update(allgather_partitions=True, allgather_bucket_size=elements)
     return c
 
 

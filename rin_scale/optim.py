@@ -136,7 +136,7 @@ class Lamb(torch.optim.Optimizer):
         wn, un = norms.sqrt().unbind(1)
         one = torch.ones_like(wn)
         trust = torch.where((wn > 0) & (un > 0), wn / torch.where(un > 0, un, one), one)
-        return torch.where(torch.tensor([g.get("adapt", True) for g, *_ in todo], device=trust.device), trust, one)
+        return torch.where(_on_device([g.get("adapt", True) for g, *_ in todo], trust.device, torch.bool), trust, one)
 
     def _compiled_step(self, todo):
         """The same step through the compiled passes. Scalars go in as tensors: torch.compile would
@@ -145,17 +145,26 @@ class Lamb(torch.optim.Optimizer):
         the passes were compiled for at start-up."""
         moments, update = self.passes
         dev = todo[0][1][0].device
-        h = torch.tensor([[1 - g["betas"][0], g["betas"][1], 1 - g["betas"][1], *bias, g["eps"], g["weight_decay"]]
-                          for g, _, bias in todo], dtype=torch.float32, device=dev)
+        h = _on_device([[1 - g["betas"][0], g["betas"][1], 1 - g["betas"][1], *bias, g["eps"], g["weight_decay"]]
+                        for g, _, bias in todo], dev)
         hs = [row.clone() for row in h]
         zero = torch.zeros(2, device=dev)
         # an empty piece (a tensor wholly on other ranks) would compile anew: dynamic shapes treat 0 apart
         norms = [moments(*map(_flat, ts), hs[i]) if ts[0].numel() else zero for i, (_, ts, _) in enumerate(todo)]
-        lr = self._trust(todo, norms) * torch.tensor([g["lr"] for g, *_ in todo], dtype=torch.float32, device=dev)
+        lr = self._trust(todo, norms) * _on_device([g["lr"] for g, *_ in todo], dev)
         for i, (_, (p, _, m, v), _) in enumerate(todo):
             if p.numel():
                 update(*map(_flat, (p, m, v)), hs[i], lr[i].clone())
         return None
+
+
+def _on_device(values, dev: torch.device, dtype=torch.float32) -> torch.Tensor:
+    """Python scalars as a tensor on `dev`. For a GPU they go through pinned memory, copied without
+    waiting: torch.tensor(..., device="cuda") copies from pageable memory, which makes the host wait
+    for the copy every step."""
+    if dev.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=dev)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(dev, non_blocking=True)
 
 
 # Elements per slice of a CPU tensor in the LAMB step. The trust ratio needs ||u|| before any

@@ -37,17 +37,20 @@ def matmul_peak(dtype=torch.float32, dev=torch.device("cpu"), seconds: float = 0
 
 
 def native_cpu_bf16() -> bool | None:
-    """Whether this x86 CPU multiplies bf16 natively (avx512_bf16 or amx_bf16 in /proc/cpuinfo);
-    None where the flags cannot tell (another architecture, no /proc). Without them torch emulates
-    bf16, several times slower than fp32."""
-    if platform.machine().lower() not in ("x86_64", "amd64"):
+    """Whether this CPU multiplies bf16 natively: avx512_bf16 or amx_bf16 on x86, bf16 on Arm
+    (/proc/cpuinfo's flags / Features); None where they cannot be read (no /proc, another
+    architecture). Without them torch emulates bf16, several times slower than fp32."""
+    arch = platform.machine().lower()
+    wanted = {"x86_64": {"avx512_bf16", "amx_bf16"}, "amd64": {"avx512_bf16", "amx_bf16"},
+              "aarch64": {"bf16"}, "arm64": {"bf16"}}.get(arch)
+    if wanted is None:
         return None
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
     except OSError:
         return None
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return bool(flags & wanted)
 
 
 # glibc's mallopt parameters (malloc.h)
@@ -93,7 +96,9 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "
 
 
 def device_peak(dev: torch.device, dtype, configured_tflops: float = 0.0, probe_seconds: float = 0.2) -> tuple[float, str]:
-    """(peak FLOP/s per device, where it came from): the config, a GPU table, or a probe."""
+    """(peak FLOP/s per device, where it came from): the config, a GPU table, or on the CPU the best
+    matmul probe this machine has ever run (cpu_peak): a probe on a busy machine reads low, and a
+    peak read low put MFU above 100%."""
     if configured_tflops > 0:
         return configured_tflops * 1e12, "train.peak_tflops"
     if dev.type == "cuda":
@@ -101,7 +106,68 @@ def device_peak(dev: torch.device, dtype, configured_tflops: float = 0.0, probe_
         for key, tf in GPU_PEAK_TFLOPS.items():
             if key in name:
                 return tf * 1e12 * (0.5 if dtype == torch.float32 else 1.0), f"table ({name})"
-    return matmul_peak(dtype, dev, probe_seconds), f"matmul probe ({str(dtype).replace('torch.', '')})"
+    return cpu_peak(dtype, dev, probe_seconds)
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def peak_cache_path() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "rin_scale", "matmul_peak.json")
+
+
+def cpu_peak(dtype, dev: torch.device, probe_seconds: float = 0.2) -> tuple[float, str]:
+    """The best of this probe and every earlier one on this machine (same CPU model, dtype and
+    thread count), kept in peak_cache_path(): the figure only rises, so a loaded machine cannot
+    lower it. Best effort: an unwritable cache leaves this probe's figure."""
+    import json
+
+    key = f"{_cpu_model()}|{str(dtype).replace('torch.', '')}|{torch.get_num_threads()} threads"
+    path = peak_cache_path()
+    try:
+        with open(path) as f:
+            table = json.load(f)
+    except (OSError, ValueError):
+        table = {}
+    probe = matmul_peak(dtype, dev, probe_seconds)
+    best = max(probe, float(table.get(key, 0.0)))
+    if best > float(table.get(key, 0.0)):
+        table[key] = best
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "w") as f:
+                json.dump(table, f, indent=1)
+            os.replace(path + ".tmp", path)
+        except OSError:
+            pass
+    return best, f"best matmul probe on this machine, {str(dtype).replace('torch.', '')}"
+
+
+class Mfu:
+    """MFU = achieved / peak, never above 1: a higher reading means the peak is too low (a CPU probe
+    on a busy machine, a GPU missing from the table). Clamped, with one warning naming the setting."""
+
+    def __init__(self, peak: float, source: str):
+        self.peak, self.source, self.warned = peak, source, False
+
+    def __call__(self, achieved: float) -> tuple[float, str]:
+        """(MFU in [0, 1], a warning to log the first time it was clamped, else "")."""
+        mfu = achieved / self.peak
+        if mfu <= 1.0:
+            return mfu, ""
+        first, self.warned = not self.warned, True
+        return 1.0, (f"warning: {achieved / 1e12:.3g} TFLOP/s per device is above the peak "
+                     f"{self.peak / 1e12:.3g} ({self.source}): MFU shown as 100%; set train.peak_tflops to this "
+                     f"device's real peak" if first else "")
 
 
 def memory_gb(dev: torch.device) -> dict:

@@ -155,18 +155,19 @@ def step_indices(at: Sequence[float], steps: int) -> list[int]:
 
 @torch.no_grad()
 def sample_with_routing(model, noise, dcfg, labels=None, cond=None, at: Sequence[float] = AT, steps=None,
-                        sampler=None, guidance=None, generator=None):
+                        sampler=None, guidance=None, generator=None, keep: Optional[int] = None):
     """(samples in [-1, 1] on the CPU, records): rin_scale.diffusion.sample from `noise`, recording
     the attention at the steps nearest the times in `at` (only those steps pay for it; the others
     run the model's own SDPA). With guidance, the conditional half is recorded. Each record also
     has "step", "t", "gamma" and "x_t" (the network's input at that step, on the CPU; video: the
-    whole clip, the given frames scaled by the input scale, then the noisy ones)."""
+    whole clip, the given frames scaled by the input scale, then the noisy ones). `keep`: record the
+    first `keep` examples only (the trainer's preview samples its whole grid in this one pass)."""
     from .diffusion import sample
 
     net = _unwrap(model)
     steps = int(steps or dcfg.sample_steps)
     want = set(step_indices(at, steps))
-    b = noise.shape[0]
+    b = min(keep or noise.shape[0], noise.shape[0])
 
     with record_attention(net) as rec:
         rec.keep = b

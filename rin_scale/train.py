@@ -282,9 +282,8 @@ def _train(cfg) -> int:
             why = _LEASE.lost_reason if _LEASE is not None else "rank 0 lost the lease on the run"
             raise TrainingError(f"this trainer no longer holds {storage.join(tc.run_dir, 'lease.json')} ({why}); "
                                 f"stopped at step {state.step} without writing it")
-        tr.train_log.append({"step": state.step, "loss": result.loss, "lr": result.lr,
-                             "images_seen": state.images_seen, "grad_norm": result.grad_norm,
-                             "skipped": result.skipped})
+        for row in result.rows:  # read back at log and save steps (train_step)
+            tr.train_log.append(row)
         if state.step % tc.log_every == 0 or state.step == tc.total_steps:
             log_window(tr, state, meter, result)
         maybe_save(tr, state)
@@ -301,7 +300,7 @@ class Compute(NamedTuple):
     """What rank 0 measured and every rank uses."""
     precision: Precision
     peak: float  # FLOP/s per device, for MFU
-    peak_source: str  # where the peak came from: the config, a GPU table or a matmul probe
+    peak_source: str  # where the peak came from: the config, a GPU table or the best matmul probe
 
 
 @dataclass
@@ -364,6 +363,7 @@ class Trainer:
     tb: object = None  # rank 0: TensorBoard
     preview: PreviewGrid | None = None  # rank 0, when train.sample_every
     loss_watch: LossWatch = field(default_factory=LossWatch)
+    mfu: object = None  # perf.Mfu, made at the first log line
 
 
 def set_up(cfg) -> tuple[Trainer, TrainState]:
@@ -452,9 +452,9 @@ def seed_or_restore_rng(tc, rank: int, step: int, saved: dict | None) -> None:
 
 
 def measure_compute(tc, rank: int, dev: torch.device, saved_precision: str | None = None) -> Compute:
-    """Precision and the peak for MFU: rank 0 measures, every rank uses its answer (collective).
-    precision=auto decides once per run (the probe is timing, and may read otherwise on a busy
-    machine): a resumed run keeps what its state was trained in, so it resumes exactly."""
+    """Precision and the peak for MFU: rank 0 decides, every rank uses its answer (collective).
+    precision=auto decides once per run: a resumed run keeps what its state was trained in, so it
+    resumes exactly even on another machine."""
     from .engine import Precision, choose_precision
     from .perf import device_peak
 
@@ -513,15 +513,32 @@ def open_tensorboard(cfg, step: int):
 
 
 class StepResult(NamedTuple):
-    loss: float  # mean over the global batch
+    loss: float | None  # mean over the global batch; None between reads (see Meter)
     lr: float
     grad_norm: float | None
     skipped: bool  # a non-finite loss or gradient: the optimizer did not step
     stop: bool = False  # rank 0 lost the run's lease: every rank stops (learnt in the loss's all-reduce)
+    rows: tuple = ()  # the train log's rows (one per step) read back at this step: a log or save step
+
+
+def step_flags() -> dict:
+    """Rank 0's flags every rank must learn each step, carried by the step's one all-reduce (a max
+    over ranks once summed: any rank's flag > 0 is the flag)."""
+    return {"lease_lost": float(lease_lost())}
+
+
+def read_due(tc, step: int) -> bool:
+    """Whether this step reads the window back to the host: log steps, and every step something is
+    saved (the train log's rows up to a state are written with it)."""
+    every = [tc.log_every, tc.snapshot_every, tc.state_every] + ([tc.sample_every] if tc.sample_every else [])
+    return step == tc.total_steps or any(step % k == 0 for k in every)
 
 
 def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
-    """One optimizer step over the global batch (`accum` micro-batches on each rank), then the EMA."""
+    """One optimizer step over the global batch (`accum` micro-batches on each rank), then the EMA.
+    On a GPU the host does not wait for the device here except at read_due steps: the loss, the
+    gradient norm and the flags stay on the device (Meter) and are read back there, the flags a
+    step late (a non-blocking copy)."""
     from .diffusion import training_loss
     from .media import to_unit
 
@@ -544,34 +561,73 @@ def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
     state.step += 1
     state.images_seen += cfg.train.global_batch
 
-    skipped = not engine.was_step_applied()  # the optimizer (ZeRO-0) or ZeRO found a non-finite gradient
+    # A host bool without a sync of ours: ZeRO 1-3 read their overflow flag on the host inside
+    # step() (DeepSpeed's has_overflow), the optimizers of ZeRO-0 theirs (optim._all_finite): the
+    # run stops at the very step that made max_nonfinite + 1 in a row.
+    skipped = not engine.was_step_applied()
     state.skipped_in_a_row = state.skipped_in_a_row + 1 if skipped else 0
     state.skipped_total += int(skipped)
     if state.skipped_in_a_row > cfg.train.max_nonfinite:
+        for row in meter.read():  # the steps before this one, skipped ones included, stay in the log
+            tr.train_log.append(row)
+        tr.train_log.flush()
         raise TrainingError(f"{state.skipped_in_a_row} steps in a row had a non-finite loss or gradient (step "
                             f"{state.step}): lower train.lr or set train.grad_clip"
                             + (", or use train.precision=fp32" if tr.compute.precision.name == "bf16" else ""))
     if not skipped:
         tr.ema.update(tr.ema.decay_at(state.step, cfg.train.ema_warmup, cfg.train.ema_warmup_offset))
 
-    grad_norm = engine.get_global_grad_norm()
-    # The loss and rank 0's "the lease is lost" flag in one all-reduce: no extra collective per step.
+    # The loss and rank 0's flags in one all-reduce: no extra collective per step.
     mean = torch.stack(losses).mean()
-    both = all_mean(torch.stack([mean, torch.full_like(mean, float(lease_lost()))])).cpu()
-    result = StepResult(both[0].item(), engine.get_lr()[0], float(grad_norm) if grad_norm is not None else None,
-                        skipped, bool(both[1].item() > 0))  # .item(): the step's work is done here
-    meter.add_step(result.loss, time.perf_counter() - t0, tr.batches.wait - wait0)
-    return result
+    flags = step_flags()
+    summed = all_mean(torch.stack([mean, *(torch.full_like(mean, v) for v in flags.values())]))
+    seen = meter.flags.swap(summed[1:])  # on a GPU: the previous step's (the copy is not waited for)
+    stop = seen is not None and bool(seen[list(flags).index("lease_lost")] > 0)
+    lr = engine.get_lr()[0]
+    meter.add_step(state, summed[0], engine.get_global_grad_norm(), lr, skipped,
+                   time.perf_counter() - t0, tr.batches.wait - wait0)
+    if not read_due(cfg.train, state.step):
+        return StepResult(None, lr, None, skipped, stop)
+    rows = meter.read()  # the one host sync of the window
+    return StepResult(rows[-1]["loss"], lr, rows[-1]["grad_norm"], skipped, stop, tuple(rows))
+
+
+class LateRead:
+    """A small device tensor read on the host one call later: copied into pinned memory without
+    waiting (non_blocking), then read when the next one is handed in, by which time the copy is long
+    done. On the CPU the tensor itself is read at once (there is no copy to wait for)."""
+
+    def __init__(self, dev: torch.device):
+        self.late = dev.type == "cuda"
+        self.pending = None  # (host tensor, event) of the last swap
+
+    def swap(self, t: torch.Tensor) -> torch.Tensor | None:
+        """The host copy of the tensor handed in the last call (GPU) or of `t` (CPU)."""
+        if not self.late:
+            return t.detach().cpu()
+        before = self.pending
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t.detach(), non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending = (host, event)
+        if before is None:
+            return None
+        before[1].synchronize()
+        return before[0]
 
 
 class Meter:
     """Sums over the logging window (the steps since the last log line): loss, loss by noise level,
-    step time, data wait; and where the window started, for images per second. The noise-level
-    sums stay on the training device: copying them to the host every micro-batch would make the
-    host wait for the GPU there, instead of queueing the next micro-batch's work."""
+    step time, data wait; and where the window started, for images per second. The per-step losses,
+    gradient norms and noise-level sums stay on the training device until read() (log and save
+    steps): copying them to the host every step would make the host wait for the GPU there,
+    instead of queueing the next step's work."""
 
     def __init__(self, step: int, dev: torch.device = torch.device("cpu")):
         self.dev = dev
+        self.flags = LateRead(dev)
+        self.unread = []  # (row without loss and grad norm, loss tensor, grad norm) per step not read yet
         self.reset(step, time.perf_counter())
 
     def reset(self, step: int, now: float) -> None:
@@ -586,11 +642,32 @@ class Meter:
         self.bucket_sum.index_add_(0, bucket, losses.detach().float().to(self.dev))
         self.bucket_n.index_add_(0, bucket, torch.ones_like(bucket, dtype=torch.float32))
 
-    def add_step(self, loss: float, step_time: float, data_wait: float) -> None:
+    def add_step(self, state: TrainState, loss: torch.Tensor, grad_norm, lr: float, skipped: bool,
+                 step_time: float, data_wait: float) -> None:
+        """A step's figures; `loss` and `grad_norm` (DeepSpeed's: a float, a tensor or None) unread."""
         self.steps += 1
-        self.loss += loss
         self.step_time += step_time
         self.data_wait += data_wait
+        row = {"step": state.step, "lr": lr, "images_seen": state.images_seen, "skipped": skipped}
+        self.unread.append((row, loss, grad_norm))
+
+    def read(self) -> list[dict]:
+        """The train log's rows of the steps not read yet, in one copy from the device; their
+        losses are added to the window's."""
+        if not self.unread:
+            return []
+        norms = [g for _, _, g in self.unread]
+        values = torch.stack([loss for _, loss, _ in self.unread]
+                             + [torch.as_tensor(g, dtype=torch.float32, device=self.dev).reshape(())
+                                for g in norms if g is not None]).cpu().tolist()
+        n, rows, k = len(self.unread), [], len(self.unread)
+        for (row, _, g), loss in zip(self.unread, values[:n]):
+            if g is not None:
+                g, k = values[k], k + 1
+            rows.append({**row, "loss": loss, "grad_norm": g})
+            self.loss += loss
+        self.unread = []
+        return rows
 
     def loss_by_t(self) -> dict:
         """{"loss_by_t/0.00-0.25": mean loss, ...} over all ranks (collective); empty quarters left out."""
@@ -599,34 +676,64 @@ class Meter:
         return {f"loss_by_t/{i / NOISE_BUCKETS:.2f}-{(i + 1) / NOISE_BUCKETS:.2f}": mean[i].item()
                 for i in range(NOISE_BUCKETS) if n[i] > 0}
 
+    def ranks(self, dev: torch.device) -> list[dict]:
+        """Every rank's mean step time, data wait and peak memory over the window, and its host
+        (collective: an all_gather_object at log steps only)."""
+        from .perf import memory_gb
+
+        n = max(self.steps, 1)
+        mine = {"step_time": self.step_time / n, "data_wait": self.data_wait / n,
+                "memory_gb": memory_gb(dev)["peak_gb"], "host": os.uname().nodename}
+        if not (dist.is_initialized() and dist.get_world_size() > 1):
+            return [mine]
+        out = [None] * dist.get_world_size()
+        dist.all_gather_object(out, mine)
+        return out
+
+
+def slowest(ranks: list[dict]) -> tuple[int, dict]:
+    """(rank, its figures) of the rank with the longest mean step time."""
+    r = max(range(len(ranks)), key=lambda i: ranks[i]["step_time"])
+    return r, ranks[r]
+
 
 def log_window(tr: Trainer, state: TrainState, meter: Meter, last: StepResult) -> None:
-    """TensorBoard scalars and a log line for the window (collective), then a new window."""
-    from .perf import memory_gb
-
+    """TensorBoard scalars and a log line for the window (collective), then a new window. The window
+    was read back by the step (train_step at a read_due step)."""
     tc, step = tr.cfg.train, state.step
     loss_by_t = meter.loss_by_t()
+    ranks = meter.ranks(tr.dev)
     now = time.perf_counter()
     img_s = (step - meter.first_step) * tc.global_batch / max(now - meter.started, 1e-9)
     achieved = img_s * tr.flops_per_example / tr.world  # per device
-    mfu = achieved / tr.compute.peak
-    mem = memory_gb(tr.dev)
+    if tr.mfu is None:
+        from .perf import Mfu
+
+        tr.mfu = Mfu(tr.compute.peak, tr.compute.peak_source)
+    mfu, mfu_warning = tr.mfu(achieved)
     if tr.rank == 0:
         n = meter.steps
         loss = meter.loss / n
+        me, (worst, slow) = ranks[0], slowest(ranks)
         tr.tb.scalars({"train/loss": loss, "train/lr": last.lr, "train/grad_norm": last.grad_norm,
-                       "perf/images_per_sec": img_s, "perf/step_time": meter.step_time / n,
-                       "perf/data_wait": meter.data_wait / n, "perf/tflops": achieved / 1e12, "perf/mfu": mfu,
-                       "perf/memory_gb": mem["peak_gb"], "train/images_seen": state.images_seen,
+                       "perf/images_per_sec": img_s, "perf/step_time": me["step_time"],
+                       "perf/data_wait": me["data_wait"], "perf/tflops": achieved / 1e12, "perf/mfu": mfu,
+                       "perf/memory_gb": me["memory_gb"], "perf/slowest_rank": worst,
+                       "perf/slowest_step_time": slow["step_time"], "perf/slowest_data_wait": slow["data_wait"],
+                       "perf/max_memory_gb": max(r["memory_gb"] for r in ranks),
+                       "train/images_seen": state.images_seen,
                        "train/skipped_steps": state.skipped_total, "data/errors": tr.loader.stats["errors"],
                        **loss_by_t}, step)
+        tr.tb.writer.add_text("perf/slowest_host", f"rank {worst} on {slow['host']}", step)
         eta = (tc.total_steps - step) * (now - meter.started) / max(step - meter.first_step, 1)
         log0(tr.rank, f"step {step}/{tc.total_steps} loss {loss:.4f} lr {last.lr:.2e} {img_s:.1f} img/s "
-                      f"mfu {mfu:.1%} data-wait {meter.data_wait / n:.3f}s mem {mem['peak_gb']:.2f}GB eta {_hms(eta)}"
-                      + (f" data-errors {tr.loader.stats['errors']}" if tr.loader.stats["errors"] else ""))
-        warning = tr.loss_watch.check(step, loss)
-        if warning:
-            log0(tr.rank, warning)
+                      f"mfu {mfu:.1%} data-wait {me['data_wait']:.3f}s mem {me['memory_gb']:.2f}GB eta {_hms(eta)}"
+                      + (f" data-errors {tr.loader.stats['errors']}" if tr.loader.stats["errors"] else "")
+                      + (f" | slowest rank {worst} ({slow['host']}) step {slow['step_time']:.3f}s data-wait "
+                         f"{slow['data_wait']:.3f}s mem {slow['memory_gb']:.2f}GB" if tr.world > 1 else ""))
+        for warning in (mfu_warning, tr.loss_watch.check(step, loss)):
+            if warning:
+                log0(tr.rank, warning)
         tr.train_log.flush()
     meter.reset(step, now)
 
@@ -685,28 +792,54 @@ class PreviewGrid:
             self.cond = leading_frames(cfg.data.shards, m, n)
 
     def grid(self, ema_state: dict) -> torch.Tensor:
-        from .diffusion import sample
+        """The sample grid, from one sampling pass that also records the routing of the first 2
+        noises (routing() returns it). train.sample_steps > 0: that many DDIM steps under bf16
+        autocast where the device has bf16 (rank 0 samples while the other ranks wait at the next
+        collective: the preset's own sampler, 1,000 fp32 DDPM steps on imagenet, would hold every
+        GPU for tens of seconds); 0: the snapshot's sampler (diffusion.sampler, sample_steps), fp32."""
+        from .routing import render, sample_with_routing
         from .tblog import sample_grid
 
         self.model.load_state_dict(ema_state)
         labels = self.labels.to(self.dev) if self.labels is not None else None
         cond = self.cond.to(self.dev) if self.cond is not None else None
-        x = sample(self.model, self.noise.shape, self.cfg.diffusion, labels=labels, cond=cond,
-                   noise=self.noise.to(self.dev), generator=torch.Generator().manual_seed(0))
-        if cond is not None:  # show the given frames before the predicted ones
-            x = torch.cat([cond, x], dim=2)
+        k = min(2, self.noise.shape[0])
+        steps, sampler, autocast = self.sampler()
+        with autocast:
+            x, records = sample_with_routing(self.model, self.noise.to(self.dev), self.cfg.diffusion, labels, cond,
+                                             steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(0),
+                                             keep=k)
+        x = x.float()
+        cond_cpu = cond.float().cpu() if cond is not None else None
+        arr = render(self.model.cfg, x[:k], records, cond=cond_cpu[:k] if cond_cpu is not None else None,
+                     write="cond", panel=96, labels=labels[:k].cpu() if labels is not None else None)
+        self._routing = (torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0, records)
+        if cond_cpu is not None:  # show the given frames before the predicted ones
+            x = torch.cat([cond_cpu, x], dim=2)
         return sample_grid(x, nrow=self.cfg.model.num_classes or 0)
 
-    def routing(self, records: list) -> torch.Tensor:
-        """Where the latents read and write (rin_scale.routing) for the first 2 fixed noises; after
-        grid(), which loads the EMA weights. Fills `records` for routing_scalars."""
-        from .routing import routing_image
+    def sampler(self):
+        """(steps, sampler, autocast context) of the preview (train.sample_steps)."""
+        import contextlib
 
-        k = min(2, self.noise.shape[0])
-        labels = self.labels[:k].to(self.dev) if self.labels is not None else None
-        cond = self.cond[:k].to(self.dev) if self.cond is not None else None
-        return routing_image(self.model, self.noise[:k].to(self.dev), self.cfg.diffusion, labels, cond,
-                             generator=torch.Generator().manual_seed(0), panel=96, records=records)
+        n = self.cfg.train.sample_steps
+        if not n:
+            return self.cfg.diffusion.sample_steps, self.cfg.diffusion.sampler, contextlib.nullcontext()
+        bf16 = torch.cuda.is_bf16_supported() if self.dev.type == "cuda" else bool(_native_bf16())
+        return n, "ddim", torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=bf16)
+
+    def routing(self, records: list) -> torch.Tensor:
+        """Where the latents read and write (rin_scale.routing) for the first 2 fixed noises, recorded
+        by grid()'s pass. Fills `records` for routing_scalars."""
+        image, recs = self._routing
+        records.extend(recs)
+        return image
+
+
+def _native_bf16():
+    from .perf import native_cpu_bf16
+
+    return native_cpu_bf16()
 
 
 def _jsonl(rows: list[dict]) -> str:

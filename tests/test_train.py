@@ -58,7 +58,8 @@ def test_two_ranks_zero2_logs_snapshots_and_resumes_exactly(shards, tmp_path, pr
               "train.state_every=2", "train.snapshot_every=4", "train.sample_every=4", "train.log_every=2",
               "data.workers=2"]
     full = str(tmp_path / "full")
-    train(full, 2, *common, f"train.precision={precision}", "train.total_steps=8", shards=shards)
+    out = train(full, 2, *common, f"train.precision={precision}", "train.total_steps=8", shards=shards).stdout
+    assert "slowest rank " in out and f"({os.uname().nodename})" in out, out[-2000:]
 
     # TensorBoard: the scalars and the sample grid, read with TensorBoard's own reader.
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -70,6 +71,10 @@ def test_two_ranks_zero2_logs_snapshots_and_resumes_exactly(shards, tmp_path, pr
                 "perf/data_wait", "perf/tflops", "perf/mfu", "perf/memory_gb", "loss_by_t/0.00-0.25"):
         assert tag in scalars, f"{tag} missing from {sorted(scalars)}"
     assert [e.step for e in acc.Scalars("train/loss")] == [2, 4, 6, 8]
+    # the slowest of the 2 ranks, and its host, at every log step
+    assert [e.step for e in acc.Scalars("perf/slowest_step_time")] == [2, 4, 6, 8]
+    assert {e.value for e in acc.Scalars("perf/slowest_rank")} <= {0, 1}
+    assert [e.step for e in acc.Tensors("perf/slowest_host/text_summary")] == [2, 4, 6, 8]
     assert 0 < acc.Scalars("perf/mfu")[-1].value < 1
     loss = losses(full)
     assert sum(loss[s] for s in (6, 7, 8)) < 0.7 * sum(loss[s] for s in (1, 2, 3)), loss  # ZeRO-2 learns

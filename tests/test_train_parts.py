@@ -227,25 +227,36 @@ def test_one_rank_zero0_skips_deepspeeds_gradient_allreduce_with_the_same_result
     assert all(torch.equal(w, trained[True][n]) for n, w in trained[False].items())
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_auto_precision_on_the_cpu_probes_only_where_bf16_is_native(native, monkeypatch):
-    # without the flags bf16 is emulated (~0.35 s a product): fp32 at once, the reason naming them;
-    # with them the matmul probe decides (here made to read bf16 2x faster)
+@pytest.mark.parametrize("native", [False, True, None])
+def test_auto_precision_on_the_cpu_follows_the_cpus_flags_never_a_timing(native, monkeypatch):
+    # the same command must train in the same precision however loaded the machine is: a probe
+    # that reads bf16 slower (as on a busy machine) changes nothing
     from rin_scale import engine, perf
 
     probed = []
-
-    def probe(dtype, dev, seconds):
-        probed.append(dtype)
-        return 2e11 if dtype == torch.bfloat16 else 1e11
-
     monkeypatch.setattr(perf, "native_cpu_bf16", lambda: native)
-    monkeypatch.setattr(perf, "matmul_peak", probe)
+    monkeypatch.setattr(perf, "matmul_peak", lambda dtype, *a, **k: probed.append(dtype) or
+                        (1e9 if dtype == torch.bfloat16 else 1e11))
     prec = engine.choose_precision("auto", torch.device("cpu"))
-    if native:
-        assert prec.name == "bf16" and probed == [torch.float32, torch.bfloat16], (prec, probed)
-    else:
-        assert prec.name == "fp32" and "avx512_bf16" in prec.reason and not probed, (prec, probed)
+    assert prec.name == ("bf16" if native else "fp32") and not probed, (prec, probed)
+    if native is False:
+        assert "avx512_bf16" in prec.reason
+
+
+def test_mfu_peak_is_the_best_probe_on_the_machine_and_mfu_never_exceeds_one(monkeypatch, tmp_path):
+    from rin_scale import perf
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    readings = iter([4e11, 1e11])  # a quiet start, then one on a loaded machine
+    monkeypatch.setattr(perf, "matmul_peak", lambda *a, **k: next(readings))
+    cpu = torch.device("cpu")
+    assert perf.device_peak(cpu, torch.float32)[0] == 4e11
+    peak, source = perf.device_peak(cpu, torch.float32)
+    assert peak == 4e11 and "best" in source
+    mfu = perf.Mfu(1e11, source)
+    first, warning = mfu(2e11)
+    assert first == 1.0 and "train.peak_tflops" in warning
+    assert mfu(3e11) == (1.0, "") and mfu(5e10) == (0.5, "")
 
 
 FAULTS_SCRIPT = """
@@ -285,3 +296,16 @@ def test_cpu_training_keeps_freed_memory_instead_of_faulting_it_in_every_step(mo
     else:
         assert all(f > 0 for f in late), res  # a fresh mapping every time
         assert res["how"] == ("as it is" if mode == "as it is" else "glibc's malloc as set by MALLOC_TRIM_THRESHOLD_"), res
+
+
+def test_zero_reduces_gradients_in_buckets_and_in_bf16_only_when_asked():
+    from rin_scale.engine import ds_config
+
+    cfg = small_cfg("train.zero_stage=2", "train.comm_bucket_mb=8")
+    zero = ds_config(cfg, 2)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == zero["allgather_bucket_size"] == 2 * 2**20  # 8 MB of fp32
+    assert zero["contiguous_gradients"] and zero["overlap_comm"] == torch.cuda.is_available()
+    bf16 = Precision("bf16", "test")
+    assert ds_config(cfg, 2, precision=bf16)["torch_autocast"]["lower_precision_safe_modules"] == []
+    cfg = small_cfg("train.zero_stage=2", "train.reduce_bf16=true")
+    assert "torch.nn.Linear" in ds_config(cfg, 2, precision=bf16)["torch_autocast"]["lower_precision_safe_modules"]
