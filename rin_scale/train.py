@@ -30,13 +30,14 @@ import torch.distributed as dist
 
 from . import optim, rundir, storage
 from .config import ConfigError, check_world, dump_yaml, load_config, to_dict
+from .watchdog import EXIT_ORPHANED, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_STOPPED, record_line
 
 if TYPE_CHECKING:
     from .engine import Precision
 
 NOISE_BUCKETS = 4  # loss is also logged per quarter of t in [0, 1]
 LAUNCHER_CHECK_S = 1.0  # how often a rank looks whether its launcher is still its parent
-ORPHANED_EXIT = 70  # the exit status of a rank whose launcher died
+ORPHANED_EXIT = EXIT_ORPHANED  # the exit status of a rank whose launcher died
 
 
 def parse_args(argv):
@@ -74,7 +75,9 @@ class Batches:
 
     def next(self):
         t0 = time.perf_counter()
+        _doing("waiting for data from its DataLoader")
         batch = next(self.it)
+        _doing("in forward/backward/optimizer step (DeepSpeed's collectives included)")
         self.wait += time.perf_counter() - t0
         return batch
 
@@ -99,6 +102,7 @@ def all_mean(values: torch.Tensor) -> torch.Tensor:
 
         where = values.device
         values = values.to(device())
+        _doing("in an all-reduce with every rank")
         dist.all_reduce(values)
         values = (values / dist.get_world_size()).to(where)
     return values
@@ -126,17 +130,69 @@ def main(argv=None) -> int:
     try:
         return train(cfg)
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        _stop(f"config error: {e}")
     except (DataError, TrainingError, StorageUnavailable) as e:
-        sys.exit(f"[train] stopped: {mask_secrets(str(e))}")  # messages quote URLs: no credentials in job logs
-    except Exception:
+        _stop(f"[train] stopped: {mask_secrets(str(e))}")  # messages quote URLs: no credentials in job logs
+    except Preempted as e:
+        _stop(f"[train] {e}", EXIT_PREEMPTED)
+    except Exception as e:
         if _orphaned():  # a peer that left first broke a collective: the launcher's death is the news
             _leave_orphaned()
+        if _collective_failed(e):
+            _stop(_peer_lost_line(e), EXIT_PEER_LOST)
         raise
+
+
+def _stop(line: str, status: int = EXIT_STOPPED) -> None:
+    """The stop's one line: on stderr, and in torchrun's error file for this rank (so the launcher's
+    report, and launch.torchrun's last line, give the cause instead of a traceback). Status 1 (the
+    default) is a stop a requeue would repeat; the others are retryable (rin_scale.watchdog)."""
+    record_line(line)
+    if status == EXIT_STOPPED:
+        sys.exit(line)
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _collective_failed(e: BaseException) -> bool:
+    """A collective broke: torch's DistError, or gloo's and NCCL's RuntimeErrors (a peer closed its
+    connection, a timeout)."""
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or (
+        isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection closed by peer",
+                                                                "Connection reset", "Broken pipe", "Timed out")))
+
+
+def _peer_lost_line(e: BaseException) -> str:
+    rank = os.environ.get("RANK", "0")
+    step = _WATCHDOG.step if _WATCHDOG is not None else "?"
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    what = "timed out" if "timed out" in first.lower() else "failed"
+    return (f"[train] rank {rank} (host {os.uname().nodename}): a collective {what} after step {step} "
+            f"({type(e).__name__}: {first}): a peer crashed, stopped or lost its host; exiting so the job "
+            f"ends (a launcher requeues it; re-run the same command to resume from the newest complete state)")
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. non-finite steps in a row); the message names the fix."""
+
+
+class Preempted(RuntimeError):
+    """The scheduler asked the job to leave: a state was saved at the step boundary (requeue it)."""
+
+
+_PREEMPT = threading.Event()  # set by the scheduler's signal (launch.job); carried by the step's all-reduce
+_WATCHDOG = None  # this rank's rin_scale.watchdog.Watchdog while the loop runs
+
+
+def request_save_and_stop() -> None:
+    """Safe in a signal handler: every rank saves a state at the next step boundary, then stops."""
+    _PREEMPT.set()
+
+
+def _doing(what: str) -> None:
+    if _WATCHDOG is not None:
+        _WATCHDOG.doing(what)
 
 
 _LEASE = None  # rank 0: the lease on RUN this process holds (rin_scale.lease.Lease)
@@ -273,11 +329,42 @@ def train(cfg) -> int:
 
 def _train(cfg) -> int:
     tr, state = set_up(cfg)
-    tc = cfg.train
+    try:
+        start_watchdog(tr)
+        return _loop(tr, state)
+    finally:
+        if _WATCHDOG is not None:
+            _WATCHDOG.stop()
+
+
+def start_watchdog(tr: Trainer) -> None:
+    """This rank's hang watchdog (rin_scale.watchdog), armed from the first step: until then the
+    collective timeout covers the start-up. A rank that hangs releases rank 0's lease on its way out."""
+    global _WATCHDOG
+    from .watchdog import Watchdog, on_fatal
+
+    tc = tr.cfg.train
+    if not tc.hang_timeout_s:
+        return
+    on_fatal(lambda status, line: _release_lease_bounded())
+    _WATCHDOG = Watchdog(tc.run_dir, tr.rank, tr.world, tc.hang_timeout_s, tc.collective_timeout_s).start()
+
+
+def _release_lease_bounded(wait_s: float = 5.0) -> None:
+    if _LEASE is not None:  # storage may be what hangs: a bounded try
+        t = threading.Thread(target=_LEASE.release, args=(2.0,), daemon=True)
+        t.start()
+        t.join(wait_s)
+
+
+def _loop(tr: Trainer, state: TrainState) -> int:
+    tc = tr.cfg.train
     meter = Meter(state.step, tr.dev)
     state.started = time.time()
     while state.step < tc.total_steps:
         result = train_step(tr, state, meter)
+        if _WATCHDOG is not None:
+            _WATCHDOG.progress(state.step)
         if result.stop:  # rank 0's lease was taken over: the run has another trainer now
             why = _LEASE.lost_reason if _LEASE is not None else "rank 0 lost the lease on the run"
             raise TrainingError(f"this trainer no longer holds {storage.join(tc.run_dir, 'lease.json')} ({why}); "
@@ -286,8 +373,13 @@ def _train(cfg) -> int:
                              "images_seen": state.images_seen, "grad_norm": result.grad_norm,
                              "skipped": result.skipped})
         if state.step % tc.log_every == 0 or state.step == tc.total_steps:
+            _doing(f"logging step {state.step}")
             log_window(tr, state, meter, result)
-        maybe_save(tr, state)
+        _doing(f"saving (or previewing) at step {state.step}")
+        maybe_save(tr, state, state_now=result.preempt)
+        if result.preempt:  # every rank learnt it in the same all-reduce: all saved, all leave
+            raise Preempted(f"rank {tr.rank}: saved a state at step {state.step} on the scheduler's signal; "
+                            f"stopping for the requeue (it resumes from there)")
     if tr.rank == 0:
         tr.train_log.flush()
         tr.tb.close()
@@ -379,7 +471,7 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
 
     tc = cfg.train
     check_writable(cfg)  # one line now, not a traceback after DeepSpeed's start-up
-    rank, world, _ = init_distributed()
+    rank, world, _ = init_distributed(tc.collective_timeout_s)
     micro, accum = check_world(cfg, world)
     check_dataset(cfg.data, cfg.model, micro, world)  # bad data: one line before the engine is built
     take_lease(cfg, rank)  # before anything is written to the run
@@ -518,6 +610,7 @@ class StepResult(NamedTuple):
     grad_norm: float | None
     skipped: bool  # a non-finite loss or gradient: the optimizer did not step
     stop: bool = False  # rank 0 lost the run's lease: every rank stops (learnt in the loss's all-reduce)
+    preempt: bool = False  # a rank got the scheduler's signal: every rank saves and stops (same all-reduce)
 
 
 def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
@@ -555,11 +648,13 @@ def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
         tr.ema.update(tr.ema.decay_at(state.step, cfg.train.ema_warmup, cfg.train.ema_warmup_offset))
 
     grad_norm = engine.get_global_grad_norm()
-    # The loss and rank 0's "the lease is lost" flag in one all-reduce: no extra collective per step.
+    # The loss, rank 0's "the lease is lost" flag and any rank's "the scheduler asked us to leave"
+    # flag in one all-reduce: no extra collective per step.
     mean = torch.stack(losses).mean()
-    both = all_mean(torch.stack([mean, torch.full_like(mean, float(lease_lost()))])).cpu()
+    both = all_mean(torch.stack([mean, torch.full_like(mean, float(lease_lost())),
+                                 torch.full_like(mean, float(_PREEMPT.is_set()))])).cpu()
     result = StepResult(both[0].item(), engine.get_lr()[0], float(grad_norm) if grad_norm is not None else None,
-                        skipped, bool(both[1].item() > 0))  # .item(): the step's work is done here
+                        skipped, bool(both[1].item() > 0), bool(both[2].item() > 0))  # .item(): the step's work is done here
     meter.add_step(result.loss, time.perf_counter() - t0, tr.batches.wait - wait0)
     return result
 
@@ -631,16 +726,17 @@ def log_window(tr: Trainer, state: TrainState, meter: Meter, last: StepResult) -
     meter.reset(step, now)
 
 
-def maybe_save(tr: Trainer, state: TrainState) -> None:
+def maybe_save(tr: Trainer, state: TrainState, state_now: bool = False) -> None:
     """What falls due at this step: the TensorBoard sample grid, the EMA snapshot, the full training
-    state. The EMA is gathered once for all three (collective under ZeRO-3: every rank takes part)."""
+    state (also when state_now: the job is about to be preempted). The EMA is gathered once for all
+    three (collective under ZeRO-3: every rank takes part)."""
     from .checkpoint import save_state
 
     tc, step = tr.cfg.train, state.step
     final = step == tc.total_steps
     want_samples = bool(tc.sample_every) and (step % tc.sample_every == 0 or final)
     want_snapshot = step % tc.snapshot_every == 0 or final
-    want_state = step % tc.state_every == 0 or final
+    want_state = step % tc.state_every == 0 or final or state_now
     if not (want_samples or want_snapshot or want_state):
         return
     ema_full = tr.ema.full_state()
