@@ -24,7 +24,7 @@ def report_path() -> str:
 def cause(rank: int, failure) -> str:
     """The failed rank's own line, or what torchrun knows of its end (a signal, a traceback above)."""
     message = failure.message if isinstance(failure.message, str) else str(failure.message.get("message", ""))
-    if failure.error_file_data and message:
+    if os.path.isfile(failure.error_file) and message:
         return message
     how = (f"was killed by signal {-failure.exitcode} ({failure.signal_name()})" if failure.exitcode < 0
            else f"exited with status {failure.exitcode}")

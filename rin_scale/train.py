@@ -113,7 +113,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(None, args.config)
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        _stop(f"config error: {e}")
     if args.dry_run:
         try:
             check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
