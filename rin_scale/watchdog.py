@@ -168,8 +168,8 @@ class Watchdog:
         for r, p in sorted(peers.items()):
             age = now - p["t"]
             if age > 3 * BEAT_S:
-                silent.append(f"rank {r} (host {p['host']}, pid {p['pid']}) silent for {age:.0f} s at step "
-                              f"{p['step']}, {p['doing']}: stopped, or its host is lost")
+                silent.append(f"rank {r} (host {p['host']}, pid {p['pid']}) silent for {age:.0f} s after step "
+                              f"{max(p['step'], 0)}, {p['doing']}: stopped, or its host is lost")
             elif p["step"] < self.step or p["doing"] != self.what:
                 behind.append(f"rank {r} (host {p['host']}) at step {p['step']}, {p['doing']}")
         missing = [str(r) for r in range(self.world) if r != self.rank and r not in peers]
