@@ -90,9 +90,12 @@ class LaunchJob:
     requeues: int = 0
     backoff_s: float = 60.0  # before the first requeue after a failure; doubled for each failure after it
     failures: int = 0  # requeues after failures so far (preemptions and timeouts are not failures)
+    start_after: float = 0.0  # a local requeue's backoff: its tasks wait until then (SLURM's queue waits instead)
 
     def __call__(self):
         env = submitit.JobEnvironment()
+        if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            time.sleep(max(0.0, self.start_after - time.time()))
         dist = TorchDistributedEnvironment()
         if self.master_addr:
             dist.master_addr = self.master_addr
@@ -128,7 +131,7 @@ class LaunchJob:
             if self.kind == "train":  # a crashed rank: retryable, with a backoff
                 status = self._after_failure(env, EXIT_CRASHED, error)
                 if status == LOCAL_REQUEUE_RETURN_CODE:
-                    sys.exit(status)
+                    _leave(status)
             # a refused requeue was logged by checkpoint() already
             elif rank0 and not isinstance(e, UncompletedJobError):
                 log_event(self.run_dir, "failed", kind=self.kind, job_id=env.job_id, error=error)
@@ -136,7 +139,7 @@ class LaunchJob:
         if self.kind == "train" and rc in RETRYABLE:
             if rc == EXIT_PREEMPTED and not rank0:
                 return None  # saved with every rank; rank 0 requeues
-            sys.exit(self._after_failure(env, rc, ""))
+            _leave(self._after_failure(env, rc, ""))
         if rc not in (None, 0):
             why = rc if isinstance(rc, str) else f"exit status {rc}"
             if rank0:
@@ -174,7 +177,8 @@ class LaunchJob:
             return status
         failed = reason not in ("preempted", "timeout")
         wait = min(self.backoff_s * 2 ** self.failures, MAX_BACKOFF_S) if failed else 0.0
-        nxt = dataclasses.replace(self, requeues=self.requeues + 1, failures=self.failures + int(failed))
+        nxt = dataclasses.replace(self, requeues=self.requeues + 1, failures=self.failures + int(failed),
+                                  start_after=time.time() + wait)
         log_event(self.run_dir, "requeued", kind=self.kind, job_id=job_id, reason=reason, why=line,
                   requeues=nxt.requeues, max_requeues=self.max_requeues, backoff_s=wait, host=socket.gethostname())
         old = DelayedSubmission.load(env.paths.submitted_pickle)
@@ -183,8 +187,7 @@ class LaunchJob:
         with temporary_save_path(env.paths.submitted_pickle) as tmp:
             new.dump(tmp)
         if os.environ.get("SUBMITIT_EXECUTOR") == "local":
-            time.sleep(wait)
-            return LOCAL_REQUEUE_RETURN_CODE  # the local controller starts the tasks again
+            return LOCAL_REQUEUE_RETURN_CODE  # the local controller starts the tasks again (they wait first)
         subprocess.run(["scontrol", "requeue", job_id], timeout=60, check=False)
         if wait:  # the requeued job waits in the queue, not on its nodes
             subprocess.run(["scontrol", "update", f"JobId={job_id}", f"StartTime=now+{int(wait)}"],
@@ -221,6 +224,14 @@ def _job_id() -> str:
         return submitit.JobEnvironment().job_id
     except Exception:  # not inside a submitit job (called directly)
         return os.environ.get("SLURM_JOB_ID", "")
+
+
+def _leave(status: int) -> None:
+    """Out with `status` at once: a process group broken by a lost peer can hang or abort in the
+    interpreter's teardown, and the local controller requeues on the exact status only."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    watchdog.leave(status)
 
 
 def _first_to_requeue(env, attempt: int) -> bool:

@@ -23,7 +23,8 @@ from pathlib import Path
 from submitit.local.local import Controller, LocalExecutor, LocalJob, LocalJobEnvironment
 
 
-PEER_GRACE_S = float(os.environ.get("RIN_PEER_GRACE_S", "10"))
+# as long as SLURM's default KillWait: a peer in a broken collective notices, says so and requeues
+PEER_GRACE_S = float(os.environ.get("RIN_PEER_GRACE_S", "30"))
 
 
 class ForwardingController(Controller):

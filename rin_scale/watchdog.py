@@ -193,7 +193,7 @@ class Watchdog:
             "; exiting so the job ends (a launcher requeues it; re-run the same command to resume)"
         record_line(line)
         print(line, file=sys.stderr, flush=True)
-        _leave(run_fatal_hooks(EXIT_HUNG, line))
+        leave(run_fatal_hooks(EXIT_HUNG, line))
 
     def _dump(self, line: str, peers: dict, name: str) -> bool:
         """Stacks to a local file first (faulthandler writes to a file descriptor), then to RUN/hangs/
@@ -233,7 +233,7 @@ def _stopped_workers() -> str:
     return f" (its DataLoader worker(s) {', '.join(bad)} stopped or stuck)" if bad else ""
 
 
-def _leave(status: int) -> None:
+def leave(status: int) -> None:
     """Children first (DataLoader workers outlive an os._exit), then out."""
     import multiprocessing
 
