@@ -20,7 +20,7 @@ import time
 import typing as tp
 from pathlib import Path
 
-from submitit.local.local import Controller, LocalExecutor, LocalJob, LocalJobEnvironment
+from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE, Controller, LocalExecutor, LocalJob, LocalJobEnvironment
 
 
 # as long as SLURM's default KillWait: a peer in a broken collective notices, says so and requeues
@@ -45,6 +45,8 @@ class ForwardingController(Controller):
             codes = [t.poll() for t in self.tasks]
             if all(c is not None for c in codes):
                 return codes
+            if LOCAL_REQUEUE_RETURN_CODE in codes:
+                return codes  # a task requeued the job: the others need no grace
             if failed_at is None and any(c not in (None, 0) for c in codes):
                 failed_at = now
             if failed_at is not None and now - failed_at > PEER_GRACE_S:

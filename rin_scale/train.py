@@ -30,7 +30,7 @@ import torch.distributed as dist
 
 from . import optim, rundir, storage
 from .config import ConfigError, check_world, dump_yaml, load_config, to_dict
-from .watchdog import EXIT_ORPHANED, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_STOPPED, record_line
+from .watchdog import EXIT_ORPHANED, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_STOPPED, leave, record_line
 
 if TYPE_CHECKING:
     from .engine import Precision
@@ -211,18 +211,8 @@ def _leave_orphaned() -> None:
         print(f"[train] rank {rank}: its launcher (pid {parent}) is gone; exiting instead of training on "
               f"without it (re-run the same command to resume from the newest complete state)",
               file=sys.stderr, flush=True)
-        if _LEASE is not None:
-            t = threading.Thread(target=_LEASE.release, args=(2.0,), daemon=True)
-            t.start()
-            t.join(5.0)
-        try:  # this rank's DataLoader workers would otherwise linger until their own parent check
-            import multiprocessing
-
-            for child in multiprocessing.active_children():
-                child.kill()
-        except Exception:  # noqa: BLE001, S110 - leaving regardless
-            pass
-        os._exit(ORPHANED_EXIT)
+        _release_lease_bounded()
+        leave(ORPHANED_EXIT)  # this rank's DataLoader workers first: they would linger until their own check
 
 
 def watch_launcher(parent: int, rank: int, every: float = LAUNCHER_CHECK_S) -> threading.Thread:
