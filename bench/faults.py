@@ -2,7 +2,7 @@
 happened (issue #13, "What to show").
 
     .venv/bin/python bench/faults.py --quick                       # a reduced set: 6-10 minutes here
-    .venv/bin/python bench/faults.py                               # everything: about 20 minutes here
+    .venv/bin/python bench/faults.py                               # everything: about 30 minutes here (hangs: 10)
     .venv/bin/python bench/faults.py --only kills,eval --json faults.json --ref HEAD
 
 Every drill trains the `tiny` preset, made smaller (widths 64, 16 latents, 4 sampling steps), with
