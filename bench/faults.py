@@ -2,7 +2,7 @@
 happened (issue #13, "What to show").
 
     .venv/bin/python bench/faults.py --quick                       # a reduced set: 6-10 minutes here
-    .venv/bin/python bench/faults.py                               # everything: about 20 minutes here
+    .venv/bin/python bench/faults.py                               # everything: about 30 minutes here (hangs: 10)
     .venv/bin/python bench/faults.py --only kills,eval --json faults.json --ref HEAD
 
 Every drill trains the `tiny` preset, made smaller (widths 64, 16 latents, 4 sampling steps), with
@@ -31,6 +31,12 @@ Parts (`--only`):
           second trainer that trained while the first's ranks lived, or steps written twice.
   eval    the eval service (python -m evals.service --run RUN --once) killed while it scores a
           snapshot; the next service must score that snapshot within a minute of its start.
+  hangs   in 2-task submitit local jobs (launch.submit --executor local, train.hang_timeout_s=30):
+          rank 1 stopped (SIGSTOP), rank 1 killed, a DataLoader worker of rank 1 stopped, the
+          scheduler's signal; each job must end within the watchdog's time plus a minute (60 s
+          for the kill), requeue itself (launch.jsonl's reason) and resume exactly; the stack
+          dump in RUN/hangs/ must name the stopped rank; a preemption may lose one step at most.
+          And gs:// shards unreachable for 8 minutes with the default deadlines: waited out.
 
 The tables are markdown (the README's Reliability section); --json FILE writes the same as JSON.
 --ref HEAD drills a clean copy of a commit rather than the working tree, which others may be
@@ -76,7 +82,7 @@ SNAPSHOT_STEPS = (4, 8)
 PHASES = ["snapshot", "state folder", "DeepSpeed files", "rank-R.pt", "ema.safetensors", "trainer.json", "COMPLETE"]
 EVAL_OVERRIDES = ["eval.num_samples=16", "eval.batch=8", "eval.reference_samples=32"]
 EVAL_DEADLINE_S = 60.0
-PARTS = ("kills", "outage", "lease", "eval")
+PARTS = ("kills", "outage", "lease", "eval", "hangs")
 
 
 def step_name(step: int) -> str:
@@ -981,6 +987,13 @@ class Suite:
                 f"next service must score that snapshot within {EVAL_DEADLINE_S:.0f} s of its start")
         return {"what": what, "kills": len(pending_checks), "unscored snapshots": unscored,
                 "ok": unscored == 0 and all(t["ok"] for t in self.trials if t["part"] == "eval")}
+
+    # ---------------------------------------------------------------- part 5: hangs (bench/_faults_hangs.py)
+
+    def part_hangs(self) -> dict:
+        import _faults_hangs
+
+        return _faults_hangs.part(self)
 
     # ---------------------------------------------------------------- all
 

@@ -4,10 +4,15 @@
 `rin_scale.train.main(argv)` in-process; `EvalJob` does the same for `evals.service.main`.
 It also exports RIN_JOB_ID and RIN_JOB_ATTEMPT (the requeues so far), which the trainer's lease on
 the run records: a requeued attempt takes over the lease of an earlier attempt of its job at once.
-On preemption or timeout submitit calls `checkpoint()` on global rank 0 inside its signal
-handler: it only logs and returns the resubmission (the trainer saves states by itself, and a
-collective save cannot run in a signal handler); the requeued job resumes from the newest
-complete state.
+A training job handles the scheduler's signal itself, on every rank: the signal only sets a flag
+that the trainer's per-step all-reduce carries, every rank saves a state at that step's end, and
+rank 0 then requeues the job (a collective save cannot run in a signal handler). The eval and
+shard services keep submitit's way: `checkpoint()` on rank 0 logs and returns the resubmission.
+A training job also requeues itself after a retryable failure (a hang, a collective that failed
+because a peer crashed, stopped or lost its host: rin_scale.watchdog's exit statuses), with a
+backoff, up to --max-requeues in all; the first rank to fail requeues it, once per attempt. A stop
+that a requeue would repeat (a config error, bad data, a divergence, another trainer) ends the job.
+RUN/launch.jsonl says which, and why.
 """
 from __future__ import annotations
 
@@ -16,15 +21,20 @@ import importlib
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 import typing as tp
 
 import submitit
-from submitit.core.utils import UncompletedJobError
+from submitit.core.utils import UncompletedJobError, temporary_save_path
 from submitit.helpers import DelayedSubmission, TorchDistributedEnvironment
+from submitit.local.local import LOCAL_REQUEUE_RETURN_CODE
 
 from rin_scale import storage
+from rin_scale import watchdog
+from rin_scale.watchdog import EXIT_CRASHED, EXIT_PREEMPTED, RETRYABLE, on_fatal
 
 LOG_NAME = "launch.jsonl"
 # Ranks other than 0 leave this long after the preemption signal if a broken collective has not
@@ -33,6 +43,7 @@ FOLLOWER_GRACE_S = 30.0
 # A task process unpickles its job (importing this module) right after it starts: the clock of
 # this attempt, against which the time limit counts.
 _PROCESS_START = time.time()
+MAX_BACKOFF_S = 1800.0  # the longest wait before a requeued attempt after failures in a row
 
 
 def log_url(run_dir: str) -> str:
@@ -77,9 +88,14 @@ class LaunchJob:
     timeout_min: float = 0.0
     signal_delay_s: int = 0
     requeues: int = 0
+    backoff_s: float = 60.0  # before the first requeue after a failure; doubled for each failure after it
+    failures: int = 0  # requeues after failures so far (preemptions and timeouts are not failures)
+    start_after: float = 0.0  # a local requeue's backoff: its tasks wait until then (SLURM's queue waits instead)
 
     def __call__(self):
         env = submitit.JobEnvironment()
+        if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            time.sleep(max(0.0, self.start_after - time.time()))
         dist = TorchDistributedEnvironment()
         if self.master_addr:
             dist.master_addr = self.master_addr
@@ -95,7 +111,10 @@ class LaunchJob:
         # submitit's handler and would requeue the job a second time, so they ignore the signal.
         sig = env._usr_sig()
         os.register_at_fork(after_in_child=lambda: signal.signal(sig, signal.SIG_IGN))
-        if not rank0:
+        if self.kind == "train":
+            _save_on_signal(sig)
+            on_fatal(lambda status, line: self._after_failure(env, status, line))
+        elif not rank0:
             _leave_on_preemption(env)
         if rank0:
             log_event(self.run_dir, "started", kind=self.kind, job_id=env.job_id, requeues=self.requeues,
@@ -108,11 +127,19 @@ class LaunchJob:
                 raise  # submitit leaving after a requeue, or a rank following rank 0
             rc = e.code  # the service's own exit, e.g. sys.exit("config error: ...")
         except Exception as e:
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            if self.kind == "train":  # a crashed rank: retryable, with a backoff
+                status = self._after_failure(env, EXIT_CRASHED, error)
+                if status == LOCAL_REQUEUE_RETURN_CODE:
+                    _leave(status)
             # a refused requeue was logged by checkpoint() already
-            if rank0 and not isinstance(e, UncompletedJobError):
-                log_event(self.run_dir, "failed", kind=self.kind, job_id=env.job_id,
-                          error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            elif rank0 and not isinstance(e, UncompletedJobError):
+                log_event(self.run_dir, "failed", kind=self.kind, job_id=env.job_id, error=error)
             raise
+        if self.kind == "train" and rc in RETRYABLE:
+            if rc == EXIT_PREEMPTED and not rank0:
+                return None  # saved with every rank; rank 0 requeues
+            _leave(self._after_failure(env, rc, ""))
         if rc not in (None, 0):
             why = rc if isinstance(rc, str) else f"exit status {rc}"
             if rank0:
@@ -135,6 +162,37 @@ class LaunchJob:
         log_event(self.run_dir, "requeued", kind=self.kind, job_id=job_id, reason=reason,
                   requeues=nxt.requeues, max_requeues=self.max_requeues, host=socket.gethostname())
         return DelayedSubmission(nxt)
+
+    def _after_failure(self, env, status: int, line: str) -> int:
+        """A retryable exit (rin_scale.watchdog): requeue the job once per attempt (the first rank to
+        get here does), after a backoff for failures; returns the status this rank leaves with."""
+        reason = self._reason() if status == EXIT_PREEMPTED else RETRYABLE[status]
+        line = line or watchdog.last_line
+        if not _first_to_requeue(env, self.requeues):
+            return status
+        job_id = str(env.job_id)
+        if self.requeues >= self.max_requeues:
+            log_event(self.run_dir, "requeue_refused", kind=self.kind, job_id=job_id, reason=reason, why=line,
+                      requeues=self.requeues, max_requeues=self.max_requeues)
+            return status
+        failed = reason not in ("preempted", "timeout")
+        wait = min(self.backoff_s * 2 ** self.failures, MAX_BACKOFF_S) if failed else 0.0
+        nxt = dataclasses.replace(self, requeues=self.requeues + 1, failures=self.failures + int(failed),
+                                  start_after=time.time() + wait)
+        log_event(self.run_dir, "requeued", kind=self.kind, job_id=job_id, reason=reason, why=line,
+                  requeues=nxt.requeues, max_requeues=self.max_requeues, backoff_s=wait, host=socket.gethostname())
+        old = DelayedSubmission.load(env.paths.submitted_pickle)
+        new = DelayedSubmission(nxt)
+        new.set_timeout(old._timeout_min, old._timeout_countdown)
+        with temporary_save_path(env.paths.submitted_pickle) as tmp:
+            new.dump(tmp)
+        if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+            return LOCAL_REQUEUE_RETURN_CODE  # the local controller starts the tasks again (they wait first)
+        subprocess.run(["scontrol", "requeue", job_id], timeout=60, check=False)
+        if wait:  # the requeued job waits in the queue, not on its nodes
+            subprocess.run(["scontrol", "update", f"JobId={job_id}", f"StartTime=now+{int(wait)}"],
+                           timeout=60, check=False, capture_output=True)
+        return status
 
     def _reason(self) -> str:
         # The time-limit signal comes signal_delay_s before the limit (sbatch --signal, or the local
@@ -166,6 +224,34 @@ def _job_id() -> str:
         return submitit.JobEnvironment().job_id
     except Exception:  # not inside a submitit job (called directly)
         return os.environ.get("SLURM_JOB_ID", "")
+
+
+def _leave(status: int) -> None:
+    """Out with `status` at once: a process group broken by a lost peer can hang or abort in the
+    interpreter's teardown, and the local controller requeues on the exact status only."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    watchdog.leave(status)
+
+
+def _first_to_requeue(env, attempt: int) -> bool:
+    """Once per attempt among all ranks (every rank of a hung job may fire at once): a token file
+    in submitit's folder, which every node shares. SLURM's own requeues count as attempts too."""
+    name = f"requeue-{env.job_id}-{attempt}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    try:
+        os.close(os.open(os.path.join(env.paths.folder, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _save_on_signal(sig) -> None:
+    """The scheduler's signal (preemption, or the time limit near) on a training task: a flag the
+    trainer's next all-reduce carries; every rank saves at that step's end and leaves with
+    EXIT_PREEMPTED, then rank 0 requeues (LaunchJob._after_failure)."""
+    from rin_scale.train import request_save_and_stop
+
+    signal.signal(sig, lambda signum, frame: request_save_and_stop())
 
 
 def _leave_on_preemption(env) -> None:

@@ -39,9 +39,12 @@ def jobs(run: str) -> list[dict]:
         if ev == "started":  # more starts than requeues + 1: the scheduler restarted it by itself
             job["world_size"] = row.get("world_size")
             job["starts"] += 1
-        if ev == "requeued":
-            job["requeues"] = row.get("requeues", job["requeues"] + 1)
-            job["reasons"].append(row.get("reason"))
+        if ev in ("requeued", "requeue_refused"):
+            if ev == "requeued":
+                job["requeues"] = row.get("requeues", job["requeues"] + 1)
+                job["reasons"].append(row.get("reason"))
+            if row.get("why"):  # the failed rank's own line (a hang, a lost peer, a crash)
+                job["why"] = row["why"]
         if ev in ("failed",):
             job["error"] = row.get("error")
         if ev in _STATE:
@@ -131,6 +134,7 @@ def render(s: dict) -> str:
         live = f" (scheduler: {j['scheduler_state']})" if j.get("scheduler_state") else ""
         why = f" [{', '.join(r for r in j['reasons'] if r)}]" if j["reasons"] else ""
         err = f" error: {j['error']}" if j.get("error") else ""
+        err += f"\n    last requeue: {j['why']}" if j.get("why") else ""
         lines.append(f"job {j['kind']:5s} {j['job_id']:>10s} {j.get('executor') or '':5s} {layout:5s} "
                      f"{j.get('state', '?')}{live}  starts {j['starts']}  requeues {j['requeues']}{why}  "
                      f"since {_when(j.get('updated'))}{err}")

@@ -19,9 +19,11 @@ the options after SOURCE OUT are data_tools.shard's. --cpus-per-task defaults to
 With --wait the parts are joined here once the job ends, if no part did. Logs and launch.jsonl go
 to --folder (default ./submitit/rin-shard-NAME).
 
-One task per GPU. The job requeues itself on preemption or timeout (up to --max-requeues) and
-the trainer resumes from the newest complete state; RUN/launch.jsonl logs every submission,
-start, requeue and end.
+One task per GPU. The job requeues itself on preemption or timeout (a training job saves a state
+first, at the step the signal reached), and after a retryable failure (a hung rank, a crashed
+rank, a lost node: after --requeue-backoff-s, doubled for each failure), up to --max-requeues in
+all; the trainer resumes from the newest complete state. One rank down ends the job (srun
+--kill-on-bad-exit). RUN/launch.jsonl logs every submission, start, requeue (and why) and end.
 """
 from __future__ import annotations
 
@@ -80,7 +82,10 @@ def parse_args(argv: tp.Optional[list[str]] = None) -> argparse.Namespace:
                    help="shell line run before the tasks, e.g. 'module load cuda' (repeatable)")
     p.add_argument("--folder", default="", help="submitit's folder (logs, pickles); shared by all nodes. "
                    "Default: RUN/submitit for a local RUN, else ./submitit/NAME")
-    p.add_argument("--max-requeues", type=int, default=10, help="requeues allowed (preemptions + timeouts)")
+    p.add_argument("--max-requeues", type=int, default=10,
+                   help="requeues allowed (preemptions, timeouts and retryable failures)")
+    p.add_argument("--requeue-backoff-s", type=float, default=60.0,
+                   help="wait before requeueing after a failure (hang, crashed rank); doubled per failure")
     p.add_argument("--signal-delay-s", type=int, default=120,
                    help="seconds before the time limit at which the job is told to requeue")
     p.add_argument("--master-addr", default="",
@@ -202,6 +207,10 @@ def slurm_parameters(args, name: str) -> dict:
     """submitit SlurmExecutor parameters (its own names) from the options."""
     p: dict[str, tp.Any] = dict(job_name=name, nodes=args.nodes, ntasks_per_node=tasks_per_node(args),
                                 time=args.time_min, signal_delay_s=args.signal_delay_s)
+    if args.service == "train":
+        # One rank down, the job down: srun ends the other tasks at once instead of leaving them
+        # in a collective; and SLURM requeues the job itself when a node is lost.
+        p["srun_args"] = ["--kill-on-bad-exit=1"]
     if args.gpus_per_node:
         p["gpus_per_node"] = args.gpus_per_node
     if args.cpus_per_task:
@@ -221,6 +230,8 @@ def slurm_parameters(args, name: str) -> dict:
             raise LaunchError(f"--sbatch {kv!r}: write it as KEY=VALUE, e.g. --sbatch mail-type=END")
         k, v = kv.split("=", 1)
         extra[k.strip().lstrip("-")] = v
+    if args.service == "train":
+        extra.setdefault("requeue", True)
     if extra:
         p["additional_parameters"] = extra
     return p
@@ -239,6 +250,8 @@ def check_options(args, cfg: Config, executor: str) -> None:
                           f"(--signal-delay-s={args.signal_delay_s}): give a longer time limit or a shorter delay")
     if args.max_requeues < 0:
         raise LaunchError("--max-requeues must be 0 or more")
+    if args.requeue_backoff_s < 0:
+        raise LaunchError("--requeue-backoff-s must be 0 or more (seconds)")
     if args.service == "train":
         check_world(cfg, args.nodes * tasks_per_node(args))
     elif args.service == "shard":
@@ -320,7 +333,8 @@ def make_job(args, cfg: Config, run: str, argv: list[str]) -> LaunchJob:
               signal_delay_s=args.signal_delay_s)
     if args.service == "shard":
         return LaunchJob("data_tools.shard:main", list(argv), run, kind="shard", **kw)
-    return TrainJob(argv, run, **kw) if args.service == "train" else EvalJob(argv, run, **kw)
+    return TrainJob(argv, run, backoff_s=args.requeue_backoff_s, **kw) if args.service == "train" \
+        else EvalJob(argv, run, **kw)
 
 
 def submit(argv: tp.Optional[list[str]] = None):

@@ -145,6 +145,14 @@ class TrainConfig:
                                         "parameters, where the ~15 s compile pays back)")
     grad_clip: float = _f(0.0, "0 = off")
     max_nonfinite: int = _f(20, "consecutive skipped steps before the run stops")
+    hang_timeout_s: float = _f(900.0, "a rank with no progress this long (or 10x its typical step, if longer) "
+                                      "dumps every thread's stack to RUN/hangs/ and exits, so the job ends and "
+                                      "requeues; covers saves and previews, and must exceed "
+                                      "data.storage_retry_seconds (0 = no watchdog)")
+    collective_timeout_s: float = _f(1800.0, "deadline of one collective (the process group's timeout): must "
+                                             "exceed train.hang_timeout_s and data.storage_retry_seconds, so "
+                                             "deliberate waits finish and the watchdog, which says where the job "
+                                             "hung, fires first")
     ema_decay: float = _f(0.9999, "EMA of the weights, updated every step in fp32")
     ema_warmup: bool = _f(False, "decay min(ema_decay, (1+step)/(k+step)), k = ema_warmup_offset: for short runs "
                                  "(the paper: off)")
@@ -515,10 +523,27 @@ def validate(cfg: Config) -> Config:
     _check(t.sample_steps >= 0, "train.sample_steps must be 0 (the snapshot's sampler) or a number of DDIM steps")
     _check(t.comm_bucket_mb > 0, f"train.comm_bucket_mb={t.comm_bucket_mb} must be positive (MB of gradients per "
                                  f"bucket; {COMM_BUCKET_MB:g} is the default)")
+    _check_deadlines(t, data)
     _check(t.keep_last >= 1, "train.keep_last must be at least 1 (the newest state is what resume needs)")
 
     _validate_eval(e, m)
     return cfg
+
+
+def _check_deadlines(t: TrainConfig, data: DataConfig) -> None:
+    """The waits agree: a storage outage is waited out before the watchdog calls it a hang, and the
+    watchdog (which dumps where the job hung) fires before a collective times out without a word."""
+    wait = data.storage_retry_seconds
+    _check(t.hang_timeout_s >= 0, "train.hang_timeout_s must be 0 (no watchdog) or more (seconds)")
+    _check(t.hang_timeout_s == 0 or t.hang_timeout_s > wait,
+           f"train.hang_timeout_s={t.hang_timeout_s:g} must exceed data.storage_retry_seconds={wait:g}: a storage "
+           f"outage the run waits out would be taken for a hang; raise train.hang_timeout_s (e.g. "
+           f"{wait + 300:g}) or lower data.storage_retry_seconds")
+    longest = max(t.hang_timeout_s, wait)
+    _check(t.collective_timeout_s > longest,
+           f"train.collective_timeout_s={t.collective_timeout_s:g} must exceed train.hang_timeout_s and "
+           f"data.storage_retry_seconds ({longest:g} s): a collective would time out during a wait the run makes "
+           f"on purpose; raise it (e.g. {2 * longest:g})")
 
 
 def _validate_eval(e: EvalConfig, m: ModelConfig) -> None:

@@ -28,9 +28,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_distributed() -> tuple[int, int, int]:
+def init_distributed(timeout_s: float = 0.0) -> tuple[int, int, int]:
     """(rank, world_size, local_rank) from torchrun / deepspeed / submitit env vars; a bare process
-    becomes a world of one. DeepSpeed picks gloo on the CPU and NCCL on GPUs."""
+    becomes a world of one. DeepSpeed picks gloo on the CPU and NCCL on GPUs. timeout_s: the deadline
+    of every collective (train.collective_timeout_s); 0 = DeepSpeed's default (10 minutes, as long as
+    the storage retry budget: an outage one rank waits out would tear the job down)."""
+    from datetime import timedelta
+
     import deepspeed
 
     if "RANK" not in os.environ:
@@ -49,7 +53,8 @@ def init_distributed() -> tuple[int, int, int]:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     if not dist.is_initialized():
-        deepspeed.init_distributed(verbose=False)
+        kw = {"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}
+        deepspeed.init_distributed(verbose=False, **kw)
     return dist.get_rank(), dist.get_world_size(), local_rank
 
 

@@ -100,11 +100,16 @@ def job_identity() -> tuple[str, int]:
         if os.environ.get(var):
             job = os.environ[var]
             break
-    attempt = os.environ.get("RIN_JOB_ATTEMPT") or os.environ.get("SLURM_RESTART_COUNT") or "0"
-    try:
-        return job, int(attempt)
-    except ValueError:
-        return job, 0
+    # The launcher counts its own requeues; SLURM counts every restart, its own (a lost node, a
+    # --requeue on failure) included: the larger is this attempt, so an attempt SLURM restarted by
+    # itself still counts as later than the one whose lease it finds.
+    attempts = []
+    for var in ("RIN_JOB_ATTEMPT", "SLURM_RESTART_COUNT"):
+        try:
+            attempts.append(int(os.environ.get(var) or 0))
+        except ValueError:
+            pass
+    return job, max(attempts, default=0)
 
 
 def identity() -> dict:

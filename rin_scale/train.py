@@ -30,13 +30,14 @@ import torch.distributed as dist
 
 from . import optim, rundir, storage
 from .config import ConfigError, check_world, dump_yaml, load_config, to_dict
+from .watchdog import EXIT_ORPHANED, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_STOPPED, leave, record_line
 
 if TYPE_CHECKING:
     from .engine import Precision
 
 NOISE_BUCKETS = 4  # loss is also logged per quarter of t in [0, 1]
 LAUNCHER_CHECK_S = 1.0  # how often a rank looks whether its launcher is still its parent
-ORPHANED_EXIT = 70  # the exit status of a rank whose launcher died
+ORPHANED_EXIT = EXIT_ORPHANED  # the exit status of a rank whose launcher died
 
 
 def parse_args(argv):
@@ -74,7 +75,9 @@ class Batches:
 
     def next(self):
         t0 = time.perf_counter()
+        _doing("waiting for data from its DataLoader")
         batch = next(self.it)
+        _doing("in forward/backward/optimizer step (DeepSpeed's collectives included)")
         self.wait += time.perf_counter() - t0
         return batch
 
@@ -99,6 +102,7 @@ def all_mean(values: torch.Tensor) -> torch.Tensor:
 
         where = values.device
         values = values.to(device())
+        _doing("in an all-reduce with every rank")
         dist.all_reduce(values)
         values = (values / dist.get_world_size()).to(where)
     return values
@@ -109,7 +113,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(None, args.config)
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        _stop(f"config error: {e}")
     if args.dry_run:
         try:
             check_world(cfg, int(os.environ.get("WORLD_SIZE", "1")))
@@ -126,17 +130,69 @@ def main(argv=None) -> int:
     try:
         return train(cfg)
     except ConfigError as e:
-        sys.exit(f"config error: {e}")
+        _stop(f"config error: {e}")
     except (DataError, TrainingError, StorageUnavailable) as e:
-        sys.exit(f"[train] stopped: {mask_secrets(str(e))}")  # messages quote URLs: no credentials in job logs
-    except Exception:
+        _stop(f"[train] stopped: {mask_secrets(str(e))}")  # messages quote URLs: no credentials in job logs
+    except Preempted as e:
+        _stop(f"[train] {e}", EXIT_PREEMPTED)
+    except Exception as e:
         if _orphaned():  # a peer that left first broke a collective: the launcher's death is the news
             _leave_orphaned()
+        if _collective_failed(e):
+            _stop(_peer_lost_line(e), EXIT_PEER_LOST)
         raise
+
+
+def _stop(line: str, status: int = EXIT_STOPPED) -> None:
+    """The stop's one line: on stderr, and in torchrun's error file for this rank (so the launcher's
+    report, and launch.torchrun's last line, give the cause instead of a traceback). Status 1 (the
+    default) is a stop a requeue would repeat; the others are retryable (rin_scale.watchdog)."""
+    record_line(line)
+    if status == EXIT_STOPPED:
+        sys.exit(line)
+    print(line, file=sys.stderr, flush=True)
+    sys.exit(status)
+
+
+def _collective_failed(e: BaseException) -> bool:
+    """A collective broke: torch's DistError, or gloo's and NCCL's RuntimeErrors (a peer closed its
+    connection, a timeout)."""
+    text = str(e)
+    return isinstance(e, getattr(dist, "DistError", ())) or (
+        isinstance(e, RuntimeError) and any(k in text for k in ("gloo", "NCCL", "Connection closed by peer",
+                                                                "Connection reset", "Broken pipe", "Timed out")))
+
+
+def _peer_lost_line(e: BaseException) -> str:
+    rank = os.environ.get("RANK", "0")
+    step = _WATCHDOG.step if _WATCHDOG is not None else "?"
+    first = (str(e).strip().splitlines() or [""])[0][:200]
+    what = "timed out" if "timed out" in first.lower() else "failed"
+    return (f"[train] rank {rank} (host {os.uname().nodename}): a collective {what} after step {step} "
+            f"({type(e).__name__}: {first}): a peer crashed, stopped or lost its host; exiting so the job "
+            f"ends (a launcher requeues it; re-run the same command to resume from the newest complete state)")
 
 
 class TrainingError(RuntimeError):
     """The run cannot go on (e.g. non-finite steps in a row); the message names the fix."""
+
+
+class Preempted(RuntimeError):
+    """The scheduler asked the job to leave: a state was saved at the step boundary (requeue it)."""
+
+
+_PREEMPT = threading.Event()  # set by the scheduler's signal (launch.job); carried by the step's all-reduce
+_WATCHDOG = None  # this rank's rin_scale.watchdog.Watchdog while the loop runs
+
+
+def request_save_and_stop() -> None:
+    """Safe in a signal handler: every rank saves a state at the next step boundary, then stops."""
+    _PREEMPT.set()
+
+
+def _doing(what: str) -> None:
+    if _WATCHDOG is not None:
+        _WATCHDOG.doing(what)
 
 
 _LEASE = None  # rank 0: the lease on RUN this process holds (rin_scale.lease.Lease)
@@ -155,18 +211,8 @@ def _leave_orphaned() -> None:
         print(f"[train] rank {rank}: its launcher (pid {parent}) is gone; exiting instead of training on "
               f"without it (re-run the same command to resume from the newest complete state)",
               file=sys.stderr, flush=True)
-        if _LEASE is not None:
-            t = threading.Thread(target=_LEASE.release, args=(2.0,), daemon=True)
-            t.start()
-            t.join(5.0)
-        try:  # this rank's DataLoader workers would otherwise linger until their own parent check
-            import multiprocessing
-
-            for child in multiprocessing.active_children():
-                child.kill()
-        except Exception:  # noqa: BLE001, S110 - leaving regardless
-            pass
-        os._exit(ORPHANED_EXIT)
+        _release_lease_bounded()
+        leave(ORPHANED_EXIT)  # this rank's DataLoader workers first: they would linger until their own check
 
 
 def watch_launcher(parent: int, rank: int, every: float = LAUNCHER_CHECK_S) -> threading.Thread:
@@ -273,11 +319,42 @@ def train(cfg) -> int:
 
 def _train(cfg) -> int:
     tr, state = set_up(cfg)
-    tc = cfg.train
+    try:
+        start_watchdog(tr)
+        return _loop(tr, state)
+    finally:
+        if _WATCHDOG is not None:
+            _WATCHDOG.stop()
+
+
+def start_watchdog(tr: Trainer) -> None:
+    """This rank's hang watchdog (rin_scale.watchdog), armed from the first step: until then the
+    collective timeout covers the start-up. A rank that hangs releases rank 0's lease on its way out."""
+    global _WATCHDOG
+    from .watchdog import Watchdog, on_fatal
+
+    tc = tr.cfg.train
+    if not tc.hang_timeout_s:
+        return
+    on_fatal(lambda status, line: _release_lease_bounded())
+    _WATCHDOG = Watchdog(tc.run_dir, tr.rank, tr.world, tc.hang_timeout_s, tc.collective_timeout_s).start()
+
+
+def _release_lease_bounded(wait_s: float = 5.0) -> None:
+    if _LEASE is not None:  # storage may be what hangs: a bounded try
+        t = threading.Thread(target=_LEASE.release, args=(2.0,), daemon=True)
+        t.start()
+        t.join(wait_s)
+
+
+def _loop(tr: Trainer, state: TrainState) -> int:
+    tc = tr.cfg.train
     meter = Meter(state.step, tr.dev)
     state.started = time.time()
     while state.step < tc.total_steps:
         result = train_step(tr, state, meter)
+        if _WATCHDOG is not None:
+            _WATCHDOG.progress(state.step)
         if result.stop:  # rank 0's lease was taken over: the run has another trainer now
             why = _LEASE.lost_reason if _LEASE is not None else "rank 0 lost the lease on the run"
             raise TrainingError(f"this trainer no longer holds {storage.join(tc.run_dir, 'lease.json')} ({why}); "
@@ -285,8 +362,13 @@ def _train(cfg) -> int:
         for row in result.rows:  # read back at log and save steps (train_step)
             tr.train_log.append(row)
         if state.step % tc.log_every == 0 or state.step == tc.total_steps:
+            _doing(f"logging step {state.step}")
             log_window(tr, state, meter, result)
-        maybe_save(tr, state)
+        _doing(f"saving (or previewing) at step {state.step}")
+        maybe_save(tr, state, state_now=result.preempt)
+        if result.preempt:  # every rank learnt it in the same all-reduce: all saved, all leave
+            raise Preempted(f"rank {tr.rank}: saved a state at step {state.step} on the scheduler's signal; "
+                            f"stopping for the requeue (it resumes from there)")
     if tr.rank == 0:
         tr.train_log.flush()
         tr.tb.close()
@@ -379,7 +461,7 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
 
     tc = cfg.train
     check_writable(cfg)  # one line now, not a traceback after DeepSpeed's start-up
-    rank, world, _ = init_distributed()
+    rank, world, _ = init_distributed(tc.collective_timeout_s)
     micro, accum = check_world(cfg, world)
     check_dataset(cfg.data, cfg.model, micro, world)  # bad data: one line before the engine is built
     take_lease(cfg, rank)  # before anything is written to the run
@@ -519,12 +601,13 @@ class StepResult(NamedTuple):
     skipped: bool  # a non-finite loss or gradient: the optimizer did not step
     stop: bool = False  # rank 0 lost the run's lease: every rank stops (learnt in the loss's all-reduce)
     rows: tuple = ()  # the train log's rows (one per step) read back at this step: a log or save step
+    preempt: bool = False  # a rank got the scheduler's signal: every rank saves and stops (same all-reduce)
 
 
 def step_flags() -> dict:
-    """Rank 0's flags every rank must learn each step, carried by the step's one all-reduce (a max
+    """The flags every rank must learn each step, carried by the step's one all-reduce (a max
     over ranks once summed: any rank's flag > 0 is the flag)."""
-    return {"lease_lost": float(lease_lost())}
+    return {"lease_lost": float(lease_lost()), "preempt": float(_PREEMPT.is_set())}
 
 
 def read_due(tc, step: int) -> bool:
@@ -577,19 +660,20 @@ def train_step(tr: Trainer, state: TrainState, meter: Meter) -> StepResult:
     if not skipped:
         tr.ema.update(tr.ema.decay_at(state.step, cfg.train.ema_warmup, cfg.train.ema_warmup_offset))
 
-    # The loss and rank 0's flags in one all-reduce: no extra collective per step.
+    # The loss and the flags (rank 0's lease, any rank's preemption) in one all-reduce: no extra collective per step.
     mean = torch.stack(losses).mean()
     flags = step_flags()
     summed = all_mean(torch.stack([mean, *(torch.full_like(mean, v) for v in flags.values())]))
     seen = meter.flags.swap(summed[1:])  # on a GPU: the previous step's (the copy is not waited for)
     stop = seen is not None and bool(seen[list(flags).index("lease_lost")] > 0)
+    preempt = seen is not None and bool(seen[list(flags).index("preempt")] > 0)
     lr = engine.get_lr()[0]
     meter.add_step(state, summed[0], engine.get_global_grad_norm(), lr, skipped,
                    time.perf_counter() - t0, tr.batches.wait - wait0)
-    if not read_due(cfg.train, state.step):
+    if not (read_due(cfg.train, state.step) or preempt):  # a preemption saves a state: its rows go with it
         return StepResult(None, lr, None, skipped, stop)
     rows = meter.read()  # the one host sync of the window
-    return StepResult(rows[-1]["loss"], lr, rows[-1]["grad_norm"], skipped, stop, tuple(rows))
+    return StepResult(rows[-1]["loss"], lr, rows[-1]["grad_norm"], skipped, stop, tuple(rows), preempt)
 
 
 class LateRead:
@@ -738,16 +822,17 @@ def log_window(tr: Trainer, state: TrainState, meter: Meter, last: StepResult) -
     meter.reset(step, now)
 
 
-def maybe_save(tr: Trainer, state: TrainState) -> None:
+def maybe_save(tr: Trainer, state: TrainState, state_now: bool = False) -> None:
     """What falls due at this step: the TensorBoard sample grid, the EMA snapshot, the full training
-    state. The EMA is gathered once for all three (collective under ZeRO-3: every rank takes part)."""
+    state (also when state_now: the job is about to be preempted). The EMA is gathered once for all
+    three (collective under ZeRO-3: every rank takes part)."""
     from .checkpoint import save_state
 
     tc, step = tr.cfg.train, state.step
     final = step == tc.total_steps
     want_samples = bool(tc.sample_every) and (step % tc.sample_every == 0 or final)
     want_snapshot = step % tc.snapshot_every == 0 or final
-    want_state = step % tc.state_every == 0 or final
+    want_state = step % tc.state_every == 0 or final or state_now
     if not (want_samples or want_snapshot or want_state):
         return
     ema_full = tr.ema.full_state()

@@ -73,6 +73,8 @@ def local_form(argv: list[str], places: dict[str, str]) -> tuple[list[str] | Non
     if prog == "tensorboard":  # the same logdir, read and summarised instead of served
         return [sys.executable, "-m", "tensorboard.main", "--inspect", *argv[1:]], {}, "--inspect"
     env = {}
+    if argv[1:3] == ["-m", "launch.torchrun"]:  # the project's torchrun: the same options
+        argv, prog = ["torchrun", *argv[3:]], "torchrun"
     if prog == "torchrun":  # one process checks what each of the launcher's ranks would run
         nproc = next((a.split("=", 1)[1] for a in argv if a.startswith("--nproc_per_node=")), "1")
         argv = ["python", *argv[argv.index("-m"):]]

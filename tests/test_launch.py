@@ -56,6 +56,8 @@ def test_dry_run_prints_the_sbatch_script_for_4_nodes_x_8_gpus(capsys, tmp_path)
     lines = script.splitlines()
     srun = [i for i, line in enumerate(lines) if line.startswith("srun ")]
     assert len(srun) == 1 and "-m submitit.core._submit" in lines[srun[0]]
+    # one task down ends the step at once; a lost node is requeued by SLURM itself
+    assert "--kill-on-bad-exit=1" in lines[srun[0]] and d["requeue"] is True
     assert lines.index("module load cuda/12.4") < lines.index("source /opt/env/bin/activate") < srun[0]
     folder = os.path.join(run, "submitit", "train")
     assert d["output"] == f"{folder}/%j_0_log.out" and lines[srun[0]].endswith(folder)

@@ -68,10 +68,12 @@ def test_preempted_local_zero2_job_requeues_and_finishes_from_its_last_state(sha
     assert rows[2]["reason"] == "preempted" and rows[2]["requeues"] == 1 and rows[3]["requeues"] == 1
     assert len({r["job_id"] for r in rows}) == 1
 
-    # the second attempt resumed from a complete state the first one wrote, not from scratch
+    # the second attempt resumed from the state every rank saved at the step the signal reached
     out = open(os.path.join(logs, f"{job.job_id}_0_log.out")).read()
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", out)]
-    assert len(resumed) == 1 and 4 <= resumed[0] < total and resumed[0] % 4 == 0
+    saved = re.findall(r"saved a state at step (\d+) on the scheduler's signal", out + open(
+        os.path.join(logs, f"{job.job_id}_0_log.err")).read())
+    assert len(resumed) == 1 and 4 <= resumed[0] < total and saved == [str(resumed[0])]
 
     # every step logged exactly once, progress counted in images, nothing lost or repeated
     steps = _steps(run)

@@ -130,6 +130,18 @@ def test_an_earlier_attempt_of_the_same_job_is_taken_over_at_once(run, monkeypat
     a.release()
 
 
+def test_a_restart_slurm_made_by_itself_is_a_later_attempt(run, monkeypatch):
+    # submitit's pickle says attempt 1; SLURM restarted the job on its own (a lost node): its
+    # restart count is the later attempt, and takes over attempt 1's lease at once
+    _plant(run, _holder(job="778", attempt=1))
+    monkeypatch.setenv("RIN_JOB_ID", "778")
+    monkeypatch.setenv("RIN_JOB_ATTEMPT", "1")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    a = L.Lease(run)
+    assert "held by attempt 1 of this job 778 (this is attempt 2)" in a.acquire()
+    a.release()
+
+
 def test_unreadable_lease_waits_until_old(run, tmp_path):
     url = storage.join(run, L.LEASE_NAME)
     storage.write_bytes(url, b"{not json")
