@@ -350,18 +350,22 @@ SECRET_PARAM_NAMES = ("sig", "key", "pwd", "pass", "code")
 
 
 def mask_secrets(s: str) -> str:
-    """s with the secrets of any URLs in it replaced by ***: the password of `user:password@`, and the
-    values of secret-looking query parameters (token, sig, X-Goog-Signature, AWSAccessKeyId, ...)."""
+    """s with the secrets of any URLs in it replaced by ***: the password of `user:password@` (which
+    may hold slashes, as AWS secret keys do), and the values of secret-looking query parameters (token,
+    sig, X-Goog-Signature, AWSAccessKeyId, ...), also URL-encoded (%3Ftoken%3D...). A value ends at a
+    quote or bracket, so `'gs://b/x?token=***' does not exist` keeps its closing quote."""
     import re
 
-    s = re.sub(r"(://[^/?#@\s:]*):[^/?#@\s]*@", r"\1:***@", s)
+    s = re.sub(r"(://[^/?#@\s:'\"]*):[^@\s'\"]*@", r"\1:***@", s)
 
     def param(m):
         name = m.group(2).lower()
         secret = name in SECRET_PARAM_NAMES or any(w in name for w in SECRET_PARAM_WORDS)
-        return f"{m.group(1)}{m.group(2)}=***" if secret and m.group(3) else m.group(0)
+        return f"{m.group(1)}{m.group(2)}{m.group(3)}***" if secret and m.group(4) else m.group(0)
 
-    return re.sub(r"([?&;])([^=&#?;\s]+)=([^&#;\s]*)", param, s) if "=" in s else s
+    end = r"[^/&#;\s'\"()<>\[\]{},%]"
+    s = re.sub(r"([?&;])([^=&#?;\s'\"]+)(=)(" + end + "*)", param, s) if "=" in s else s
+    return re.sub(r"(?i)(%3F|%26)([^%&\s'\"]+?)(%3D)(" + end + "*)", param, s) if "%3" in s.upper() else s
 
 
 def dump_yaml(cfg: Config) -> str:
