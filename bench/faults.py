@@ -178,9 +178,11 @@ class RunView:
             return []
 
     def rows(self) -> list[dict]:
-        raw = self.read("train_log.jsonl")
+        """RUN/train_log.jsonl, then (on a bucket) its parts RUN/train_log.parts/*.jsonl in name order."""
+        raw = b"\n".join([self.read("train_log.jsonl") or b""] +
+                         [self.read(f"train_log.parts/{n}") or b"" for n in self.ls("train_log.parts")])
         out = []
-        for line in (raw or b"").decode(errors="replace").splitlines():
+        for line in raw.decode(errors="replace").splitlines():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
@@ -683,15 +685,10 @@ class Suite:
                 target = os.path.join(state_dir, step_name(4), "trainer.json")  # written just before the upload
                 what = "while the trainer uploads the state of step 4 (train.run_dir on gs://, state_dir local)"
                 fire = lambda: os.path.exists(target)  # noqa: E731
-            local_log = (os.path.join(run, "train_log.jsonl") if kind == "stream"
-                         else server.object_path("bkt/run/train_log.jsonl"))
+            on_disk = RunView(run if kind == "stream" else server.object_path("bkt/run"))  # the server may be down
 
             def step_now() -> int:
-                try:
-                    with open(local_log) as f:
-                        return max([json.loads(x).get("step", 0) for x in f if x.strip().endswith("}")] or [0])
-                except (OSError, ValueError):
-                    return 0
+                return max([r.get("step", 0) for r in on_disk.rows()] or [0])
 
             deadline = time.time() + 900
             while job.running() and not fire() and time.time() < deadline:

@@ -149,3 +149,74 @@ def test_gcsfs_traceback_of_a_transient_error_is_quiet_and_others_still_show():
         logging.getLogger().removeHandler(keep)
     assert [(r.name, r.levelname) for r in records] == [("gcsfs", "ERROR"), ("fsspec.prefetcher", "ERROR")]
     assert all(isinstance(r.exc_info[1] if r.exc_info else r.args[0], PermissionError) for r in records)
+
+
+def test_upload_whose_session_the_server_forgot_starts_again(tmp_path, capfd):
+    """fake-gcs-server restarted in the middle of a resumable upload forgets the session (404 on its
+    upload_id URL), as real GCS does when a session expires: the file's upload starts again."""
+    server = RestartableGCS(tmp_path / "gcs")
+    server.start()
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = server.url
+    storage._FS_CACHE.clear()
+    try:
+        fs, _ = storage.fs_path("gs://cut")
+        fs.mkdir("cut")
+        (tmp_path / "state").mkdir()
+        src = tmp_path / "state" / "state.bin"
+        data = os.urandom(1 << 20) * 120  # 120 MiB: gcsfs uploads it in resumable chunks of 50 MiB
+        src.write_bytes(data)
+
+        def outage():
+            time.sleep(0.5)  # the session is open, its first chunk on the way (about 1 s per chunk here)
+            server.stop()
+            time.sleep(3)
+            server.start()
+
+        t = threading.Thread(target=outage)
+        t.start()
+        storage.put_dir(str(tmp_path / "state"), "gs://cut/states/step-1")
+        t.join()
+        assert storage.read_bytes("gs://cut/states/step-1/state.bin") == data
+        assert "[storage] waiting for storage while uploading" in capfd.readouterr().out
+    finally:
+        if old is not None:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+        server.stop()
+        storage._FS_CACHE.clear()
+
+
+def test_logs_on_a_bucket_add_objects_and_never_rewrite_history(gcs_bucket, tmp_path):
+    """train_log.jsonl and TensorBoard on a bucket: each flush adds objects and leaves every earlier
+    one as it was (a flush costs the same at any length of the run); every reader sees all rows; a
+    resume drops the rows past its step; TensorBoard's own reader reads the folder as one run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from launch import status
+    from rin_scale.tblog import TBLog
+    from rin_scale.train import TrainLog
+
+    run = f"{gcs_bucket}/run"
+    fs, root = storage.fs_path(run)
+    log, tb, seen = TrainLog(run, 0, 0), TBLog(run), {}
+    for step in range(1, 13):
+        log.append({"step": step, "loss": 1.0 / step})
+        tb.scalars({"train/loss": 1.0 / step}, step)
+        if step % 3 == 0:
+            log.flush()
+            tb.flush()
+            fs.invalidate_cache()
+            now = {o["name"]: (o.get("generation"), o["size"]) for o in fs.find(root, detail=True).values()}
+            assert {k: now[k] for k in seen} == seen  # nothing written before was rewritten
+            assert len(now) > len(seen)
+            seen = now
+    tb.close()
+    assert [r["step"] for r in storage.read_jsonl(storage.join(run, "train_log.jsonl"))] == list(range(1, 13))
+    assert status.main([run]) == 0
+    local = tmp_path / "tb"
+    fs.get(f"{root}/tb/", str(local), recursive=True)
+    acc = EventAccumulator(str(local))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
+    TrainLog(run, 0, 7)  # resumed from the state of step 7: steps 8-12 were lost with the job
+    assert [r["step"] for r in storage.read_jsonl(storage.join(run, "train_log.jsonl"))] == list(range(1, 8))
