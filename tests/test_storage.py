@@ -220,3 +220,72 @@ def test_logs_on_a_bucket_add_objects_and_never_rewrite_history(gcs_bucket, tmp_
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
     TrainLog(run, 0, 7)  # resumed from the state of step 7: steps 8-12 were lost with the job
     assert [r["step"] for r in storage.read_jsonl(storage.join(run, "train_log.jsonl"))] == list(range(1, 8))
+
+
+class RestartableHTTP:
+    """`python -m http.server` over a folder, stopped (killed) and started again on one port."""
+
+    def __init__(self, root):
+        self.root, self.port, self.proc = str(root), free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        import subprocess
+        import sys
+        import urllib.request
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+                                      "--directory", self.root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 20
+        while True:
+            try:
+                urllib.request.urlopen(self.url, timeout=1).close()
+                return
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def test_http_source_that_goes_down_is_waited_out_not_counted_as_corrupt(tmp_path, capfd):
+    """fsspec's HTTP filesystem reports a refused connection as FileNotFoundError: it is an outage
+    (waited out, no sample lost), as on gs://; a shard that is really missing (404) is not."""
+    from data_tools.shard import main as shard_main
+
+    assert shard_main(["--embedded", "digits", "--split", "heldout", "--shard-size", "20", "--quiet",
+                       str(tmp_path / "digits")]) == 0
+    server = RestartableHTTP(tmp_path)
+    server.start()
+    try:
+        url = f"{server.url}/digits/data-manifest.json"
+        cfg = load_config("tiny", [f"data.shards={url}", "data.workers=2", "data.shuffle_buffer=16",
+                                   "data.storage_retry_seconds=120"])
+
+        def epoch(outage_after=None):
+            loader = ShardLoader(cfg.data, cfg.model, batch_size=8)
+            keys = []
+            for i, batch in enumerate(loader):
+                keys += batch["key"]
+                if i == outage_after:
+                    server.stop()
+                    threading.Timer(8.0, server.start).start()
+                if loader.position == len(loader):
+                    return keys, loader.stats["errors"]
+
+        baseline, _ = epoch()
+        keys, errors = epoch(outage_after=2)
+        assert errors == 0 and keys == baseline
+        assert "[storage] waiting for storage while reading http://127.0.0.1:" in capfd.readouterr().err
+        os.remove(tmp_path / "digits" / "data-000003.tar")  # a real 404: no waiting, counted at once
+        err = None
+        try:
+            storage.retry(lambda: storage.read_bytes(f"{server.url}/digits/data-000003.tar"), "reading", seconds=60)
+        except FileNotFoundError as e:
+            err = e
+        assert err is not None
+    finally:
+        server.stop()
