@@ -113,8 +113,9 @@ class DataConfig:
                             'json member, an int (e.g. img2dataset/video2dataset metadata)')
     max_error_rate: float = _f(0.05, "stop the run when more than this fraction of samples fail (checked from "
                                      "the 200th sample on, so one bad shard up front does not stop it)")
-    storage_retry_seconds: float = _f(600.0, "seconds a storage outage (refused, timeouts, 429/5xx) is waited out "
-                                             "before the run stops; corrupt bytes are never retried")
+    storage_retry_seconds: float = _f(600.0, "seconds a storage outage (refused, timeouts, 429/5xx, a lost upload "
+                                             "session) is waited out before the run stops: shard reads, and the "
+                                             "trainer's uploads and writes; corrupt bytes are never retried")
     seed: int = _f(0, "random seed (data: shard order, shuffling, augmentation; train: init, noise)")
 
 

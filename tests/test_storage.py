@@ -289,3 +289,24 @@ def test_http_source_that_goes_down_is_waited_out_not_counted_as_corrupt(tmp_pat
         assert err is not None
     finally:
         server.stop()
+
+
+def test_storage_gone_for_the_whole_retry_window_stops_in_one_line(tmp_path):
+    """A DataLoader worker that runs out of data.storage_retry_seconds stops the run with its own
+    one-line reason (what `[train] stopped: ...` prints), not "Caught ... in DataLoader worker
+    process 0." and the worker's traceback."""
+    from data_tools.shard import main as shard_main
+    from rin_scale.train import _one_line
+
+    assert shard_main(["--embedded", "digits", "--split", "heldout", "--shard-size", "60", "--quiet",
+                       str(tmp_path / "digits")]) == 0
+    server = RestartableHTTP(tmp_path)
+    server.start()
+    cfg = load_config("tiny", [f"data.shards={server.url}/digits/data-manifest.json", "data.workers=2",
+                               "data.storage_retry_seconds=2"])
+    loader = ShardLoader(cfg.data, cfg.model, batch_size=8)  # lists the shards while the server answers
+    server.stop()
+    with pytest.raises(storage.StorageUnavailable) as caught:
+        next(iter(loader))
+    line = _one_line(caught.value)
+    assert line.startswith(f"storage unreachable for 2 s while reading {server.url}/digits/") and "\n" not in line, line
