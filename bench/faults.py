@@ -61,7 +61,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # before any gcsfs import (TESTING.md)
 
-from _faults_proc import GCSServer, Job, alive, free_port, kill_mentioning, stop_everything  # noqa: E402
+from _faults_proc import GCSServer, Job, alive, kill_mentioning, stop_everything  # noqa: E402
 
 STEPS = 12
 SMALL = ["model.latent_dim=64", "model.interface_dim=64", "model.latent_heads=4", "model.read_write_heads=4",
@@ -146,13 +146,9 @@ def last_line(text: str, patterns=WHY, limit: int = 200) -> str:
 # A run directory, local or in a bucket of one of our GCS servers
 
 
-class HTTPServer:
+class HTTPServer(GCSServer):
     """`python -m http.server` over a folder on 127.0.0.1:PORT; start() after stop() serves it again
-    on the same port (the http outage drill)."""
-
-    def __init__(self, root: str, log_path: str):
-        self.root, self.port, self.log_path, self.proc = root, free_port(), log_path, None
-        self.url = f"http://127.0.0.1:{self.port}"
+    on the same port (the http outage drill). Stopped, and stopped at exit, as GCSServer is."""
 
     def start(self, timeout: float = 30.0) -> None:
         import urllib.request
@@ -171,13 +167,6 @@ class HTTPServer:
                     self.stop()
                     raise RuntimeError(f"http.server did not start on port {self.port} (log: {self.log_path})")
                 time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-
-    close = stop
 
 
 class RunView:

@@ -65,6 +65,20 @@ class RestartableGCS:
         self.proc.wait(timeout=10)
 
 
+def epoch(cfg, server=None, outage_after=None, down=0.0):
+    """(sample keys, errors) of one epoch of 8-sample batches; the server stopped after batch
+    `outage_after` (the next shards' opens fail) and started again `down` seconds later."""
+    loader = ShardLoader(cfg.data, cfg.model, batch_size=8)
+    keys = []
+    for i, batch in enumerate(loader):
+        keys += batch["key"]
+        if i == outage_after:
+            server.stop()
+            threading.Timer(down, server.start).start()
+        if loader.position == len(loader):
+            return keys, loader.stats["errors"]
+
+
 def test_bucket_outage_mid_epoch_is_waited_out_with_no_sample_lost(tmp_path, monkeypatch, capfd):
     import logging
 
@@ -85,20 +99,9 @@ def test_bucket_outage_mid_epoch_is_waited_out_with_no_sample_lost(tmp_path, mon
         assert shard_main(["--embedded", "digits", "--split", "heldout", "--shard-size", "30", "--quiet", url]) == 0
         cfg = load_config("tiny", [f"data.shards={url}", "data.workers=2", "data.storage_retry_seconds=300"])
 
-        def epoch(outage_after=None):
-            loader = ShardLoader(cfg.data, cfg.model, batch_size=8)
-            keys = []
-            for i, batch in enumerate(loader):
-                keys += batch["key"]
-                if i == outage_after:
-                    server.stop()  # the next shards' opens fail until the server is back
-                    threading.Timer(40.0, server.start).start()  # longer than gcsfs's own retries
-                if loader.position == len(loader):
-                    return keys, loader.stats["errors"]
-
-        baseline, _ = epoch()
+        baseline, _ = epoch(cfg)
         t0 = time.time()
-        keys, errors = epoch(outage_after=3)
+        keys, errors = epoch(cfg, server, outage_after=3, down=40.0)  # longer than gcsfs's own retries
         assert time.time() - t0 > 35  # the outage really happened and was waited out
         assert errors == 0 and keys == baseline
         err = capfd.readouterr().err
@@ -264,20 +267,8 @@ def test_http_source_that_goes_down_is_waited_out_not_counted_as_corrupt(tmp_pat
         url = f"{server.url}/digits/data-manifest.json"
         cfg = load_config("tiny", [f"data.shards={url}", "data.workers=2", "data.shuffle_buffer=16",
                                    "data.storage_retry_seconds=120"])
-
-        def epoch(outage_after=None):
-            loader = ShardLoader(cfg.data, cfg.model, batch_size=8)
-            keys = []
-            for i, batch in enumerate(loader):
-                keys += batch["key"]
-                if i == outage_after:
-                    server.stop()
-                    threading.Timer(8.0, server.start).start()
-                if loader.position == len(loader):
-                    return keys, loader.stats["errors"]
-
-        baseline, _ = epoch()
-        keys, errors = epoch(outage_after=2)
+        baseline, _ = epoch(cfg)
+        keys, errors = epoch(cfg, server, outage_after=2, down=8.0)
         assert errors == 0 and keys == baseline
         assert "[storage] waiting for storage while reading http://127.0.0.1:" in capfd.readouterr().err
         os.remove(tmp_path / "digits" / "data-000003.tar")  # a real 404: no waiting, counted at once
