@@ -35,7 +35,9 @@ class TBLog:
         self.writer.add_image(tag, img.clamp(0, 1), step)
 
     def hparams(self, hparams: dict, metrics: dict) -> None:
-        flat = {k: (v if isinstance(v, (int, float, str, bool)) else str(v)) for k, v in hparams.items()}
+        from .config import mask_secrets  # train.run_dir and data.shards may carry a credential
+
+        flat = {k: (v if isinstance(v, (int, float, bool)) else mask_secrets(str(v))) for k, v in hparams.items()}
         self.writer.add_hparams(flat, metrics, run_name=".")
 
     def flush(self) -> None:
