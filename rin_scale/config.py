@@ -279,10 +279,12 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
 
 
 def load_yaml_into(cfg: Config, path: str) -> None:
-    import fsspec
+    from . import storage  # credentials in the URL go to the filesystem as options (storage.fs_path)
 
+    fs, where = storage.fs_path(path)
+    path = mask_secrets(path)  # as messages show it
     try:
-        with fsspec.open(path, "r") as f:
+        with fs.open(where, "r") as f:
             d = OmegaConf.load(f)  # PyYAML plus 1e3 as a float and duplicate keys refused
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
