@@ -359,7 +359,8 @@ def mask_secrets(s: str) -> str:
     quote or bracket, so `'gs://b/x?token=***' does not exist` keeps its closing quote."""
     import re
 
-    s = re.sub(r"(://[^/?#@\s:'\"]*):[^@\s'\"]*@", r"\1:***@", s)
+    s = re.sub(r"(s3a?://[^/?#@\s:'\"]*):[^@\s'\"]*@", r"\1:***@", s)  # AWS secret keys may hold slashes
+    s = re.sub(r"(://[^/?#@\s:'\"]*):[^/@\s'\"]*@", r"\1:***@", s)
 
     def param(m):
         name = m.group(2).lower()

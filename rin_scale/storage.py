@@ -111,6 +111,8 @@ def split_credentials(url: str) -> tuple[str, dict]:
 
     creds = {}
     m = _USERINFO.match(url)
+    if m and "/" in m.group(3) and not url.startswith(("s3://", "s3a://")):
+        m = None  # `host:port/path@x`: a slash in a password is for AWS keys only (elsewhere %2F)
     if m:
         creds.update(user=unquote(m.group(2)), password=unquote(m.group(3)))
         url = m.group(1) + url[m.end():]

@@ -80,3 +80,8 @@ def test_no_secret_in_any_output_of_a_bucket_run(gcs_bucket, tmp_path):
     # the killed trainer's scratch folder is gone, and the trainers' own with them
     assert [f for f in os.listdir(tmp) if f.startswith("rin_tb_")] == []
     assert "run?token=***" in out  # the run is still named, masked
+
+
+def test_a_port_and_an_at_sign_in_the_path_are_not_a_password():
+    url = "http://127.0.0.1:8080/models/rin@v2.tar"
+    assert storage.split_credentials(url) == (url, {}) and mask_secrets(url) == url
