@@ -59,7 +59,8 @@ def test_no_secret_in_any_output_of_a_bucket_run(gcs_bucket, tmp_path):
              "train.state_every=2", "train.snapshot_every=2", "train.sample_every=2", "train.log_every=2",
              "train.warmup_steps=100", *SMALL]
     evals = [sys.executable, "-m", "evals.service", "--run", run, "--once", "--limit", "1", "eval.num_samples=2",
-             "eval.batch=2", "eval.steps=2", "eval.reference_samples=4"]
+             "eval.batch=2", "eval.steps=2", "eval.reference_samples=4",
+             f"data.shards={gcs_bucket}/digits?token={SECRET}"]  # config.yaml keeps it masked: given again
     status = [sys.executable, "-m", "launch.status", run]
     out = ""
     for cmd in (train, evals, status):
