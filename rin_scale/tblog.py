@@ -62,15 +62,15 @@ SCRATCH_PREFIX = "rin_tb_"
 
 
 def _scratch() -> str:
-    """A local folder for a bucket run's event files before upload, named by this process's pid:
+    """A local folder for a bucket run's event files before upload, named by host and pid:
     removed at exit, and by the next start on this machine when the process died without exiting
     (a kill, an OOM)."""
-    tmp = tempfile.gettempdir()
-    for name in os.listdir(tmp):
-        pid = name[len(SCRATCH_PREFIX):].split("_", 1)[0]
-        if name.startswith(SCRATCH_PREFIX) and pid.isdigit() and not _alive(int(pid)):
+    tmp, mine = tempfile.gettempdir(), f"{SCRATCH_PREFIX}{socket.gethostname()}_"
+    for name in os.listdir(tmp):  # this host's only: a container sharing /tmp has pids of its own
+        pid = name[len(mine):].split("_", 1)[0]
+        if name.startswith(mine) and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(os.path.join(tmp, name), ignore_errors=True)
-    folder = tempfile.mkdtemp(prefix=f"{SCRATCH_PREFIX}{os.getpid()}_")
+    folder = tempfile.mkdtemp(prefix=f"{mine}{os.getpid()}_")
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     return folder
 

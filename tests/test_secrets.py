@@ -2,6 +2,7 @@
 2-rank DeepSpeed run (gloo) and the eval service on the GCS emulator (stand-in for a bucket, the same
 gcsfs code path), with a token in the run's URL and in the shards' URL, every output grepped."""
 import os
+import socket
 import subprocess
 import sys
 
@@ -51,7 +52,7 @@ def test_no_secret_in_any_output_of_a_bucket_run(gcs_bucket, tmp_path):
     run = f"{gcs_bucket}/run?token={SECRET}"
     tmp = tmp_path / "tmp"  # the processes' own temporary folder: what they leave behind is seen
     tmp.mkdir()
-    (tmp / "rin_tb_999999999_stale").mkdir()  # left by a trainer that was killed (no such pid)
+    (tmp / f"rin_tb_{socket.gethostname()}_999999999_stale").mkdir()  # left by a killed trainer (no such pid)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "TMPDIR": str(tmp)}
     train = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
              "rin_scale.train", "tiny", f"data.shards={gcs_bucket}/digits?token={SECRET}", f"train.run_dir={run}",
