@@ -11,6 +11,7 @@ train_log.jsonl rewritten, the TensorBoard folder's event file re-uploaded. Medi
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import statistics
@@ -79,7 +80,7 @@ def measure(bucket: str, rows: int, window: int, repeat: int) -> dict:
     tb.close()
     # What a flush cost before: the whole history rewritten / re-uploaded
     old = storage.join(bucket, f"old-{rows}")
-    text = "".join(f"{__import__('json').dumps(row(s))}\n" for s in range(1, rows + 1)).encode()
+    text = "".join(json.dumps(row(s)) + "\n" for s in range(1, rows + 1)).encode()
     old_log = timed(lambda: storage.write_bytes(storage.join(old, "train_log.jsonl"), text), repeat)
     local = tempfile.mkdtemp(prefix="log_flush_")
     with SummaryWriter(local) as w:
