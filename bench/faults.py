@@ -152,6 +152,29 @@ def last_line(text: str, patterns=WHY, limit: int = 200) -> str:
 # A run directory, local or in a bucket of one of our GCS servers
 
 
+class HTTPServer(GCSServer):
+    """`python -m http.server` over a folder on 127.0.0.1:PORT; start() after stop() serves it again
+    on the same port (the http outage drill). Stopped, and stopped at exit, as GCSServer is."""
+
+    def start(self, timeout: float = 30.0) -> None:
+        import urllib.request
+
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+                                          "--directory", self.root], stdout=log, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.time() + timeout
+        while True:
+            try:
+                urllib.request.urlopen(self.url, timeout=1).close()
+                return
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    self.stop()
+                    raise RuntimeError(f"http.server did not start on port {self.port} (log: {self.log_path})")
+                time.sleep(0.05)
+
+
 class RunView:
     def __init__(self, path: str, fs=None):
         self.path, self.fs = path.rstrip("/"), fs  # fs: gcsfs for "bucket/path", None for a local folder
@@ -184,9 +207,11 @@ class RunView:
             return []
 
     def rows(self) -> list[dict]:
-        raw = self.read("train_log.jsonl")
+        """RUN/train_log.jsonl, then (on a bucket) its parts RUN/train_log.parts/*.jsonl in name order."""
+        raw = b"\n".join([self.read("train_log.jsonl") or b""] +
+                         [self.read(f"train_log.parts/{n}") or b"" for n in self.ls("train_log.parts")])
         out = []
-        for line in (raw or b"").decode(errors="replace").splitlines():
+        for line in raw.decode(errors="replace").splitlines():
             try:
                 out.append(json.loads(line))
             except json.JSONDecodeError:
@@ -666,16 +691,27 @@ class Suite:
     # ---------------------------------------------------------------- part 2: storage outages
 
     def outage_trial(self, kind: str, seconds: float) -> None:
+        """kind: stream (shards from gs://), upload (a state to gs://; a short outage loses the upload
+        session), http (shards from `python -m http.server`)."""
         name = f"{kind}-{int(seconds)}s"
-        server = GCSServer(self.path("gcs", name), self.path("logs", f"gcs-{name}.log"))
+        server = (HTTPServer(self.shards, self.path("logs", f"http-{name}.log")) if kind == "http" else
+                  GCSServer(self.path("gcs", name), self.path("logs", f"gcs-{name}.log")))
         job = None
         try:
             server.start()
-            fs = server.fs()
-            fs.mkdir("bkt")
-            env = {"STORAGE_EMULATOR_HOST": server.url}
-            state_dir = self.path("outage", f"{name}-states")
-            if kind == "stream":
+            if kind != "http":
+                fs = server.fs()
+                fs.mkdir("bkt")
+                env = {"STORAGE_EMULATOR_HOST": server.url}
+                state_dir = self.path("outage", f"{name}-states")
+            if kind == "http":
+                run = self.path("outage", name)
+                view = RunView(run)
+                manifest = next(n for n in sorted(os.listdir(self.shards)) if n.endswith("manifest.json"))
+                job = self.train(f"outage-{name}", run, shards=f"{server.url}/{manifest}")
+                what = "while the trainer streams its shards from http:// (python -m http.server; after its first step)"
+                fire = lambda: any(r.get("step", 0) >= 1 for r in view.rows())  # noqa: E731
+            elif kind == "stream":
                 fs.put(self.shards.rstrip("/") + "/", "bkt/digits/", recursive=True)
                 run = self.path("outage", name)
                 view = RunView(run)
@@ -689,15 +725,10 @@ class Suite:
                 target = os.path.join(state_dir, step_name(4), "trainer.json")  # written just before the upload
                 what = "while the trainer uploads the state of step 4 (train.run_dir on gs://, state_dir local)"
                 fire = lambda: os.path.exists(target)  # noqa: E731
-            local_log = (os.path.join(run, "train_log.jsonl") if kind == "stream"
-                         else server.object_path("bkt/run/train_log.jsonl"))
+            on_disk = RunView(run if kind != "upload" else server.object_path("bkt/run"))  # the server may be down
 
             def step_now() -> int:
-                try:
-                    with open(local_log) as f:
-                        return max([json.loads(x).get("step", 0) for x in f if x.strip().endswith("}")] or [0])
-                except (OSError, ValueError):
-                    return 0
+                return max([r.get("step", 0) for r in on_disk.rows()] or [0])
 
             deadline = time.time() + 900
             while job.running() and not fire() and time.time() < deadline:
@@ -706,9 +737,9 @@ class Suite:
                 raise RuntimeError(f"the run ended before the outage ({ended(job)})")
             server.stop()
             t_stop, step_stop = time.time(), step_now()
-            uploaded = os.path.exists(server.object_path(f"bkt/run/states/{step_name(4)}/COMPLETE"))
+            uploaded = kind == "upload" and os.path.exists(server.object_path(f"bkt/run/states/{step_name(4)}/COMPLETE"))
             self.log(f"outage/{name}: server stopped at step {step_stop}" +
-                     (f" (state 4 {'already' if uploaded else 'not yet'} marked in the bucket)" if kind != "stream"
+                     (f" (state 4 {'already' if uploaded else 'not yet'} marked in the bucket)" if kind == "upload"
                       else ""))
             while time.time() - t_stop < seconds:
                 time.sleep(0.2)
@@ -722,7 +753,7 @@ class Suite:
             stats = loader_stats(out)
             errors = stats.get("errors") if stats else None
             waited = "waiting for storage" in out
-            if kind == "stream":
+            if kind != "upload":
                 hit = (f"outage from step {step_stop}; at step {step_back} when the server came back"
                        + ("; the trainer logged that it waited" if waited else ""))
                 really = step_back < STEPS and not ended_during
@@ -743,12 +774,13 @@ class Suite:
             tracebacks = out.count("Traceback (most recent call last)")
             if tracebacks:
                 outcome += f" ({tracebacks} tracebacks in its output)"
-            self.record("outage", name, f"GCS server stopped {seconds:.0f} s {what}", hit, outcome, not problems,
+            self.record("outage", name, f"{'HTTP' if kind == 'http' else 'GCS'} server stopped {seconds:.0f} s {what}",
+                        hit, outcome, not problems,
                         substituted=errors, exact=ok_cmp, seconds=seconds, kind=kind, precision=prec,
                         tracebacks=tracebacks, waited_log=waited,
                         log=job.log_path)
         except Exception as e:  # noqa: BLE001
-            self.record("outage", name, f"GCS server stopped {seconds:.0f} s ({kind})", "-",
+            self.record("outage", name, f"server stopped {seconds:.0f} s ({kind})", "-",
                         f"drill error: {type(e).__name__}: {e}", False, seconds=seconds, kind=kind)
             traceback.print_exc()
         finally:
@@ -768,11 +800,21 @@ class Suite:
                 time.sleep(5)  # their start-ups apart, so that neither's precision probe meets the other
             for t in threads:
                 t.join()
+        # the upload cut short (a 3 s outage in the middle of a state's upload: the server forgets the
+        # session) and an http(s) source that goes down, together
+        threads = [threading.Thread(target=self.outage_trial, args=args, daemon=True)
+                   for args in (("upload", 3), ("http", 20))]
+        for t in threads:
+            t.start()
+            time.sleep(5)
+        for t in threads:
+            t.join()
         rows = [t for t in self.trials if t["part"] == "outage"]
         subs = [t.get("substituted") for t in rows]
         secs = ", ".join(f"{d} s" if d < 120 else f"{d // 60} min" for d in durations)
         what = (f"GCS API server (fake-gcs-server, filesystem backend) stopped for {secs} while the trainer streams "
-                f"its shards from gs://, and for each while it uploads a state (train.run_dir on gs://)")
+                f"its shards from gs://, and for each while it uploads a state (train.run_dir on gs://); restarted "
+                f"3 s into a state's upload (the upload session lost); an http:// shard server stopped for 20 s")
         identical = sum(1 for t in rows if t.get("exact"))
         return {"what": what, "exact resumes": f"{identical} of {len(rows)} runs identical",
                 "samples substituted": sum(s for s in subs if isinstance(s, int)) if subs and

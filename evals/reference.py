@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from rin_scale import storage
+from rin_scale.config import mask_secrets
 
 
 class Reference(NamedTuple):
@@ -122,7 +123,7 @@ def reference_stats(cfg, extractor, progress: bool = True) -> Reference:
     found = load_stats(url)
     if found is not None:
         return found
-    print(f"[evals] computing reference statistics of {cfg.data.shards} with {extractor.id} -> {url}",
+    print(f"[evals] computing reference statistics of {mask_secrets(cfg.data.shards)} with {extractor.id} -> {url}",
           file=sys.stderr, flush=True)
     stats = compute_stats(cfg.data.shards, extractor, cfg.model, e.reference_samples, e.batch, progress)
     ref = Reference(*stats.mean_cov(), stats.n, url, stats.rows())

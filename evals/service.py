@@ -498,7 +498,9 @@ def main(argv=None) -> int:
                     raise
                 log(f"{e}; waiting")
                 time.sleep(30)
-        log(f"watching {args.run}: {svc.metric.upper()}, {svc.cfg.eval.num_samples} samples per snapshot, "
+        from rin_scale.config import mask_secrets  # the run's URL may carry a credential
+
+        log(f"watching {mask_secrets(args.run)}: {svc.metric.upper()}, {svc.cfg.eval.num_samples} samples per snapshot, "
             f"order={svc.cfg.eval.order}, device={svc.device}")
         if svc.device.type == "cpu":  # sampling and feature extraction reuse their buffers (as the trainer)
             log(f"CPU memory: {keep_freed_memory()}")

@@ -17,6 +17,7 @@ import typing as tp
 
 from evals import ledger
 from rin_scale import rundir, storage
+from rin_scale.config import mask_secrets
 
 from .job import read_log
 
@@ -162,10 +163,11 @@ def main(argv: tp.Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     fs, path = storage.fs_path(args.run)
     if not fs.exists(path):
-        print(f"error: run directory {args.run} does not exist: pass the run's train.run_dir", file=sys.stderr)
+        print(f"error: run directory {mask_secrets(args.run)} does not exist: pass the run's train.run_dir",
+              file=sys.stderr)
         return 2
     s = status(args.run)
-    print(json.dumps(s) if args.json else render(s))
+    print(mask_secrets(json.dumps(s) if args.json else render(s)))  # URLs in it may carry a credential
     return 0
 
 

@@ -113,8 +113,9 @@ class DataConfig:
                             'json member, an int (e.g. img2dataset/video2dataset metadata)')
     max_error_rate: float = _f(0.05, "stop the run when more than this fraction of samples fail (checked from "
                                      "the 200th sample on, so one bad shard up front does not stop it)")
-    storage_retry_seconds: float = _f(600.0, "seconds a storage outage (refused, timeouts, 429/5xx) is waited out "
-                                             "before the run stops; corrupt bytes are never retried")
+    storage_retry_seconds: float = _f(600.0, "seconds a storage outage (refused, timeouts, 429/5xx, a lost upload "
+                                             "session) is waited out before the run stops: shard reads, and the "
+                                             "trainer's uploads and writes; corrupt bytes are never retried")
     seed: int = _f(0, "random seed (data: shard order, shuffling, augmentation; train: init, noise)")
 
 
@@ -297,10 +298,12 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> None:
 
 
 def load_yaml_into(cfg: Config, path: str) -> None:
-    import fsspec
+    from . import storage  # credentials in the URL go to the filesystem as options (storage.fs_path)
 
+    fs, where = storage.fs_path(path)
+    path = mask_secrets(path)  # as messages show it
     try:
-        with fsspec.open(path, "r") as f:
+        with fs.open(where, "r") as f:
             d = OmegaConf.load(f)  # PyYAML plus 1e3 as a float and duplicate keys refused
     except FileNotFoundError:
         raise ConfigError(f"config file '{path}' does not exist") from None
@@ -369,18 +372,23 @@ SECRET_PARAM_NAMES = ("sig", "key", "pwd", "pass", "code")
 
 
 def mask_secrets(s: str) -> str:
-    """s with the secrets of any URLs in it replaced by ***: the password of `user:password@`, and the
-    values of secret-looking query parameters (token, sig, X-Goog-Signature, AWSAccessKeyId, ...)."""
+    """s with the secrets of any URLs in it replaced by ***: the password of `user:password@` (which
+    may hold slashes, as AWS secret keys do), and the values of secret-looking query parameters (token,
+    sig, X-Goog-Signature, AWSAccessKeyId, ...), also URL-encoded (%3Ftoken%3D...). A value ends at a
+    quote or bracket, so `'gs://b/x?token=***' does not exist` keeps its closing quote."""
     import re
 
-    s = re.sub(r"(://[^/?#@\s:]*):[^/?#@\s]*@", r"\1:***@", s)
+    s = re.sub(r"(s3a?://[^/?#@\s:'\"]*):[^@\s'\"]*@", r"\1:***@", s)  # AWS secret keys may hold slashes
+    s = re.sub(r"(://[^/?#@\s:'\"]*):[^/@\s'\"]*@", r"\1:***@", s)
 
     def param(m):
         name = m.group(2).lower()
         secret = name in SECRET_PARAM_NAMES or any(w in name for w in SECRET_PARAM_WORDS)
-        return f"{m.group(1)}{m.group(2)}=***" if secret and m.group(3) else m.group(0)
+        return f"{m.group(1)}{m.group(2)}{m.group(3)}***" if secret and m.group(4) else m.group(0)
 
-    return re.sub(r"([?&;])([^=&#?;\s]+)=([^&#;\s]*)", param, s) if "=" in s else s
+    end = r"[^/&#;\s'\"()<>\[\]{},%]"
+    s = re.sub(r"([?&;])([^=&#?;\s'\"]+)(=)(" + end + "*)", param, s) if "=" in s else s
+    return re.sub(r"(?i)(%3F|%26)([^%&\s'\"]+?)(%3D)(" + end + "*)", param, s) if "%3" in s.upper() else s
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -55,7 +55,9 @@ class LeaseLost(RuntimeError):
 
 
 def _log(msg: str) -> None:
-    print(f"[lease] {msg}", flush=True)
+    from .config import mask_secrets  # lines quote the run's URL: no credentials in job logs
+
+    print(f"[lease] {mask_secrets(msg)}", flush=True)
 
 
 def _read_text(path: str) -> str:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import random
+import re
 import time
 
 # gcsfs 2026.10 otherwise makes a gRPC/TLS call per bucket to learn its type, which stalls every
@@ -32,6 +33,16 @@ RETRY_SECONDS = 600.0  # default patience for transient errors: outages of minut
 CONNECT_SECONDS = 20.0  # at the first contact of a process: an endpoint that never answered is a setup error
 
 _FS_CACHE: dict = {}
+_CREDENTIALS: dict = {}  # (protocol, bucket or host) -> storage options taken out of a URL (split_credentials)
+_retry_seconds = RETRY_SECONDS  # every retry's default patience (configure)
+
+
+def configure(retry_seconds: float) -> None:
+    """The patience of every storage retry in this process (reads, writes, uploads) when a call names
+    none: the trainer sets data.storage_retry_seconds here, so one setting governs all of them.
+    DataLoader workers are forked after it is set, and inherit it."""
+    global _retry_seconds
+    _retry_seconds = float(retry_seconds)
 
 
 def is_local(url: str) -> bool:
@@ -60,15 +71,22 @@ def protocol(url: str) -> str:
 
 
 def fs_path(url: str):
-    """(filesystem, path) for a URL; one filesystem per process and protocol (fork-safe)."""
+    """(filesystem, path) for a URL; one filesystem per process, protocol and credentials (fork-safe).
+    Credentials inside the URL (split_credentials) reach the filesystem as storage options, never as
+    part of a path or an object name, and are remembered for that bucket (or host) in this process."""
     proto = protocol(url)
     if proto == "local":
         proto = "file"
-    key = (os.getpid(), proto)
+    url, creds = split_credentials(url)
+    place = (proto, _bucket(url))
+    if creds:
+        _CREDENTIALS[place] = creds
+    creds = _CREDENTIALS.get(place, {})
+    key = (os.getpid(), proto, tuple(sorted(creds.items())))
     fs = _FS_CACHE.get(key)
     if fs is None:
-        kwargs = {"skip_instance_cache": True}
-        if proto in ("gs", "gcs") and os.environ.get("STORAGE_EMULATOR_HOST") and \
+        kwargs = {"skip_instance_cache": True, **_storage_options(proto, creds)}
+        if proto in ("gs", "gcs") and "token" not in kwargs and os.environ.get("STORAGE_EMULATOR_HOST") and \
                 not os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
             kwargs["token"] = "anon"  # an emulator needs no credentials; probing for them is slow
         if proto in ("gs", "gcs"):
@@ -76,6 +94,58 @@ def fs_path(url: str):
         fs = fsspec.filesystem(proto, **kwargs)
         _FS_CACHE[key] = fs
     return fs, fs._strip_protocol(local_path(url) if proto == "file" else url)
+
+
+# --------------------------------------------------------------------------------------------
+# Credentials inside URLs: `scheme://USER:PASSWORD@bucket/...` (the password may hold slashes, as
+# AWS secret keys do) and gs://'s `?token=` / `?access_token=`. gcsfs would take `?token=...` as part
+# of the object name, s3fs `KEY:SECRET` as the bucket's: both are taken out here.
+
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)([^/?#@:]*):([^@]*)@")
+_GS_TOKEN = re.compile(r"([?&])(token|access_token)=([^/&#]*)")
+
+
+def split_credentials(url: str) -> tuple[str, dict]:
+    """(url without its credentials, {"user", "password"} and/or {"token"} taken out of it)."""
+    from urllib.parse import unquote
+
+    creds = {}
+    m = _USERINFO.match(url)
+    if m and "/" in m.group(3) and not url.startswith(("s3://", "s3a://")):
+        m = None  # `host:port/path@x`: a slash in a password is for AWS keys only (elsewhere %2F)
+    if m:
+        creds.update(user=unquote(m.group(2)), password=unquote(m.group(3)))
+        url = m.group(1) + url[m.end():]
+    if protocol(url) in ("gs", "gcs") and "=" in url:
+        def take(t):
+            creds["token"] = unquote(t.group(3))
+            return "?" if t.group(1) == "?" else ""
+        url = _GS_TOKEN.sub(take, url)
+        url = re.sub(r"\?&", "?", url).replace("?/", "/")
+        url = url[:-1] if url.endswith(("?", "&")) else url
+    return url, creds
+
+
+def _bucket(url: str) -> str:
+    """The bucket (or host) of a URL: credentials given for it hold for every object in it."""
+    rest = url.split("://", 1)[1] if "://" in url else ""
+    return rest.split("/", 1)[0]
+
+
+def _storage_options(proto: str, creds: dict) -> dict:
+    if not creds:
+        return {}
+    if proto in ("gs", "gcs"):  # an OAuth access token, as is (gcsfs would send a raw one to Google to look up)
+        from google.oauth2.credentials import Credentials
+
+        return {"token": Credentials(token=creds.get("token") or creds.get("password"))}
+    if proto in ("s3", "s3a"):
+        return {"key": creds["user"], "secret": creds["password"]}
+    if proto in ("http", "https"):
+        import aiohttp
+
+        return {"client_kwargs": {"auth": aiohttp.BasicAuth(creds["user"], creds["password"])}}
+    return {"username": creds.get("user"), "password": creds.get("password")}
 
 
 def _check_gcs_reachable(url: str) -> None:
@@ -137,7 +207,10 @@ def read_range(url: str, start: int, end: int) -> bytes:
     """Bytes [start, end) of an object in one request (a ranged GET on an object store); fewer at
     its end. Errors as fs.cat_file raises them (the caller retries transient ones)."""
     fs, path = fs_path(url)
-    return fs.cat_file(path, start=int(start), end=int(end))
+    data = fs.cat_file(path, start=int(start), end=int(end))
+    # A server that ignores Range (python -m http.server, some proxies) answers with the whole object,
+    # which fsspec's HTTP filesystem passes on as if it were the range.
+    return data[int(start):int(end)] if len(data) > int(end) - int(start) else data
 
 
 def write_bytes(url: str, data: bytes) -> None:
@@ -174,46 +247,95 @@ def makedirs(url: str) -> None:
     fs.makedirs(path, exist_ok=True)
 
 
-def put_dir(local_dir: str, url: str) -> None:
-    """Copy a local folder to `url` (recursive), retrying transient errors file by file."""
-    fs, root = fs_path(url)
+def put_dir(local_dir: str, url: str, seconds: float | None = None) -> None:
+    """Copy a local folder to `url` (recursive), file by file (put_file)."""
     for base, _, files in os.walk(local_dir):
         for name in sorted(files):
             src = os.path.join(base, name)
-            dst = join(root, os.path.relpath(src, local_dir))
-            retry(lambda: fs.put_file(src, dst), f"uploading {src} to {url}")
+            put_file(src, join(url, os.path.relpath(src, local_dir)), seconds)
 
 
-def append_jsonl(url: str, row: dict) -> None:
-    """Append one JSON line. Object stores cannot append: those rewrite the whole (small) file."""
-    line = json.dumps(row) + "\n"
+def put_file(src: str, url: str, seconds: float | None = None) -> None:
+    """Upload one local file. A transient failure, or a resumable upload session the server lost
+    (restarted; real GCS sessions expire too), uploads it again from its start, within one retry
+    budget (`seconds`, default: configure's)."""
+    fs, dst = fs_path(url)
+    retry(lambda: fs.put_file(src, dst), f"uploading {src} to {url}", seconds,
+          transient=lambda e: is_transient(e) or is_lost_upload(e))
+
+
+# --------------------------------------------------------------------------------------------
+# JSON-lines logs (train_log.jsonl, the eval ledger, the launcher's log) whose cost does not grow
+# with the run. A local file is appended to. Object stores cannot append, and rewriting the whole
+# history at every flush grows with the run: there each append is a new object of the folder
+# parts_url(url) (train_log.jsonl -> train_log.parts/), and a reader reads the file (older runs
+# wrote one) and then the parts in name order.
+
+
+def parts_url(url: str) -> str:
+    return (url[:-len(".jsonl")] if url.endswith(".jsonl") else url) + ".parts"
+
+
+def append_jsonl(url: str, rows, part: str | None = None) -> None:
+    """Append one row (a dict) or several (a list). On an object store they become one new object,
+    named `part` (names must sort in the order written; default: the time in ns)."""
+    rows = [rows] if isinstance(rows, dict) else list(rows)
+    if not rows:
+        return
+    text = "".join(json.dumps(r) + "\n" for r in rows)
     if is_local(url):
         path = local_path(url)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         with open(path, "a") as f:
-            f.write(line)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         return
-    fs, path = fs_path(url)
-    old = fs.cat_file(path).decode() if fs.exists(path) else ""
-    write_bytes(url, (old + line).encode())
+    write_bytes(join(parts_url(url), f"{part or f'{time.time_ns():020d}'}.jsonl"), text.encode())
+
+
+def jsonl_parts(url: str) -> list[str]:
+    """The URLs of a log's parts (append_jsonl), in name order: [] for a local file."""
+    if is_local(url):
+        return []
+    fs, path = fs_path(parts_url(url))
+    fs.invalidate_cache(path)  # another process appends: a cached listing would hide its parts
+    try:
+        names = fs.ls(path, detail=False)
+    except FileNotFoundError:
+        return []
+    return [join(parts_url(url), n) for n in sorted(n.rsplit("/", 1)[-1] for n in names) if n.endswith(".jsonl")]
 
 
 def read_jsonl(url: str) -> list[dict]:
+    """Every row of a log: the file, then its parts (fetched concurrently). A torn last line from a
+    killed writer, or a part deleted while being read, is skipped."""
     try:
-        text = read_bytes(url).decode()
+        texts = [read_bytes(url)]
     except FileNotFoundError:
-        return []
+        texts = []
+    parts = [fs_path(p)[1] for p in jsonl_parts(url)]
+    if parts:
+        got = fs_path(url)[0].cat(parts, on_error="omit")
+        texts += [got[p] for p in parts if p in got]
+    return parse_jsonl(b"\n".join(texts))
+
+
+def parse_jsonl(data: bytes) -> list[dict]:
     rows = []
-    for line in text.splitlines():
+    for line in data.decode().splitlines():
         line = line.strip()
         if line:
             try:
                 rows.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line from a killed writer
+            except json.JSONDecodeError:
                 continue
     return rows
+
+
+def remove(url: str) -> None:
+    fs, path = fs_path(url)
+    retry(lambda: fs.rm(path), f"deleting {url}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,10 +352,11 @@ _TRANSIENT_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errn
 
 def is_transient(exc: BaseException) -> bool:
     """Connection failures, timeouts, HTTP 429 and 5xx: worth waiting out. Not: missing objects,
-    permission errors, corrupt bytes."""
+    permission errors, corrupt bytes. A FileNotFoundError raised *from* a connection failure (fsspec's
+    HTTP filesystem reports a refused connection so) is the connection failure: checked by its cause."""
     for e in _chain(exc):
         if isinstance(e, (FileNotFoundError, PermissionError)):
-            return False
+            return e.__cause__ is not None and is_transient(e.__cause__)
         if isinstance(e, (ConnectionError, TimeoutError)):
             return True
         if isinstance(e, OSError) and e.errno in _TRANSIENT_ERRNOS:
@@ -248,6 +371,12 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def is_lost_upload(exc: BaseException) -> bool:
+    """The server forgot a resumable upload session (restarted, or the session expired as real GCS
+    sessions do): a 404 on the session's URL. Starting the file's upload again is the fix."""
+    return any(isinstance(e, FileNotFoundError) and "upload_id=" in str(e) for e in _chain(exc))
+
+
 def _chain(exc: BaseException):
     seen = set()
     while exc is not None and id(exc) not in seen:
@@ -260,15 +389,20 @@ class Backoff:
     """Waits between attempts at something that failed transiently: 1 s doubling to 60 s, jittered,
     for up to `seconds` in all; then StorageUnavailable. Logs once that the run is waiting."""
 
-    def __init__(self, what: str, seconds: float = RETRY_SECONDS, log=print):
-        self.what, self.seconds, self.log = what, seconds, log
-        self.deadline, self.delay = time.monotonic() + seconds, 1.0
+    def __init__(self, what: str, seconds: float | None = None, log=print):
+        from .config import mask_secrets  # `what` quotes URLs: these lines reach terminals and job logs
+
+        self.what, self.log = mask_secrets(what), log
+        self.seconds = _retry_seconds if seconds is None else seconds
+        self.deadline, self.delay = time.monotonic() + self.seconds, 1.0
 
     def wait(self, exc: BaseException) -> None:
         left = self.deadline - time.monotonic()
         if left <= 0:
+            from .config import mask_secrets
+
             raise StorageUnavailable(f"storage unreachable for {self.seconds:.0f} s while {self.what} "
-                                     f"({type(exc).__name__}: {str(exc)[:200]}); re-run the same command "
+                                     f"({type(exc).__name__}: {mask_secrets(str(exc))[:200]}); re-run the same command "
                                      f"once it answers") from None
         if self.delay == 1.0:
             self.log(f"[storage] waiting for storage while {self.what} ({type(exc).__name__}); retrying for "
@@ -297,13 +431,14 @@ for _name in ("gcsfs", "gcsfs.credentials", "gcsfs.zonal_file", "fsspec", "fsspe
     logging.getLogger(_name).addFilter(_QuietTransient())
 
 
-def retry(fn, what: str, seconds: float = RETRY_SECONDS, log=print):
-    """fn() until it succeeds, waiting out transient errors (Backoff); other errors raise at once."""
-    backoff = Backoff(what, seconds, log)
+def retry(fn, what: str, seconds: float | None = None, log=print, transient=is_transient):
+    """fn() until it succeeds, waiting out transient errors (Backoff; `seconds` defaults to configure's);
+    other errors raise at once."""
+    backoff = Backoff(what, _retry_seconds if seconds is None else seconds, log)
     while True:
         try:
             return fn()
         except Exception as e:  # noqa: BLE001 - classified just below
-            if not is_transient(e):
+            if not transient(e):
                 raise
             backoff.wait(e)

@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     except ConfigError as e:
         _stop(f"config error: {e}")
     except (DataError, TrainingError, StorageUnavailable) as e:
-        _stop(f"[train] stopped: {mask_secrets(str(e))}")  # messages quote URLs: no credentials in job logs
+        _stop(f"[train] stopped: {mask_secrets(_one_line(e))}")  # messages quote URLs: no credentials in job logs
     except Preempted as e:
         _stop(f"[train] {e}", EXIT_PREEMPTED)
     except Exception as e:
@@ -171,6 +171,16 @@ def _peer_lost_line(e: BaseException) -> str:
     return (f"[train] rank {rank} (host {os.uname().nodename}): a collective {what} after step {step} "
             f"({type(e).__name__}: {first}): a peer crashed, stopped or lost its host; exiting so the job "
             f"ends (a launcher requeues it; re-run the same command to resume from the newest complete state)")
+
+
+def _one_line(e: BaseException) -> str:
+    """The message of an error; for one re-raised from a DataLoader worker ("Caught X in DataLoader
+    worker process 0." and the worker's traceback), the worker's own message: the last line."""
+    text = str(e)
+    if text.startswith("Caught ") and "Original Traceback" in text:
+        last = text.rstrip().splitlines()[-1]
+        return last.split(": ", 1)[1] if last.split(": ", 1)[0].endswith(type(e).__name__) else last
+    return text
 
 
 class TrainingError(RuntimeError):
@@ -311,6 +321,7 @@ def lease_lost() -> bool:
 def train(cfg) -> int:
     """Train (or resume) the run `cfg` describes up to train.total_steps; every rank calls it. Rank 0
     holds the run's lease from set-up to the end (released however the trainer ends, except killed)."""
+    storage.configure(cfg.data.storage_retry_seconds)  # uploads and writes wait as long as reads
     try:
         return _train(cfg)
     finally:
@@ -933,15 +944,24 @@ def _jsonl(rows: list[dict]) -> str:
 
 class TrainLog:
     """RUN/train_log.jsonl from rank 0: one JSON line per step (step, loss, lr, images_seen, ...).
-    On resume, lines past the resumed step (work lost with the killed job) are dropped. A local file
-    is appended at every step; a bucket's is rewritten at each flush (log lines and state saves)."""
+    A local file is appended at every step. On a bucket each flush (log lines and state saves) writes
+    the rows since the last one as one new object, RUN/train_log.parts/FIRST-LAST.jsonl (their steps):
+    a flush costs the same at step 150,000 as at step 100 (storage.append_jsonl).
+    On resume, lines past the resumed step (work lost with the killed job) are dropped: on a bucket
+    only the parts that hold such steps are touched."""
 
     def __init__(self, run: str, rank: int, resume_step: int):
-        self.url, self.rank, self.pending, self.rows = storage.join(run, "train_log.jsonl"), rank, [], []
+        self.url, self.rank, self.pending = storage.join(run, "train_log.jsonl"), rank, []
         if rank != 0:
             return
-        self.rows = [r for r in storage.read_jsonl(self.url) if r.get("step", 0) <= resume_step]
-        storage.write_bytes(self.url, _jsonl(self.rows).encode())
+        if storage.is_local(self.url) or storage.exists(self.url):  # a bucket's from an older version too
+            self._drop_past(self.url, resume_step, always=storage.is_local(self.url))
+        for part in storage.jsonl_parts(self.url):
+            first, last = (int(x) for x in part.rsplit("/", 1)[1][:-len(".jsonl")].split("-"))
+            if first > resume_step:
+                storage.remove(part)
+            elif last > resume_step:
+                self._drop_past(part, resume_step)
 
     def append(self, row: dict) -> None:
         if self.rank != 0:
@@ -953,13 +973,24 @@ class TrainLog:
     def flush(self) -> None:
         if self.rank != 0 or not self.pending:
             return
-        if storage.is_local(self.url):
+        if storage.is_local(self.url):  # every step: no fsync (a cluster filesystem's costs milliseconds)
             with open(storage.local_path(self.url), "a") as f:
                 f.write(_jsonl(self.pending))
-        else:  # object stores cannot append: rewrite the whole file
-            self.rows += self.pending
-            storage.write_bytes(self.url, _jsonl(self.rows).encode())
+        else:
+            steps = [r.get("step", 0) for r in self.pending]
+            storage.append_jsonl(self.url, self.pending, part=f"{min(steps):012d}-{max(steps):012d}")
         self.pending = []
+
+    @staticmethod
+    def _drop_past(url: str, step: int, always: bool = False) -> None:
+        """Rewrite one file or part without its rows past `step` (when it has any, or `always`)."""
+        try:
+            rows = storage.parse_jsonl(storage.read_bytes(url))
+        except FileNotFoundError:
+            rows = []
+        kept = [r for r in rows if r.get("step", 0) <= step]
+        if always or len(kept) < len(rows):
+            storage.write_bytes(url, _jsonl(kept).encode())
 
 
 def _hms(seconds: float) -> str:

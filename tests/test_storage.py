@@ -65,6 +65,20 @@ class RestartableGCS:
         self.proc.wait(timeout=10)
 
 
+def epoch(cfg, server=None, outage_after=None, down=0.0):
+    """(sample keys, errors) of one epoch of 8-sample batches; the server stopped after batch
+    `outage_after` (the next shards' opens fail) and started again `down` seconds later."""
+    loader = ShardLoader(cfg.data, cfg.model, batch_size=8)
+    keys = []
+    for i, batch in enumerate(loader):
+        keys += batch["key"]
+        if i == outage_after:
+            server.stop()
+            threading.Timer(down, server.start).start()
+        if loader.position == len(loader):
+            return keys, loader.stats["errors"]
+
+
 def test_bucket_outage_mid_epoch_is_waited_out_with_no_sample_lost(tmp_path, monkeypatch, capfd):
     import logging
 
@@ -85,20 +99,9 @@ def test_bucket_outage_mid_epoch_is_waited_out_with_no_sample_lost(tmp_path, mon
         assert shard_main(["--embedded", "digits", "--split", "heldout", "--shard-size", "30", "--quiet", url]) == 0
         cfg = load_config("tiny", [f"data.shards={url}", "data.workers=2", "data.storage_retry_seconds=300"])
 
-        def epoch(outage_after=None):
-            loader = ShardLoader(cfg.data, cfg.model, batch_size=8)
-            keys = []
-            for i, batch in enumerate(loader):
-                keys += batch["key"]
-                if i == outage_after:
-                    server.stop()  # the next shards' opens fail until the server is back
-                    threading.Timer(40.0, server.start).start()  # longer than gcsfs's own retries
-                if loader.position == len(loader):
-                    return keys, loader.stats["errors"]
-
-        baseline, _ = epoch()
+        baseline, _ = epoch(cfg)
         t0 = time.time()
-        keys, errors = epoch(outage_after=3)
+        keys, errors = epoch(cfg, server, outage_after=3, down=40.0)  # longer than gcsfs's own retries
         assert time.time() - t0 > 35  # the outage really happened and was waited out
         assert errors == 0 and keys == baseline
         err = capfd.readouterr().err
@@ -149,3 +152,152 @@ def test_gcsfs_traceback_of_a_transient_error_is_quiet_and_others_still_show():
         logging.getLogger().removeHandler(keep)
     assert [(r.name, r.levelname) for r in records] == [("gcsfs", "ERROR"), ("fsspec.prefetcher", "ERROR")]
     assert all(isinstance(r.exc_info[1] if r.exc_info else r.args[0], PermissionError) for r in records)
+
+
+def test_upload_whose_session_the_server_forgot_starts_again(tmp_path, capfd):
+    """fake-gcs-server restarted in the middle of a resumable upload forgets the session (404 on its
+    upload_id URL), as real GCS does when a session expires: the file's upload starts again."""
+    server = RestartableGCS(tmp_path / "gcs")
+    server.start()
+    old = os.environ.get("STORAGE_EMULATOR_HOST")
+    os.environ["STORAGE_EMULATOR_HOST"] = server.url
+    storage._FS_CACHE.clear()
+    try:
+        fs, _ = storage.fs_path("gs://cut")
+        fs.mkdir("cut")
+        (tmp_path / "state").mkdir()
+        src = tmp_path / "state" / "state.bin"
+        data = os.urandom(1 << 20) * 120  # 120 MiB: gcsfs uploads it in resumable chunks of 50 MiB
+        src.write_bytes(data)
+
+        def outage():
+            time.sleep(0.5)  # the session is open, its first chunk on the way (about 1 s per chunk here)
+            server.stop()
+            time.sleep(3)
+            server.start()
+
+        t = threading.Thread(target=outage)
+        t.start()
+        storage.put_dir(str(tmp_path / "state"), "gs://cut/states/step-1")
+        t.join()
+        assert storage.read_bytes("gs://cut/states/step-1/state.bin") == data
+        assert "[storage] waiting for storage while uploading" in capfd.readouterr().out
+    finally:
+        if old is not None:
+            os.environ["STORAGE_EMULATOR_HOST"] = old
+        server.stop()
+        storage._FS_CACHE.clear()
+
+
+def test_logs_on_a_bucket_add_objects_and_never_rewrite_history(gcs_bucket, tmp_path):
+    """train_log.jsonl and TensorBoard on a bucket: each flush adds objects and leaves every earlier
+    one as it was (a flush costs the same at any length of the run); every reader sees all rows; a
+    resume drops the rows past its step; TensorBoard's own reader reads the folder as one run."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from launch import status
+    from rin_scale.tblog import TBLog
+    from rin_scale.train import TrainLog
+
+    run = f"{gcs_bucket}/run"
+    fs, root = storage.fs_path(run)
+    log, tb, seen = TrainLog(run, 0, 0), TBLog(run), {}
+    for step in range(1, 13):
+        log.append({"step": step, "loss": 1.0 / step})
+        tb.scalars({"train/loss": 1.0 / step}, step)
+        if step % 3 == 0:
+            log.flush()
+            tb.flush()
+            fs.invalidate_cache()
+            now = {o["name"]: (o.get("generation"), o["size"]) for o in fs.find(root, detail=True).values()}
+            assert {k: now[k] for k in seen} == seen  # nothing written before was rewritten
+            assert len(now) > len(seen)
+            seen = now
+    tb.close()
+    assert [r["step"] for r in storage.read_jsonl(storage.join(run, "train_log.jsonl"))] == list(range(1, 13))
+    assert status.main([run]) == 0
+    local = tmp_path / "tb"
+    fs.get(f"{root}/tb/", str(local), recursive=True)
+    acc = EventAccumulator(str(local))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
+    TrainLog(run, 0, 7)  # resumed from the state of step 7: steps 8-12 were lost with the job
+    assert [r["step"] for r in storage.read_jsonl(storage.join(run, "train_log.jsonl"))] == list(range(1, 8))
+
+
+class RestartableHTTP:
+    """`python -m http.server` over a folder, stopped (killed) and started again on one port."""
+
+    def __init__(self, root):
+        self.root, self.port, self.proc = str(root), free_port(), None
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        import subprocess
+        import sys
+        import urllib.request
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "http.server", str(self.port), "--bind", "127.0.0.1",
+                                      "--directory", self.root], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 20
+        while True:
+            try:
+                urllib.request.urlopen(self.url, timeout=1).close()
+                return
+            except OSError:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.05)
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+
+
+def test_http_source_that_goes_down_is_waited_out_not_counted_as_corrupt(tmp_path, capfd):
+    """fsspec's HTTP filesystem reports a refused connection as FileNotFoundError: it is an outage
+    (waited out, no sample lost), as on gs://; a shard that is really missing (404) is not."""
+    from data_tools.shard import main as shard_main
+
+    assert shard_main(["--embedded", "digits", "--split", "heldout", "--shard-size", "20", "--quiet",
+                       str(tmp_path / "digits")]) == 0
+    server = RestartableHTTP(tmp_path)
+    server.start()
+    try:
+        url = f"{server.url}/digits/data-manifest.json"
+        cfg = load_config("tiny", [f"data.shards={url}", "data.workers=2", "data.shuffle_buffer=16",
+                                   "data.storage_retry_seconds=120"])
+        baseline, _ = epoch(cfg)
+        keys, errors = epoch(cfg, server, outage_after=2, down=8.0)
+        assert errors == 0 and keys == baseline
+        assert "[storage] waiting for storage while reading http://127.0.0.1:" in capfd.readouterr().err
+        os.remove(tmp_path / "digits" / "data-000003.tar")  # a real 404: no waiting, counted at once
+        err = None
+        try:
+            storage.retry(lambda: storage.read_bytes(f"{server.url}/digits/data-000003.tar"), "reading", seconds=60)
+        except FileNotFoundError as e:
+            err = e
+        assert err is not None
+    finally:
+        server.stop()
+
+
+def test_storage_gone_for_the_whole_retry_window_stops_in_one_line(tmp_path):
+    """A DataLoader worker that runs out of data.storage_retry_seconds stops the run with its own
+    one-line reason (what `[train] stopped: ...` prints), not "Caught ... in DataLoader worker
+    process 0." and the worker's traceback."""
+    from data_tools.shard import main as shard_main
+    from rin_scale.train import _one_line
+
+    assert shard_main(["--embedded", "digits", "--split", "heldout", "--shard-size", "60", "--quiet",
+                       str(tmp_path / "digits")]) == 0
+    server = RestartableHTTP(tmp_path)
+    server.start()
+    cfg = load_config("tiny", [f"data.shards={server.url}/digits/data-manifest.json", "data.workers=2",
+                               "data.storage_retry_seconds=2"])
+    loader = ShardLoader(cfg.data, cfg.model, batch_size=8)  # lists the shards while the server answers
+    server.stop()
+    with pytest.raises(storage.StorageUnavailable) as caught:
+        next(iter(loader))
+    line = _one_line(caught.value)
+    assert line.startswith(f"storage unreachable for 2 s while reading {server.url}/digits/") and "\n" not in line, line
