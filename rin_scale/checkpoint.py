@@ -139,6 +139,11 @@ class Background:
         self.check()
 
 
+def _host() -> str:
+    """This rank's node: SLURM's name for it when there is one (several may share a host name)."""
+    return os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+
+
 def _tree(folder: str) -> dict[str, int]:
     """{path relative to folder: bytes} of the files a state holds (not COMPLETE, not universal/)."""
     out = {}
@@ -262,7 +267,7 @@ def save_state(engine, cfg, step: int, ema_full: dict, loader_state: dict, meta:
     except (OSError, RuntimeError) as e:
         raise _write_failed(e, folder, root) from None
     _barrier()  # every rank has written its part
-    trees, hosts = [_tree(folder)], [socket.gethostname()]
+    trees, hosts = [_tree(folder)], [_host()]
     if dist.is_initialized() and dist.get_world_size() > 1:
         both = [None] * dist.get_world_size()
         dist.all_gather_object(both, (trees[0], hosts[0]))
@@ -329,7 +334,7 @@ def check_shared(cfg) -> None:
         storage.write_bytes(token, b"written by rank 0")
     _barrier()
     seen = [None] * dist.get_world_size()
-    dist.all_gather_object(seen, (os.path.exists(token), socket.gethostname(), root))
+    dist.all_gather_object(seen, (os.path.exists(token), _host(), root))
     if rank == 0:
         os.remove(token)
     blind = [(r, host, path) for r, (ok, host, path) in enumerate(seen) if not ok]

@@ -2,13 +2,13 @@
 shared by all ranks, a save whose background part fails. Real DeepSpeed ZeRO-2 on 2 gloo processes
 (torchrun), real shards of the embedded digits, a real tmpfs for the full disk (root mounts it)."""
 import os
-import shutil
 import subprocess
 import sys
 
 import pytest
 
-from rin_scale import checkpoint, rundir, storage
+from rin_scale import checkpoint, rundir
+from test_train import losses, shards  # noqa: F401 - the embedded digits, sharded once per module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SMALL = ["model.latent_dim=64", "model.interface_dim=64", "model.latent_heads=4", "model.read_write_heads=4",
@@ -24,20 +24,8 @@ def train(run, *overrides, shards):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
-def losses(run):
-    return {r["step"]: r["loss"] for r in storage.read_jsonl(storage.join(run, "train_log.jsonl"))}
-
-
 def said(proc) -> str:
     return proc.stdout[-3000:] + proc.stderr[-5000:]
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory):
-    out = str(tmp_path_factory.mktemp("data") / "digits")
-    subprocess.run([sys.executable, "-m", "data_tools.shard", "--embedded", "digits", "--split", "train", "--quiet",
-                    out], cwd=ROOT, check=True, env={**os.environ, "PYTHONPATH": ROOT})
-    return out
 
 
 @pytest.fixture
