@@ -183,7 +183,8 @@ def verify(folder: str) -> str:
     except (OSError, ValueError) as e:
         return f"{os.path.join(folder, rundir.COMPLETE)} is unreadable ({e})"
     if files is None:
-        missing = [n for n in ("trainer.json", "rank-0.pt", "ema.safetensors") if not os.path.exists(os.path.join(folder, n))]
+        missing = [n for n in ("trainer.json", "rank-0.pt", "ema.safetensors")
+                   if not os.path.exists(os.path.join(folder, n))]
         return f"{os.path.join(folder, missing[0])} is missing" if missing else ""
     for rel, (size, crc) in files.items():
         path = os.path.join(folder, rel)
