@@ -1025,7 +1025,8 @@ class Suite:
             self.record("state", "disk full", f"train.state_dir on a {size}B tmpfs (a state is "
                         f"{one_state / 2**20:.1f} MiB)", f"stopped at step {stopped}",
                         f"{line or ended(job, said)}; left: {left}", job.proc.returncode != 0 and one_line and clean)
-            subprocess.run(["mount", "-o", f"remount,size={int(one_state * 4) // 1024}k", disk], check=True)
+            # room for train.keep_last (3) states and the one being written
+            subprocess.run(["mount", "-o", f"remount,size={int(one_state * 5.5) // 1024}k", disk], check=True)
             job = self.train("state-full-resume", run, f"train.state_dir={disk}")
             job.wait(900)
             said = job.output()
