@@ -37,6 +37,11 @@ Parts (`--only`):
           for the kill), requeue itself (launch.jsonl's reason) and resume exactly; the stack
           dump in RUN/hangs/ must name the stopped rank; a preemption may lose one step at most.
           And gs:// shards unreachable for 8 minutes with the default deadlines: waited out.
+  state   train.state_dir on a real tmpfs that holds one state and not two: the second save must stop
+          in one line naming the disk, keep the previous complete state and leave no partial folder;
+          the same command after the tmpfs is enlarged must resume exactly. And a run to step 8 whose
+          newest state has one file truncated (COMPLETE kept): the same command must name the file
+          in one line, resume from step 6 and match the baseline. Needs root (mount).
 
 The tables are markdown (the README's Reliability section); --json FILE writes the same as JSON.
 --ref HEAD drills a clean copy of a commit rather than the working tree, which others may be
@@ -82,7 +87,7 @@ SNAPSHOT_STEPS = (4, 8)
 PHASES = ["snapshot", "state folder", "DeepSpeed files", "rank-R.pt", "ema.safetensors", "trainer.json", "COMPLETE"]
 EVAL_OVERRIDES = ["eval.num_samples=16", "eval.batch=8", "eval.reference_samples=32"]
 EVAL_DEADLINE_S = 60.0
-PARTS = ("kills", "outage", "lease", "eval", "hangs")
+PARTS = ("kills", "outage", "lease", "eval", "hangs", "state")
 
 
 def step_name(step: int) -> str:
@@ -1036,6 +1041,83 @@ class Suite:
         import _faults_hangs
 
         return _faults_hangs.part(self)
+
+    # ---------------------------------------------------------------- part: state
+
+    def part_state(self) -> dict:
+        base = self.baseline()
+        one_state = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(
+            os.path.join(base.run, "states", step_name(STEPS))) for f in fs)
+        full = self.state_disk_full(one_state)
+        damaged = self.state_damaged()
+        what = ("a full disk at a save (train.state_dir on a real tmpfs that holds one state, not two; then "
+                "enlarged and the same command re-run), and a file of the newest complete state truncated "
+                "before the same command is re-run")
+        return {"what": what, "exact resumes": f"{int(full) + int(damaged)}/2", "ok": full and damaged}
+
+    def state_disk_full(self, one_state: int) -> bool:
+        """train.state_dir on a tmpfs of 1.6 states: the second save cannot fit."""
+        disk, run = self.path("state", "disk"), self.path("state", "full-run")
+        shutil.rmtree(run, ignore_errors=True)
+        os.makedirs(disk, exist_ok=True)
+        size = f"{int(one_state * 1.6) // 1024}k"
+        out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", disk], capture_output=True,
+                             text=True)
+        if out.returncode != 0:
+            self.record("state", "disk full", "a full disk", "-", f"cannot mount a tmpfs: {out.stderr.strip()}", False)
+            return False
+        try:
+            job = self.train("state-full", run, f"train.state_dir={disk}")
+            job.wait(900)
+            said = job.output()
+            job.close()
+            line = last_line(said)
+            left = sorted(n for n in os.listdir(disk) if re.search(r"step-\d{9}$", n))
+            kept = [n for n in left if os.path.exists(os.path.join(disk, n, "COMPLETE"))]
+            clean = left == kept and len(kept) == 1
+            one_line = "no space left on the device" in line and disk in line and "basic_ios" not in said
+            stopped = max((r["step"] for r in RunView(run).rows()), default=0)
+            self.record("state", "disk full", f"train.state_dir on a {size}B tmpfs (a state is "
+                        f"{one_state / 2**20:.1f} MiB)", f"stopped at step {stopped}",
+                        f"{line or ended(job, said)}; left: {left}", job.proc.returncode != 0 and one_line and clean)
+            # room for train.keep_last (3) states and the one being written
+            subprocess.run(["mount", "-o", f"remount,size={int(one_state * 5.5) // 1024}k", disk], check=True)
+            job = self.train("state-full-resume", run, f"train.state_dir={disk}")
+            job.wait(900)
+            said = job.output()
+            job.close()
+            same, why, _ = self.compare_run(RunView(run), said)
+            ok = job.proc.returncode == 0 and same
+            self.record("state", "disk freed", "the same command after the disk was enlarged",
+                        f"resumed at {resumed_at(said, True)}", "exact" if ok else (why or ended(job, said)), ok)
+            return one_line and clean and ok
+        finally:
+            subprocess.run(["umount", disk], capture_output=True)
+
+    def state_damaged(self) -> bool:
+        """A run to step 8, a file of its newest state truncated, then the same command to the end."""
+        run = self.path("state", "damaged-run")
+        shutil.rmtree(run, ignore_errors=True)
+        job = self.train("state-damaged", run, "train.total_steps=8")
+        job.wait(900)
+        job.close()
+        newest = os.path.join(run, "states", step_name(8))
+        files = sorted(os.path.relpath(os.path.join(d, f), newest) for d, _, fs in os.walk(newest) for f in fs
+                       if f != "COMPLETE")
+        victim = os.path.join(newest, self.rng.choice(files))
+        os.truncate(victim, os.path.getsize(victim) // 2)
+        job = self.train("state-damaged-resume", run)
+        job.wait(900)
+        said = job.output()
+        job.close()
+        named = any("is damaged" in ln and victim in ln for ln in said.splitlines())
+        same, why, _ = self.compare_run(RunView(run), said)
+        at = resumed_at(said, True)
+        ok = job.proc.returncode == 0 and named and same and at == 6
+        self.record("state", "damaged state", f"{os.path.relpath(victim, run)} truncated to half (COMPLETE kept)",
+                    f"resumed at {at}", ("the damaged file named in one line; exact" if named and same else
+                                         why or ended(job, said)), ok)
+        return ok
 
     # ---------------------------------------------------------------- all
 

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from . import optim, rundir, storage
+from .checkpoint import Background, StateError
 from .config import ConfigError, check_world, dump_yaml, load_config, to_dict
 from .watchdog import EXIT_ORPHANED, EXIT_PEER_LOST, EXIT_PREEMPTED, EXIT_STOPPED, leave, record_line
 
@@ -131,7 +132,7 @@ def main(argv=None) -> int:
         return train(cfg)
     except ConfigError as e:
         _stop(f"config error: {e}")
-    except (DataError, TrainingError, StorageUnavailable) as e:
+    except (DataError, TrainingError, StorageUnavailable, StateError) as e:
         _stop(f"[train] stopped: {mask_secrets(_one_line(e))}")  # messages quote URLs: no credentials in job logs
     except Preempted as e:
         _stop(f"[train] {e}", EXIT_PREEMPTED)
@@ -457,12 +458,13 @@ class Trainer:
     preview: PreviewGrid | None = None  # rank 0, when train.sample_every
     loss_watch: LossWatch = field(default_factory=LossWatch)
     mfu: object = None  # perf.Mfu, made at the first log line
+    background: Background = field(default_factory=Background)  # rank 0's save finishing (checkpoint.Background)
 
 
 def set_up(cfg) -> tuple[Trainer, TrainState]:
     """Processes, precision, engine, EMA, loader and logs; resumed from the newest complete state
     in RUN/states if there is one."""
-    from .checkpoint import check_state_fits, find_resume, load_state, saved_meta, universal_for
+    from .checkpoint import check_shared, check_state_fits, find_resume, load_state, saved_meta, universal_for
     from .data import ShardLoader, check_dataset
     from .ema import EMA
     from .engine import build_engine, device, init_distributed
@@ -476,6 +478,7 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
     micro, accum = check_world(cfg, world)
     check_dataset(cfg.data, cfg.model, micro, world)  # bad data: one line before the engine is built
     take_lease(cfg, rank)  # before anything is written to the run
+    check_shared(cfg)  # every rank sees the state folder: one line now, not a state no resume can load
     dev = device()
     if dev.type == "cpu":  # before the model: every allocation from here on is kept for reuse
         log0(rank, f"CPU memory: {keep_freed_memory()}")
@@ -836,10 +839,15 @@ def log_window(tr: Trainer, state: TrainState, meter: Meter, last: StepResult) -
 def maybe_save(tr: Trainer, state: TrainState, state_now: bool = False) -> None:
     """What falls due at this step: the TensorBoard sample grid, the EMA snapshot, the full training
     state (also when state_now: the job is about to be preempted). The EMA is gathered once for all
-    three (collective under ZeRO-3: every rank takes part)."""
+    three (collective under ZeRO-3: every rank takes part). Only the gather and DeepSpeed's local
+    save hold the ranks; rank 0 writes the snapshot and finishes the state (upload, COMPLETE,
+    retention) in tr.background while training goes on. A background job that failed stops the run
+    here, at the next step; the final save (and a preemption's) waits for it."""
     from .checkpoint import save_state
 
     tc, step = tr.cfg.train, state.step
+    if tr.rank == 0:
+        tr.background.check()
     final = step == tc.total_steps
     want_samples = bool(tc.sample_every) and (step % tc.sample_every == 0 or final)
     want_snapshot = step % tc.snapshot_every == 0 or final
@@ -856,12 +864,21 @@ def maybe_save(tr: Trainer, state: TrainState, state_now: bool = False) -> None:
         records = []  # where the latents read and write, for the first preview noises
         tr.tb.image("routing/maps", tr.preview.routing(records), step)
         tr.tb.scalars(routing_scalars(records), step)
+    jobs = []
     if tr.rank == 0 and want_snapshot:
-        rundir.write_snapshot(tc.run_dir, step, ema_full, tr.cfg, meta)
-        rundir.prune(tc.run_dir, "snapshots", tc.keep_last, tc.milestone_every)
+        jobs.append(lambda: rundir.write_snapshot(tc.run_dir, step, ema_full, tr.cfg, meta))
+        jobs.append(lambda: rundir.prune(tc.run_dir, "snapshots", tc.keep_last, tc.milestone_every))
+    if tr.rank == 0 and (jobs or want_state):
+        tr.background.wait()  # one in flight: the previous save is finished before this one starts
     if want_state:
         tr.train_log.flush()  # the rows up to this step outlive the job with the state (buffered on a bucket)
-        save_state(tr.engine, tr.cfg, step, ema_full, tr.loader.state_dict(), {**meta, "optimizer_groups": tr.groups})
+        finish = save_state(tr.engine, tr.cfg, step, ema_full, tr.loader.state_dict(),
+                            {**meta, "optimizer_groups": tr.groups})
+        jobs += [finish] if finish else []
+    if jobs:
+        tr.background.submit(jobs)
+    if tr.rank == 0 and (final or state_now):  # the job ends after this save: its upload must finish
+        tr.background.wait()
     if tr.rank == 0 and (want_samples or want_snapshot):
         tr.tb.flush()
 
