@@ -108,8 +108,11 @@ def test_a_local_job_requeues_itself_after_a_hang_and_a_crash_and_saves_on_preem
         stopped = time.time()
         _wait_for(lambda: starts() in (2, -1), 20 + 60 + 30, "the requeued start")  # + a minute + the restart
         ended_s = min(r["time"] for r in launch_job.read_log(run) if r["event"] == "requeued") - stopped
-        # attempt 2: rank 1 killed once it trained on: its peer leaves, the job requeues ("peer_lost")
-        _wait_for(lambda: _last(run) >= 6 or job.done(), 600, "steps of attempt 2")
+        # attempt 2: rank 1 killed once it trained on: its peer leaves, the job requeues ("peer_lost").
+        # Rows reach the log at log steps, so "trained on" is a row past the last one attempt 1 wrote
+        # (the rows attempt 1 left past its state stay until attempt 2's start-up drops them).
+        before = _last(run)
+        _wait_for(lambda: _last(run) > before or job.done(), 600, "steps of attempt 2")
         peer = rank(0)
         os.kill(rank(1), signal.SIGKILL)
         killed = time.time()
@@ -117,7 +120,8 @@ def test_a_local_job_requeues_itself_after_a_hang_and_a_crash_and_saves_on_preem
         peer_s = time.time() - killed
         _wait_for(lambda: starts() in (3, -1), 120, "the second requeued start")
         # attempt 3: preempted once it trained on: a state at the step the signal reached
-        _wait_for(lambda: _last(run) >= 9 or job.done(), 600, "steps of attempt 3")
+        before = _last(run)
+        _wait_for(lambda: _last(run) > before or job.done(), 600, "steps of attempt 3")
         at_signal = _last(run)
         job._interrupt()
         _wait_for(job.done, 600, "the job to finish")
