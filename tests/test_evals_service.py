@@ -311,18 +311,22 @@ def test_once_fails_in_one_line_when_a_snapshot_fails(tmp_path, video_data, caps
     assert ledger(run) == [] and not os.listdir(os.path.join(run, "eval", "claims"))
 
 
-def test_non_finite_samples_or_features_give_error_rows(tmp_path, video_data):
+def test_non_finite_weights_samples_or_features_give_error_rows(tmp_path, video_data, capfd):
     import math
 
     run, cfg, model = video_run(str(tmp_path / "run"), video_data)
     snapshot(run, cfg, model, 10)
     broken = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     rundir.write_snapshot(run, 20, broken, cfg, {"images_seen": 0})
-    svc = Service(run, progress=False)
-    assert svc.run_once() == 2 and svc.failed == []
+    # --once exits non-zero after writing an error row; NaN weights are found when loaded, before sampling.
+    assert main(["--run", run, "--once", "--quiet"]) == 1
+    err = capfd.readouterr().err
+    assert "step 20: chunk" not in err and "step 10: chunk" in err
+    assert err.strip().splitlines()[-1].startswith("error: 1 snapshot(s) failed to score (2 ledger row(s) written)")
     rows = {r["step"]: r for r in ledger(run)}
-    assert rows[10]["status"] == "ok"
-    assert rows[20]["status"] == "error" and rows[20]["value"] is None and "non-finite samples" in rows[20]["error"]
+    assert rows[10]["status"] == "ok" and rows[10]["precision"] in ("bf16", "fp32")  # what the scoring ran in
+    assert rows[20]["status"] == "error" and rows[20]["value"] is None and "non-finite weights" in rows[20]["error"]
+    svc = Service(run, progress=False)
     # Finite samples, but an extractor that gives NaNs: an error row too, not a score.
     snapshot(run, cfg, model, 30)
     svc.extractor.net.forward = lambda x: torch.full((x.shape[0], 400), math.nan)
