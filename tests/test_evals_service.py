@@ -179,6 +179,94 @@ def test_bad_input_is_one_line(tmp_path, video_data, capsys):
     assert err[-1].startswith("error: data.shards=") and "does not exist" in err[-1]
 
 
+# --------------------------------------------------------------------------------------------
+# Chunks: a snapshot's samples split among services (and the GPUs of one eval job)
+
+
+def _chunk_files(run: str, step: int) -> dict:
+    d = os.path.join(run, "eval", "chunks", rundir.step_name(step))
+    names = [n for n in os.listdir(d) if n.endswith(".pt")] if os.path.isdir(d) else []  # not a write in flight
+    return {n: os.stat(os.path.join(d, n)).st_mtime_ns for n in names}
+
+
+def _count_chunks(monkeypatch) -> list:
+    """The (start, stop) of every chunk this process samples."""
+    calls, real = [], Service._evaluate
+
+    def counted(self, step, model, dcfg, a, b):
+        calls.append((a, b))
+        return real(self, step, model, dcfg, a, b)
+
+    monkeypatch.setattr(Service, "_evaluate", counted)
+    return calls
+
+
+def test_chunks_split_among_services_and_a_kill_loses_one_chunk(tmp_path, video_data, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    extra = ["eval.num_samples=8", "eval.chunk=2"]
+    values = {}
+    for name in ("one", "two", "killed"):
+        run, cfg, model = video_run(str(tmp_path / name), video_data, extra)
+        snapshot(run, cfg, model, 10)
+    calls = _count_chunks(monkeypatch)
+
+    # One service: 4 chunks of 2 samples, one row.
+    assert main(["--run", str(tmp_path / "one"), "--once", "--quiet"]) == 0
+    (row,) = ledger(str(tmp_path / "one"))
+    assert (row["status"], row["samples"], row["chunks"]) == ("ok", 8, 4) and sorted(calls) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    values["one"] = row["value"]
+
+    # Two services at once: every chunk sampled once, one row, the same value to the last bit.
+    run, calls[:] = str(tmp_path / "two"), []
+    services = [Service(run, progress=False) for _ in range(2)]
+    for s in services:
+        s.reference
+    threads = [threading.Thread(target=s.run_once) for s in services]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (row,) = ledger(run)
+    assert sorted(calls) == [(0, 2), (2, 4), (4, 6), (6, 8)] and row["value"] == values["one"]
+    assert not _chunk_files(run, 10) and not os.listdir(os.path.join(run, "eval", "claims"))
+
+    # A service killed (SIGKILL) after its first chunk: the next one scores only what was not finished.
+    run, calls[:] = str(tmp_path / "killed"), []
+    proc = subprocess.Popen([sys.executable, "-m", "evals.service", "--run", run, "--once", "--quiet"],
+                            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))},
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not _chunk_files(run, 10) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    done = _chunk_files(run, 10)
+    assert 1 <= len(done) < 4 and ledger(run) == []
+    assert main(["--run", run, "--once", "--quiet"]) == 0  # takes over the dead process's chunk claim
+    assert len(calls) == 4 - len(done)
+    (row,) = ledger(run)
+    assert row["value"] == values["one"] and not os.path.exists(os.path.join(run, "eval", "chunks", "step-000000010"))
+
+
+def test_a_snapshot_deleted_while_scored_gets_no_ok_row(tmp_path, video_data, monkeypatch):
+    run, cfg, model = video_run(str(tmp_path / "run"), video_data)
+    url = snapshot(run, cfg, model, 10)
+    real = Service._evaluate
+
+    def then_deleted(self, *a):
+        out = real(self, *a)
+        shutil.rmtree(url)  # retention, while the samples were scored
+        return out
+
+    monkeypatch.setattr(Service, "_evaluate", then_deleted)
+    assert main(["--run", run, "--once", "--quiet"]) == 0  # retention is not a failure
+    (row,) = ledger(run)
+    assert row["status"] == "deleted" and row["value"] is None and "deleted while being scored" in row["error"]
+
+
 @pytest.fixture(scope="module")
 def image_data(tmp_path_factory):
     d = tmp_path_factory.mktemp("evals-image")
