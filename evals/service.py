@@ -96,7 +96,10 @@ class Service:
         self.cfg = load_run_config(self.run, overrides)
         self.clip_cfg = scored_clips(self.cfg)
         self.metric = metric_for(self.cfg)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # One task per GPU in a multi-GPU eval job (launch.submit --service eval --gpus-per-node G):
+        # each takes its own GPU by LOCAL_RANK, as the trainer's ranks do.
+        gpu = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        self.device = torch.device(device or (gpu if torch.cuda.is_available() else "cpu"))
         self.progress = progress
         self.host = socket.gethostname()
         self.owner = f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -109,6 +112,9 @@ class Service:
         e = self.cfg.eval
         if e.order == "milestones" and not self.cfg.train.milestone_every:
             raise ConfigError("eval.order=milestones needs train.milestone_every > 0 in the run's config")
+        # The plan the trainer's retention follows (rundir.prune_snapshots): which snapshots to keep.
+        storage.write_json(storage.join(self.run, "eval", "plan.json"),
+                           {"order": e.order, "metric": self.metric, "owner": self.owner, "time": time.time()})
 
     # ---------------------------------------------------------------- what to score
 
@@ -287,6 +293,8 @@ class Service:
         returns how many ledger rows were written. Failures of this pass are in self.failed."""
         rows, self.failed = 0, []
         todo = self.pending() if pending is None else pending
+        if pending is None and self.cfg.eval.order == "newest" and len(todo) > 1:
+            todo = self._skip_older(todo)
         todo = todo[:limit] if limit else todo
         if todo:  # missing weights or real data are the service's error, not a snapshot's
             self.reference
@@ -305,6 +313,17 @@ class Service:
                 if n >= MAX_FAILURES:
                     rows += self._unscored(step, "error", e)
         return rows
+
+    def _skip_older(self, todo: list) -> list:
+        """eval.order=newest: the newest snapshot is scored; the older unscored ones get a `skipped` row
+        (and so the trainer's retention may delete them)."""
+        newest, older = todo[0], [s for s, _ in todo[1:]]
+        log(f"step {newest[0]}: scored first (eval.order=newest); skipping the older unscored "
+            f"step(s) {', '.join(map(str, older))}")
+        for step in older:
+            self._final(step, lambda step=step: self._unscored(step, "skipped", RuntimeError(
+                f"eval.order=newest: step {newest[0]} was scored instead")))
+        return todo[:1]
 
     def score(self, step: int, url: str) -> int:
         """Scores the chunks of `step` that no service has scored or holds; the service that finds

@@ -655,7 +655,7 @@ def maybe_save(tr: Trainer, state: TrainState) -> None:
         tr.tb.scalars(routing_scalars(records), step)
     if tr.rank == 0 and want_snapshot:
         rundir.write_snapshot(tc.run_dir, step, ema_full, tr.cfg, meta)
-        rundir.prune(tc.run_dir, "snapshots", tc.keep_last, tc.milestone_every)
+        rundir.prune_snapshots(tr.cfg)  # keeps what the eval service has not scored yet
     if want_state:
         tr.train_log.flush()  # the rows up to this step outlive the job with the state (buffered on a bucket)
         save_state(tr.engine, tr.cfg, step, ema_full, tr.loader.state_dict(), {**meta, "optimizer_groups": tr.groups})
