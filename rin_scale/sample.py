@@ -120,7 +120,11 @@ class NpzWriter:
 
     def add(self, x: torch.Tensor, labels=None) -> None:
         """x: samples in [-1, 1], channels first (N, C, H, W) or (N, C, T, H, W)."""
-        u8 = to_uint8(x).movedim(1, -1).contiguous().numpy()  # channels last, as ADM's npz
+        self.add_uint8(to_uint8(x).movedim(1, -1).contiguous().numpy(), labels)  # channels last, as ADM's
+
+    def add_uint8(self, u8: np.ndarray, labels=None) -> None:
+        """u8: samples already as the file holds them (uint8, channels last)."""
+        u8 = np.ascontiguousarray(u8, dtype=np.uint8)
         if u8.shape[1:] != self.shape[1:] or self.rows + len(u8) > self.shape[0]:
             raise ValueError(f"samples of shape {u8.shape[1:]} do not fit {self.shape}")
         self.member.write(u8.tobytes())

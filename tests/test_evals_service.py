@@ -157,9 +157,11 @@ def test_newest_order_and_milestones(tmp_path, video_data):
         snapshot(run, cfg, model, step)
     assert [s for s, _ in Service(run, ["eval.order=newest"], progress=False).pending()] == [400, 300, 200, 100]
     assert [s for s, _ in Service(run, ["eval.order=milestones"], progress=False).pending()] == [200, 400]
-    # --once --limit 1 with newest first: just the final snapshot (what a short demo wants).
-    assert main(["--run", run, "--once", "--quiet", "--limit", "1", "eval.order=newest"]) == 0
-    assert [r["step"] for r in ledger(run)] == [400]
+    # Newest: the final snapshot is scored, the older unscored ones get a row saying they were skipped.
+    assert main(["--run", run, "--once", "--quiet", "eval.order=newest"]) == 0
+    assert [(r["step"], r["status"]) for r in ledger(run)] == [(100, "skipped"), (200, "skipped"),
+                                                              (300, "skipped"), (400, "ok")]
+    assert "step 400 was scored instead" in ledger(run)[0]["error"]
 
 
 def test_bad_input_is_one_line(tmp_path, video_data, capsys):
@@ -422,6 +424,79 @@ def test_non_finite_weights_samples_or_features_give_error_rows(tmp_path, video_
     last = ledger(run)[-1]
     assert (last["step"], last["status"]) == (30, "error") and "non-finite features" in last["error"]
     assert Service(run, progress=False).run_once() == 0  # not retried
+
+
+def _adm_reader(path: str, name: str):
+    """What ADM's evaluator (guided-diffusion evaluations/evaluator.py) does with a sample batch:
+    open `name`.npy inside the zip, read the .npy header, then stream the rows."""
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path, "r") as z, z.open(f"{name}.npy", "r") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        assert not fortran and not dtype.hasobject  # ADM's streaming reader
+        return np.frombuffer(f.read(), dtype=dtype).reshape(shape)
+
+
+def test_the_scored_samples_export_as_adm_npz_equal_to_rin_sample(tmp_path, image_data):
+    import numpy as np
+
+    from evals.export import main as export_main
+    from rin_scale.sample import main as sample_main
+
+    run = str(tmp_path / "run")
+    cfg, model = make_run(run, "tiny", [
+        f"data.shards={image_data['shards']}", f"eval.inception_weights={image_data['inception']}",
+        f"eval.cache_dir={image_data['cache']}", "eval.num_samples=6", "eval.batch=2", "eval.chunk=4",
+        "eval.steps=2", "eval.sampler=ddpm", "eval.reference_samples=4", "eval.keep_samples=true"])
+    snapshot(run, cfg, model, 10)
+    assert main(["--run", run, "--once", "--quiet"]) == 0
+    scored = str(tmp_path / "scored.npz")
+    assert export_main([run, "--step", "10", "--out", scored]) == 0
+    # The same samples from rin_scale.sample: chunks, noise per sample index, labels i mod 10.
+    direct = str(tmp_path / "direct.npz")
+    assert sample_main([run, "--n", "6", "--chunk", "4", "--batch", "2", "--steps", "2", "--sampler", "ddpm",
+                        "--seed", str(cfg.train.seed), "--npz", direct, "--out", str(tmp_path / "grid.png")]) == 0
+    for path in (scored, direct):
+        x, y = _adm_reader(path, "arr_0"), _adm_reader(path, "arr_1")
+        assert x.dtype == np.uint8 and x.shape == (6, 16, 16, 3) and x.max() > x.min()
+        assert y.tolist() == [0, 1, 2, 3, 4, 5]
+        with np.load(path) as z:
+            assert z.files == ["arr_0", "arr_1"] and np.array_equal(z["arr_0"], x)
+    assert np.array_equal(_adm_reader(scored, "arr_0"), _adm_reader(direct, "arr_0"))
+
+
+def test_the_trainer_keeps_snapshots_until_the_eval_service_scores_them(tmp_path, image_data):
+    from test_train import train
+
+    run = str(tmp_path / "run")
+    cfg = ["train.global_batch=8", "train.snapshot_every=2", "train.state_every=2", "train.sample_every=0",
+           "train.keep_last=1", "eval.keep_unscored=2", f"eval.inception_weights={image_data['inception']}",
+           f"eval.cache_dir={image_data['cache']}", "eval.num_samples=2", "eval.batch=2", "eval.steps=2",
+           "eval.reference_samples=4", "data.workers=2"]
+    train(run, 1, *cfg, "train.total_steps=2", shards=image_data["shards"])
+    svc = Service(run, progress=False)  # started, but slower than the trainer: nothing scored yet
+
+    def kept():
+        return [s for s, _ in rundir.list_complete(run, "snapshots")]
+
+    # keep_last=1, yet no unscored snapshot is deleted while the budget (eval.keep_unscored=2) holds.
+    proc = train(run, 1, *cfg, "train.total_steps=6", shards=image_data["shards"])
+    assert kept() == [2, 4, 6] and "eval.keep_unscored" not in proc.stdout + proc.stderr
+    # Past the budget: the oldest unscored goes, with one warning and a ledger row saying why.
+    proc = train(run, 1, *cfg, "train.total_steps=10", shards=image_data["shards"])
+    assert kept() == [6, 8, 10]
+    warnings = [l for l in (proc.stdout + proc.stderr).splitlines() if "eval.keep_unscored=2" in l]
+    assert len(warnings) == 1 and "deleting the oldest unscored (2, 4)" in warnings[0]
+    assert [(r["step"], r["status"]) for r in ledger(run)] == [(2, "skipped"), (4, "skipped")]
+    assert "eval.keep_unscored=2" in ledger(run)[0]["error"]
+    # Once scored, they go as keep_last says.
+    assert svc.run_once() == 3
+    train(run, 1, *cfg, "train.total_steps=12", shards=image_data["shards"])
+    assert kept() == [12]
 
 
 # --------------------------------------------------------------------------------------------
