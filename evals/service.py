@@ -108,6 +108,7 @@ class Service:
         self.failed: list[str] = []  # the last pass's failures, one line each
         self.reported_incomplete: set[int] = set()
         self._ledger_cache: dict = {}
+        self._key = ""  # the chunk key of the snapshot being scored (_chunk_key)
         self._frechet = self._tb = None
         e = self.cfg.eval
         if e.order == "milestones" and not self.cfg.train.milestone_every:
@@ -340,8 +341,9 @@ class Service:
                 "corrupt" if storage.exists(storage.join(url, rundir.COMPLETE)) else "deleted")
             return self._final(step, lambda: self._unscored(step, status, e))
         plan = chunk_plan(self.cfg.eval.num_samples, self.cfg.eval.chunk)
+        self._key = self._chunk_key(dcfg)
         for k, (a, b) in enumerate(plan):
-            part = f"-chunk-{k:06d}"
+            part = f"-{self._key}-chunk-{k:06d}"
             if storage.exists(self._chunk_url(step, k)) or not self.claim(step, part):
                 continue
             with self.holding(step, part):
@@ -363,8 +365,18 @@ class Service:
             return 0
         return self._final(step, lambda: self._rows(step, url, dcfg, meta, len(plan)))
 
+    def _chunk_key(self, dcfg) -> str:
+        """What a chunk's samples and sums depend on: services scoring with other settings (a changed
+        command line) keep apart chunks that must not be added up together."""
+        import hashlib
+
+        e = self.cfg.eval
+        what = [e.num_samples, e.chunk, e.batch, self._sampler(dcfg), self._steps(dcfg), dcfg.guidance,
+                self.cfg.train.seed, self.metric, e.inception_weights, e.i3d_weights, e.classifier_data, e.frames]
+        return hashlib.sha1(json.dumps(what).encode()).hexdigest()[:10]
+
     def _chunk_url(self, step: int, k: int) -> str:
-        return storage.join(self.run, "eval", "chunks", rundir.step_name(step), f"chunk-{k:06d}.pt")
+        return storage.join(self.run, "eval", "chunks", rundir.step_name(step), self._key, f"chunk-{k:06d}.pt")
 
     def _final(self, step: int, write) -> int:
         """write() under the step's own claim, once: the ledger row is written by one service."""

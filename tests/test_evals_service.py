@@ -186,9 +186,10 @@ def test_bad_input_is_one_line(tmp_path, video_data, capsys):
 
 
 def _chunk_files(run: str, step: int) -> dict:
-    d = os.path.join(run, "eval", "chunks", rundir.step_name(step))
-    names = [n for n in os.listdir(d) if n.endswith(".pt")] if os.path.isdir(d) else []  # not a write in flight
-    return {n: os.stat(os.path.join(d, n)).st_mtime_ns for n in names}
+    import glob
+
+    names = glob.glob(os.path.join(run, "eval", "chunks", rundir.step_name(step), "*", "*.pt"))  # not .pt.tmp-*
+    return {n: os.stat(n).st_mtime_ns for n in names}
 
 
 def _count_chunks(monkeypatch) -> list:
