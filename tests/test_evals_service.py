@@ -301,7 +301,7 @@ def test_fid_and_class_accuracy_for_a_class_conditional_model(tmp_path, image_da
     # Weights full of NaN sample NaNs, which as uint8 images would be black and get a FID: an error row.
     rundir.write_snapshot(run, 500, {k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()},
                           cfg, {"images_seen": 0})
-    assert main(["--run", run, "--once", "--quiet"]) == 0
+    assert main(["--run", run, "--once", "--quiet"]) == 1  # a snapshot failed: --once says so
     last = ledger(run)[-1]
     assert (last["step"], last["metric"], last["status"], last["value"]) == (500, "fid", "error", None)
 
