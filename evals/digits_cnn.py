@@ -306,6 +306,13 @@ class DomainScore:
         self.stats.update(features(self.dom.net, x))
         self.lap += float(laplacian_energy(x).sum())
 
+    def state(self) -> dict:
+        return {"stats": self.stats.state(), "lap": self.lap}
+
+    def merge(self, state: dict) -> None:
+        self.stats.merge(state["stats"])
+        self.lap += state["lap"]
+
     def result(self) -> dict:
         fid = self.dom.distance(self.stats)
         lap = self.lap / max(self.stats.n, 1)

@@ -105,6 +105,18 @@ class FeatureStats:
         self.outer += f.T @ f
         self.kept = keep_rows(self.kept, f, self.n, len(self.sum))
 
+    def state(self) -> dict:
+        """What a chunk keeps: sums, count and (below `dim` rows) the rows; merge() adds them up."""
+        return {"n": self.n, "sum": self.sum, "outer": self.outer, "rows": torch.cat(self.kept) if self.kept else None}
+
+    def merge(self, state: dict) -> None:
+        """Add a state() of other rows; merged in a fixed order, the sums come out the same bits."""
+        self.n += state["n"]
+        self.sum += state["sum"]
+        self.outer += state["outer"]
+        rows = state["rows"]
+        self.kept = keep_rows(self.kept, torch.as_tensor(rows), self.n, len(self.sum)) if rows is not None else []
+
     def mean_cov(self) -> tuple[np.ndarray, np.ndarray]:
         return mean_cov(self.sum, self.outer, self.n)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import io
 import json
 import math
 import os
@@ -38,9 +39,12 @@ from tqdm import tqdm
 
 from rin_scale import rundir, storage
 from rin_scale.config import ConfigError, scored_clips
+from rin_scale.media import to_uint8
 from rin_scale.rundir import load_run_config
+from rin_scale.sample import chunk_plan
 
 from . import ledger
+from .frechet import FeatureStats
 
 MAX_FAILURES = 3  # unexpected errors on one snapshot before it gets an error row and is left alone
 HEARTBEAT = 30.0  # seconds between renewals of a claim while its snapshot is scored
@@ -65,6 +69,25 @@ def _alive(pid) -> bool:
     return True
 
 
+def check_finite_weights(model) -> None:
+    """NaN or inf in the weights: found when they are loaded, not after a whole sampling pass."""
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"non-finite weights (NaN or inf) in {len(bad)} tensor(s) of ema.safetensors, "
+                                 f"e.g. {bad[0]}: the snapshot's weights are broken")
+
+
+def samples_url(run: str, step: int, start: int) -> str:
+    """A scored chunk's uint8 samples (eval.keep_samples): an .npz named by its first sample index."""
+    return storage.join(run, "eval", "samples", rundir.step_name(step), f"samples-{start:09d}.npz")
+
+
+def _to_bytes(state: dict) -> bytes:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
 class Service:
     def __init__(self, run: str, overrides=(), device=None, progress: bool = True):
         from .extractors import metric_for
@@ -73,7 +96,10 @@ class Service:
         self.cfg = load_run_config(self.run, overrides)
         self.clip_cfg = scored_clips(self.cfg)
         self.metric = metric_for(self.cfg)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # One task per GPU in a multi-GPU eval job (launch.submit --service eval --gpus-per-node G):
+        # each takes its own GPU by LOCAL_RANK, as the trainer's ranks do.
+        gpu = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"
+        self.device = torch.device(device or (gpu if torch.cuda.is_available() else "cpu"))
         self.progress = progress
         self.host = socket.gethostname()
         self.owner = f"{self.host}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -82,10 +108,14 @@ class Service:
         self.failed: list[str] = []  # the last pass's failures, one line each
         self.reported_incomplete: set[int] = set()
         self._ledger_cache: dict = {}
+        self._key = ""  # the chunk key of the snapshot being scored (_chunk_key)
         self._frechet = self._tb = None
         e = self.cfg.eval
         if e.order == "milestones" and not self.cfg.train.milestone_every:
             raise ConfigError("eval.order=milestones needs train.milestone_every > 0 in the run's config")
+        # The plan the trainer's retention follows (rundir.prune_snapshots): which snapshots to keep.
+        storage.write_json(storage.join(self.run, "eval", "plan.json"),
+                           {"order": e.order, "metric": self.metric, "owner": self.owner, "time": time.time()})
 
     # ---------------------------------------------------------------- what to score
 
@@ -117,8 +147,9 @@ class Service:
 
     # ---------------------------------------------------------------- claims
 
-    def _claim_url(self, step: int) -> str:
-        return storage.join(self.run, "eval", "claims", f"{rundir.step_name(step)}.json")
+    def _claim_url(self, step: int, part: str = "") -> str:
+        """step-N.json: the right to write step N's rows; step-N-chunk-K.json: to score chunk K."""
+        return storage.join(self.run, "eval", "claims", f"{rundir.step_name(step)}{part}.json")
 
     def _claim_body(self) -> bytes:
         return json.dumps({"owner": self.owner, "host": self.host, "pid": os.getpid(), "time": time.time()}).encode()
@@ -163,9 +194,10 @@ class Service:
             return f"its process {claim.get('pid')} is gone"
         return ""
 
-    def claim(self, step: int) -> bool:
-        """True when this service now owns the snapshot; claims of dead services are taken over."""
-        url = self._claim_url(step)
+    def claim(self, step: int, part: str = "") -> bool:
+        """True when this service now owns the snapshot (or its chunk `part`); claims of dead services
+        are taken over."""
+        url = self._claim_url(step, part)
         if self._create_exclusive(url, self._claim_body()):
             return True
         try:
@@ -174,21 +206,21 @@ class Service:
             other = {}  # released meanwhile, or torn: try once more
         why = self._stale(other) if other else "released meanwhile, or torn"
         if not why:
-            log(f"step {step}: claimed by {other.get('owner')}, alive; left to it")
+            log(f"step {step}{part}: claimed by {other.get('owner')}, alive; left to it")
             return False
-        log(f"step {step}: taking over the claim of {other.get('owner')}: {why}")
-        self.release(step)
+        log(f"step {step}{part}: taking over the claim of {other.get('owner')}: {why}")
+        self.release(step, part)
         return self._create_exclusive(url, self._claim_body())
 
     @contextlib.contextmanager
-    def holding(self, step: int):
+    def holding(self, step: int, part: str = ""):
         """Renews the claim on `step` (already taken) until the block ends, then releases it."""
         stop = threading.Event()
 
         def beat():
             while not stop.wait(self.stale_after / STALE_BEATS):
                 try:
-                    storage.write_bytes(self._claim_url(step), self._claim_body())
+                    storage.write_bytes(self._claim_url(step, part), self._claim_body())
                 except Exception as e:  # the next beat tries again; one miss does not make it stale
                     log(f"step {step}: renewing the claim failed ({_why(e)})")
 
@@ -199,10 +231,10 @@ class Service:
         finally:
             stop.set()
             t.join()
-            self.release(step)
+            self.release(step, part)
 
-    def release(self, step: int) -> None:
-        fs, path = storage.fs_path(self._claim_url(step))
+    def release(self, step: int, part: str = "") -> None:
+        fs, path = storage.fs_path(self._claim_url(step, part))
         with contextlib.suppress(FileNotFoundError):
             fs.rm(path)
 
@@ -262,6 +294,8 @@ class Service:
         returns how many ledger rows were written. Failures of this pass are in self.failed."""
         rows, self.failed = 0, []
         todo = self.pending() if pending is None else pending
+        if pending is None and self.cfg.eval.order == "newest" and len(todo) > 1:
+            todo = self._skip_older(todo)
         todo = todo[:limit] if limit else todo
         if todo:  # missing weights or real data are the service's error, not a snapshot's
             self.reference
@@ -281,62 +315,166 @@ class Service:
                     rows += self._unscored(step, "error", e)
         return rows
 
+    def _skip_older(self, todo: list) -> list:
+        """eval.order=newest: the newest snapshot is scored; the older unscored ones get a `skipped` row
+        (and so the trainer's retention may delete them)."""
+        newest, older = todo[0], [s for s, _ in todo[1:]]
+        log(f"step {newest[0]}: scored first (eval.order=newest); skipping the older unscored "
+            f"step(s) {', '.join(map(str, older))}")
+        for step in older:
+            self._final(step, lambda step=step: self._unscored(step, "skipped", RuntimeError(
+                f"eval.order=newest: step {newest[0]} was scored instead")))
+        return todo[:1]
+
     def score(self, step: int, url: str) -> int:
+        """Scores the chunks of `step` that no service has scored or holds; the service that finds
+        every chunk done writes the rows. Returns the ledger rows written (0 while chunks remain)."""
         from rin_scale.rundir import SnapshotError, load_snapshot_model
 
+        if step in self.scored_steps():
+            return 0
+        try:
+            model, dcfg, meta = load_snapshot_model(url, self.device)
+            check_finite_weights(model)
+        except (SnapshotError, FloatingPointError) as e:
+            status = "error" if isinstance(e, FloatingPointError) else (
+                "corrupt" if storage.exists(storage.join(url, rundir.COMPLETE)) else "deleted")
+            return self._final(step, lambda: self._unscored(step, status, e))
+        plan = chunk_plan(self.cfg.eval.num_samples, self.cfg.eval.chunk)
+        self._key = self._chunk_key(dcfg)
+        for k, (a, b) in enumerate(plan):
+            part = f"-{self._key}-chunk-{k:06d}"
+            if storage.exists(self._chunk_url(step, k)) or not self.claim(step, part):
+                continue
+            with self.holding(step, part):
+                if storage.exists(self._chunk_url(step, k)):  # finished by another between look and claim
+                    continue
+                if not storage.exists(storage.join(url, rundir.COMPLETE)):
+                    return self._final(step, lambda: self._unscored(step, "deleted", SnapshotError(
+                        f"{url} was deleted while being scored (by retention?)")))
+                log(f"step {step}: chunk {k + 1} of {len(plan)}, samples {a}-{b - 1}, with {self._sampler(dcfg)} "
+                    f"({self._steps(dcfg)} steps) in {self.precision.name} on {self.device}")
+                try:
+                    state = self._evaluate(step, model, dcfg, a, b)
+                except FloatingPointError as e:  # the same weights and noise give the same NaNs: not retried
+                    return self._final(step, lambda: self._unscored(step, "error", e))
+                storage.write_bytes(self._chunk_url(step, k), _to_bytes(state))
+        done = sum(storage.exists(self._chunk_url(step, k)) for k in range(len(plan)))
+        if done < len(plan):
+            log(f"step {step}: {done} of {len(plan)} chunks scored; the others are held by other services")
+            return 0
+        return self._final(step, lambda: self._rows(step, url, dcfg, meta, len(plan)))
+
+    def _chunk_key(self, dcfg) -> str:
+        """What a chunk's samples and sums depend on: services scoring with other settings (a changed
+        command line) keep apart chunks that must not be added up together."""
+        import hashlib
+
+        e = self.cfg.eval
+        what = [e.num_samples, e.chunk, e.batch, self._sampler(dcfg), self._steps(dcfg), dcfg.guidance,
+                self.cfg.train.seed, self.metric, e.inception_weights, e.i3d_weights, e.classifier_data, e.frames]
+        return hashlib.sha1(json.dumps(what).encode()).hexdigest()[:10]
+
+    def _chunk_url(self, step: int, k: int) -> str:
+        return storage.join(self.run, "eval", "chunks", rundir.step_name(step), self._key, f"chunk-{k:06d}.pt")
+
+    def _final(self, step: int, write) -> int:
+        """write() under the step's own claim, once: the ledger row is written by one service."""
         if not self.claim(step):
             return 0
         with self.holding(step):
-            if step in self.scored_steps():  # another service finished it between listing and claiming
+            if step in self.scored_steps():
                 return 0
-            t0 = time.time()
-            try:
-                model, dcfg, meta = load_snapshot_model(url, self.device)
-            except SnapshotError as e:
-                complete = storage.exists(storage.join(url, rundir.COMPLETE))
-                return self._unscored(step, "corrupt" if complete else "deleted", e)
-            log(f"step {step}: sampling {self.cfg.eval.num_samples} with {self._sampler(dcfg)} "
-                f"({self._steps(dcfg)} steps) on {self.device}")
-            try:
-                result = self._evaluate(step, model, dcfg)
-            except FloatingPointError as e:  # the same weights and noise give the same NaNs: not retried
-                return self._unscored(step, "error", e)
-            seconds = time.time() - t0
-            base = {"step": step, "images_seen": meta.get("images_seen"), "samples": result["samples"],
-                    "sampler": self._sampler(dcfg), "steps": self._steps(dcfg), "guidance": dcfg.guidance,
-                    "seconds": round(seconds, 2), "sample_seconds": round(result["sample_seconds"], 2), "status": "ok"}
-            out = [{**base, "metric": self.metric, "value": result["value"], "extractor": self.extractor.id,
-                    "reference": self.reference.url, "reference_samples": self.reference.n}]
-            if "class_accuracy" in result:
-                out.append({**base, "metric": "class_accuracy", "value": result["class_accuracy"],
-                            "classifier": "sklearn SVC(C=10) on pixels",
-                            "classifier_real_accuracy": result["classifier_real_accuracy"],
-                            "classifier_data": self.cfg.eval.classifier_data})
-            if "frame_mse" in result:
-                out += self._video_rows(base, result)
-            if "domain_fid" in result:
-                dom = self.domain
-                out.append({**base, "metric": "domain_fid", "value": result["domain_fid"], "floor": dom.floor,
-                            "floor_samples": dom.floor_n, "extractor": dom.id, "reference": dom.url,
-                            "reference_samples": dom.n, "cnn_heldout_accuracy": dom.heldout_accuracy})
-                out.append({**base, "metric": "laplacian_ratio", "value": result["laplacian_ratio"],
-                            "sample_laplacian": result["sample_laplacian"], "real_laplacian": dom.real_laplacian})
-            for row in out[1:] + out[:1]:  # the primary row last: it is what marks the step done
-                self._append(row)
-            self._tensorboard(step, result, out)
-            extra = (f", class accuracy {result['class_accuracy']:.3f} (classifier on real held-out data: "
-                     f"{result['classifier_real_accuracy']:.3f})" if "class_accuracy" in result else "")
-            if "domain_fid" in result:
-                extra += (f", domain FID {result['domain_fid']:.3f} (real held-out: {result['domain_fid_floor']:.3f}), "
-                          f"Laplacian ratio {result['laplacian_ratio']:.2f}")
-            if "frame_mse" in result:
-                r = result
-                extra += (f", frame MSE {r['frame_mse']:.4f} (repeat last frame {r['frame_mse_repeat_last']:.4f}, "
-                          f"data mean {r['frame_mse_data_mean']:.4f}), digit recognised in {r['frame_accuracy']:.1%} "
-                          f"of predicted frames (true frames: {r['frame_accuracy_real']:.1%})")
-            log(f"step {step}: {self.metric.upper()} {result['value']:.4f} from {result['samples']} samples "
-                f"in {seconds:.0f} s (sampling {result['sample_seconds']:.0f} s){extra}")
-            return len(out)
+            n = write()
+        fs, path = storage.fs_path(storage.join(self.run, "eval", "chunks", rundir.step_name(step)))
+        with contextlib.suppress(FileNotFoundError):
+            fs.rm(path, recursive=True)
+        return n
+
+    def _merged(self, step: int, chunks: int) -> dict:
+        """The chunks' states added up in chunk order (so 1 or N services give the same bits)."""
+        from .frechet import FrechetReference
+
+        if self._frechet is None:
+            self._frechet = FrechetReference(self.reference.mu, self.reference.sigma, rows=self.reference.rows)
+        acc = self._accumulators()
+        out = {"grid": [], "correct": 0, "sample_seconds": 0.0, "seconds": 0.0, "precision": set()}
+        for k in range(chunks):
+            st = torch.load(io.BytesIO(storage.read_bytes(self._chunk_url(step, k))), weights_only=True)
+            for name, a in acc.items():
+                a.merge(st[name])
+            out["grid"] += [st["grid"]] if st["grid"] is not None else []
+            out["correct"] += st["correct"]
+            out["sample_seconds"] += st["sample_seconds"]
+            out["seconds"] += st["seconds"]
+            out["precision"].add(st["precision"])
+        stats = acc["features"]
+        value = self._frechet.distance(*stats.mean_cov(), stats.rows())
+        if not math.isfinite(value):
+            raise FloatingPointError(f"{self.metric} came out {value}")
+        result = {"value": value, "samples": stats.n, "grid": torch.cat(out["grid"]),
+                  "sample_seconds": out["sample_seconds"], "seconds": out["seconds"],
+                  "precision": "+".join(sorted(out["precision"]))}
+        if self._classifier() is not None:
+            result["class_accuracy"] = out["correct"] / stats.n
+            result["classifier_real_accuracy"] = self._classifier().real_accuracy
+        if "video" in acc:
+            result.update(acc["video"].result())
+        if "domain" in acc:
+            result.update(acc["domain"].result())
+            if not math.isfinite(result["domain_fid"]):
+                raise FloatingPointError(f"domain FID came out {result['domain_fid']}")
+        return result
+
+    def _rows(self, step: int, url: str, dcfg, meta: dict, chunks: int) -> int:
+        try:
+            result = self._merged(step, chunks)
+        except FloatingPointError as e:
+            return self._unscored(step, "error", e)
+        if not storage.exists(storage.join(url, rundir.COMPLETE)):  # no ok row for weights that are gone
+            return self._unscored(step, "deleted", FileNotFoundError(
+                f"{url} was deleted while being scored (by retention?); its {self.metric} "
+                f"{result['value']:.4f} is not recorded"))
+        base = {"step": step, "images_seen": meta.get("images_seen"), "samples": result["samples"],
+                "sampler": self._sampler(dcfg), "steps": self._steps(dcfg), "guidance": dcfg.guidance,
+                "precision": result["precision"], "chunks": chunks,
+                "seconds": round(result["seconds"], 2), "sample_seconds": round(result["sample_seconds"], 2),
+                "status": "ok"}
+        out = [{**base, "metric": self.metric, "value": result["value"], "extractor": self.extractor.id,
+                "reference": self.reference.url, "reference_samples": self.reference.n}]
+        if "class_accuracy" in result:
+            out.append({**base, "metric": "class_accuracy", "value": result["class_accuracy"],
+                        "classifier": "sklearn SVC(C=10) on pixels",
+                        "classifier_real_accuracy": result["classifier_real_accuracy"],
+                        "classifier_data": self.cfg.eval.classifier_data})
+        if "frame_mse" in result:
+            out += self._video_rows(base, result)
+        if "domain_fid" in result:
+            dom = self.domain
+            out.append({**base, "metric": "domain_fid", "value": result["domain_fid"], "floor": dom.floor,
+                        "floor_samples": dom.floor_n, "extractor": dom.id, "reference": dom.url,
+                        "reference_samples": dom.n, "cnn_heldout_accuracy": dom.heldout_accuracy})
+            out.append({**base, "metric": "laplacian_ratio", "value": result["laplacian_ratio"],
+                        "sample_laplacian": result["sample_laplacian"], "real_laplacian": dom.real_laplacian})
+        for row in out[1:] + out[:1]:  # the primary row last: it is what marks the step done
+            self._append(row)
+        self._tensorboard(step, result, out)
+        self._log_result(step, result)
+        return len(out)
+
+    def _log_result(self, step: int, result: dict) -> None:
+        extra = (f", class accuracy {result['class_accuracy']:.3f} (classifier on real held-out data: "
+                 f"{result['classifier_real_accuracy']:.3f})" if "class_accuracy" in result else "")
+        if "domain_fid" in result:
+            extra += (f", domain FID {result['domain_fid']:.3f} (real held-out: {result['domain_fid_floor']:.3f}), "
+                      f"Laplacian ratio {result['laplacian_ratio']:.2f}")
+        if "frame_mse" in result:
+            r = result
+            extra += (f", frame MSE {r['frame_mse']:.4f} (repeat last frame {r['frame_mse_repeat_last']:.4f}, "
+                      f"data mean {r['frame_mse_data_mean']:.4f}), digit recognised in {r['frame_accuracy']:.1%} "
+                      f"of predicted frames (true frames: {r['frame_accuracy_real']:.1%})")
+        log(f"step {step}: {self.metric.upper()} {result['value']:.4f} from {result['samples']} samples "
+            f"in {result['seconds']:.0f} s of scoring (sampling {result['sample_seconds']:.0f} s){extra}")
 
     def _video_rows(self, base: dict, result: dict) -> list[dict]:
         r = result
@@ -366,80 +504,85 @@ class Service:
     def _steps(self, dcfg) -> int:
         return self.cfg.eval.steps or dcfg.sample_steps
 
-    def _evaluate(self, step: int, model, dcfg) -> dict:
-        from rin_scale.diffusion import sample, sample_clip
+    def _classifier(self):
+        m = self.cfg.model
+        if self.cfg.eval.classifier_data and m.num_classes > 0 and not m.is_video:
+            from .classifier import get_classifier
 
-        from .classifier import balanced_labels, get_classifier
-        from .frechet import FrechetReference
+            return get_classifier(self.cfg.eval.classifier_data, m)
+        return None
 
-        e, m = self.cfg.eval, model.cfg
-        if self._frechet is None:
-            self._frechet = FrechetReference(self.reference.mu, self.reference.sigma, rows=self.reference.rows)
-        stats = self.extractor.new_stats()  # raises FloatingPointError on non-finite features
-        classifier = None
-        if e.classifier_data and m.num_classes > 0 and not m.is_video:
-            classifier = get_classifier(e.classifier_data, self.cfg.model)
-        domain = None
-        if classifier is not None and self.domain is not None:
+    def _accumulators(self) -> dict:
+        """What a chunk keeps for each measure, with state() and merge()."""
+        acc = {"features": FeatureStats(self.extractor.net.num_features)}
+        if self._classifier() is not None and self.domain is not None:
             from .digits_cnn import DomainScore
 
-            domain = DomainScore(self.domain)
-        labels = balanced_labels(e.num_samples, m.num_classes) if m.num_classes > 0 else None
-        conds = self.cond_frames if m.is_video else None
-        video = None
-        if m.is_video and self.video is not None:
+            acc["domain"] = DomainScore(self.domain)
+        if self.cfg.model.is_video and self.video is not None:
             from .video_metrics import VideoScore
 
-            video = VideoScore(self.video, m.cond_frames)
-        gen = torch.Generator(self.device).manual_seed(self.cfg.train.seed)  # same noise for every snapshot
+            acc["video"] = VideoScore(self.video, self.cfg.model.cond_frames)
+        return acc
+
+    def _evaluate(self, step: int, model, dcfg, start: int, stop: int) -> dict:
+        """Samples start..stop of the snapshot (noise from (train.seed, sample index)) and what the
+        metrics need of them: the state a chunk keeps."""
+        from rin_scale.sample import sample_labels, sample_range
+
+        e, m = self.cfg.eval, model.cfg
+        t_start = time.time()
+        acc, classifier = self._accumulators(), self._classifier()
+        labels = sample_labels(stop, m.num_classes)
+        conds = self.cond_frames if m.is_video else None
         correct, grid, shown, sample_seconds = 0, [], 16 if m.is_video else 64, 0.0
-        autocast = self.precision.autocast(self.device)
-        bar = tqdm(total=e.num_samples, desc=f"step {step}", unit="sample", disable=not self.progress,
+        kept = [] if e.keep_samples else None
+        bar = tqdm(total=stop - start, desc=f"step {step}", unit="sample", disable=not self.progress,
                    file=sys.stderr)
-        for start in range(0, e.num_samples, e.batch):
-            b = min(e.batch, e.num_samples - start)
-            lb = labels[start:start + b].to(self.device) if labels is not None else None
-            cond = conds[start:start + b].to(self.device) if conds is not None else None
+        batches = sample_range(model, dcfg, start, stop, e.batch, self.cfg.train.seed, labels, conds,
+                               self._steps(dcfg), self._sampler(dcfg), frames=self.clip_cfg.model.frames)
+        while True:
             t0 = time.perf_counter()
-            with torch.no_grad(), autocast:
-                if cond is not None:
-                    x = sample_clip(model, cond, self.clip_cfg.model.frames, dcfg, labels=lb, steps=self._steps(dcfg),
-                                    sampler=self._sampler(dcfg), generator=gen)
-                else:
-                    x = sample(model, (b, *m.sample_shape), dcfg, labels=lb, steps=self._steps(dcfg),
-                               sampler=self._sampler(dcfg), generator=gen)
+            with self.precision.autocast(self.device):
+                a, x = next(batches, (None, None))
+            if x is None:
+                break
             x = x.float()
             sample_seconds += time.perf_counter() - t0
             if not torch.isfinite(x).all():  # clamped and rounded to uint8, NaNs would score as black
                 raise FloatingPointError("non-finite samples (NaN or inf): the snapshot's weights are broken")
             x = x.clamp(-1, 1)
-            if video is not None:
-                video.update(x, start)
-            if cond is not None:  # FVD scores the whole clip: given frames, then predicted ones
-                x = torch.cat([cond.float(), x], dim=2)
-            stats.update(x)
+            if "video" in acc:
+                acc["video"].update(x, a)
+            if conds is not None:  # FVD scores the whole clip: given frames, then predicted ones
+                x = torch.cat([conds[a:a + len(x)].to(x.device).float(), x], dim=2)
+            feats = self.extractor.net(x.to(self.device))
+            acc["features"].update(feats)  # raises FloatingPointError on non-finite features
             if classifier is not None:
-                correct += int((classifier.predict(x) == lb.cpu().numpy()).sum())
-            if domain is not None:
-                domain.update(x)
-            if sum(len(g) for g in grid) < shown:
-                grid.append(x[: shown - sum(len(g) for g in grid)].cpu())
-            bar.update(b)
+                correct += int((classifier.predict(x) == labels[a:a + len(x)].numpy()).sum())
+            if "domain" in acc:
+                acc["domain"].update(x)
+            if a < shown:
+                grid.append(x[: shown - a].cpu())
+            if kept is not None:
+                kept.append(to_uint8(x.cpu()).movedim(1, -1).numpy())
+            bar.update(len(x))
         bar.close()
-        value = self._frechet.distance(*stats.mean_cov(), stats.rows())
-        if not math.isfinite(value):
-            raise FloatingPointError(f"{self.metric} came out {value}")
-        out = {"value": value, "samples": stats.n, "grid": torch.cat(grid), "sample_seconds": sample_seconds}
-        if classifier is not None:
-            out["class_accuracy"] = correct / e.num_samples
-            out["classifier_real_accuracy"] = classifier.real_accuracy
-        if video is not None:
-            out.update(video.result())
-        if domain is not None:
-            out.update(domain.result())
-            if not math.isfinite(out["domain_fid"]):
-                raise FloatingPointError(f"domain FID came out {out['domain_fid']}")
-        return out
+        if kept is not None:
+            self._keep_samples(step, start, stop, kept, labels)
+        return {**{k: v.state() for k, v in acc.items()}, "correct": correct,
+                "grid": torch.cat(grid) if grid else None, "sample_seconds": sample_seconds,
+                "seconds": time.time() - t_start, "precision": self.precision.name}
+
+    def _keep_samples(self, step: int, start: int, stop: int, kept: list, labels) -> None:
+        import numpy as np
+
+        buf = io.BytesIO()
+        arrays = {"arr_0": np.concatenate(kept)}
+        if labels is not None:
+            arrays["arr_1"] = labels[start:stop].numpy()
+        np.savez(buf, **arrays)
+        storage.write_bytes(samples_url(self.run, step, start), buf.getvalue())
 
     # ---------------------------------------------------------------- outputs
 
@@ -449,6 +592,8 @@ class Service:
     def _unscored(self, step: int, status: str, e: Exception) -> int:
         """A row saying why the snapshot has no score; it is not tried again."""
         log(f"step {step}: not scored, {status}: {_why(e)}")
+        if status in ("corrupt", "error"):  # a snapshot that failed: --once exits non-zero
+            self.failed.append(f"step {step}: {status}: {_why(e)}")
         self._append({"step": step, "metric": self.metric, "value": None, "status": status, "error": _why(e)})
         return 1
 

@@ -147,6 +147,17 @@ class VideoScore:
         self.real_hits += int((self.ref.classifier.predict(flat(true)) == labels).sum())
         self.frames += len(labels)
 
+    def state(self) -> dict:
+        return {"err": {k: torch.cat(v) for k, v in self.err.items()}, "hits": self.hits,
+                "real_hits": self.real_hits, "frames": self.frames}
+
+    def merge(self, state: dict) -> None:
+        for k, v in state["err"].items():
+            self.err[k].append(v)
+        self.hits += state["hits"]
+        self.real_hits += state["real_hits"]
+        self.frames += state["frames"]
+
     def result(self) -> dict:
         per = {name: torch.cat(e).mean(0) for name, e in self.err.items()}  # (T_pred,) each
         out = {}

@@ -199,6 +199,13 @@ class EvalConfig:
                         "model.frames: the model extends each clip autoregressively (diffusion.sample_clip)")
     claim_timeout: float = _f(7200.0, "upper bound (seconds) on how long another service's claim counts while its "
                                    "heartbeat is fresh; a dead holder's claim is taken over at once")
+    chunk: int = _f(1000, "samples per chunk: services (and the GPUs of one eval job) claim a snapshot's samples a "
+                          "chunk at a time; a kill loses at most the chunk in flight")
+    keep_samples: bool = _f(False, "also keep each chunk's samples (uint8) under RUN/eval/samples: "
+                                   "python -m evals.export writes them as an ADM .npz")
+    keep_unscored: int = _f(8, "disk budget, in snapshots: the trainer keeps up to this many snapshots beyond "
+                               "train.keep_last that the eval plan (eval.order) has not scored yet, while an eval "
+                               "service works on the run; 0 = prune to train.keep_last whatever is scored")
 
 
 @dataclass
@@ -559,6 +566,7 @@ def _validate_eval(e: EvalConfig, m: ModelConfig) -> None:
     _one_of("eval.order", e.order, ("all", "newest", "milestones"))
     _check(e.sampler in ("", "ddpm", "ddim"), f"eval.sampler={e.sampler!r} is not one of '', ddpm, ddim")
     _check(e.num_samples >= 2 and e.batch >= 1, "eval.num_samples must be at least 2 and eval.batch at least 1")
+    _check(e.chunk >= 1 and e.keep_unscored >= 0, "eval.chunk must be at least 1 and eval.keep_unscored 0 or more")
     _check(e.reference_samples == 0 or e.reference_samples >= 2,
            "eval.reference_samples must be 0 (all) or at least 2")
     _check(e.claim_timeout > 0, "eval.claim_timeout must be positive (seconds)")

@@ -73,6 +73,8 @@ def predict_x0(out, x_t, gamma, kind: str, clip: float):
 
 def _rand(shape, generator, device, dtype=torch.float32, normal=False):
     fn = torch.randn if normal else torch.rand
+    if isinstance(generator, (list, tuple)):  # one generator per sample: its noise whatever the batch
+        return torch.cat([_rand((1, *shape[1:]), g, device, dtype, normal) for g in generator])
     # Draw on the generator's device (CPU generators cannot fill CUDA tensors), then move.
     gdev = generator.device if generator is not None else device
     return fn(shape, generator=generator, device=gdev, dtype=dtype).to(device)

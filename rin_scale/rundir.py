@@ -5,11 +5,13 @@ its COMPLETE marker does not exist for readers; the marker is written last.
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Optional
 
-from .storage import exists, fs_path, join, read_bytes, read_json, write_bytes, write_json
+from .storage import (append_jsonl, exists, fs_path, is_local, join, read_bytes, read_json, read_jsonl, write_bytes,
+                      write_json)
 
 COMPLETE = "COMPLETE"
 STEP_RE = re.compile(r"step-(\d{9})$")
@@ -72,14 +74,88 @@ def _delete(run: str, kind: str, doomed) -> list[int]:
     return sorted(deleted)
 
 
-def prune(run: str, kind: str, keep_last: int, milestone_every: int = 0) -> list[int]:
-    """Delete all but the newest `keep_last` complete dirs and the milestones; returns deleted steps.
-    Incomplete directories older than the newest complete one are leftovers of killed writers and
-    go too."""
+def prune(run: str, kind: str, keep_last: int, milestone_every: int = 0, keep=()) -> list[int]:
+    """Delete all but the newest `keep_last` complete dirs, the milestones and the steps in `keep`;
+    returns deleted steps. Incomplete directories older than the newest complete one are leftovers
+    of killed writers and go too."""
     complete = [s for s, _ in list_complete(run, kind)]
-    keep = set(complete[-keep_last:]) | {s for s in complete if milestone_every and s % milestone_every == 0}
+    keep = set(keep) | set(complete[-keep_last:]) | {s for s in complete if milestone_every and s % milestone_every == 0}
     newest = complete[-1] if complete else -1
     return _delete(run, kind, lambda s: s not in keep and (s in complete or s < newest))
+
+
+_budget_warned = False
+
+
+def prune_snapshots(cfg) -> list[int]:
+    """The trainer's retention of snapshots: train.keep_last and the milestones, plus the snapshots
+    the eval plan still wants (RUN/eval/plan.json, written by the eval service: with eval.order=all
+    every unscored one), up to eval.keep_unscored of them. Beyond that budget the oldest unscored
+    ones go, each with a `skipped` ledger row and, once per process, a warning."""
+    global _budget_warned
+    t, budget = cfg.train, cfg.eval.keep_unscored
+    run = t.run_dir
+    wanted, over = [], []
+    plan = _eval_plan(run) if budget else None
+    if plan and plan.get("order") == "all":
+        done = {int(r["step"]) for r in read_ledger(run) if r.get("metric") == plan.get("metric")}
+        complete = [s for s, _ in list_complete(run, "snapshots")]
+        wanted = [s for s in complete[:-t.keep_last] if s not in done
+                  and not (t.milestone_every and s % t.milestone_every == 0)]
+        cut = max(len(wanted) - budget, 0)
+        over, wanted = wanted[:cut], wanted[cut:]
+    for step in over:
+        append_ledger(run, {"step": step, "metric": plan["metric"], "value": None, "status": "skipped",
+                            "error": f"deleted unscored: eval.keep_unscored={budget} snapshots were already waiting "
+                                     f"for the eval service", "time": time.time()}, "trainer")
+    if over and not _budget_warned:
+        _budget_warned = True
+        print(f"[train] warning: the eval service is {len(wanted) + len(over)} snapshots behind; deleting the "
+              f"oldest unscored ({', '.join(map(str, over))}) to stay within eval.keep_unscored={budget} (a ledger "
+              f"row says so for each): raise eval.keep_unscored, or run more eval services or GPUs", flush=True)
+    return prune(run, "snapshots", t.keep_last, t.milestone_every, keep=wanted)
+
+
+def _eval_plan(run: str) -> Optional[dict]:
+    try:
+        return read_json(join(run, "eval", "plan.json"))
+    except (FileNotFoundError, ValueError):  # no eval service has started on the run (or a torn write)
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# The eval ledger: one row per scored snapshot and metric (the eval service's; the trainer adds
+# `skipped` rows). A local run appends lines to RUN/eval/ledger.jsonl (O_APPEND: concurrent writers
+# interleave whole lines). A bucket cannot append, and rewriting the whole file to add a row lets two
+# writers drop each other's rows, so there each row is its own object, RUN/eval/ledger/STEP-METRIC-OWNER.json.
+
+
+def ledger_jsonl_url(run: str) -> str:
+    return join(run, "eval", "ledger.jsonl")
+
+
+def append_ledger(run: str, row: dict, owner: str) -> None:
+    if is_local(run):
+        append_jsonl(ledger_jsonl_url(run), row)
+    else:
+        name = f"{step_name(row['step'])}-{row['metric']}-{owner}.json"
+        write_json(join(run, "eval", "ledger", name), row)
+
+
+def read_ledger(run: str, cache: Optional[dict] = None) -> list[dict]:
+    """Every row, oldest step first. Row objects never change, so a `cache` dict kept by a
+    long-running reader saves fetching them again."""
+    cache = {} if cache is None else cache
+    fs, root = fs_path(join(run, "eval", "ledger"))
+    try:
+        names = [p for p in fs.ls(root, detail=False, refresh=True) if p.endswith(".json")]
+    except FileNotFoundError:
+        names = []
+    new = [p for p in names if p not in cache]
+    if new:
+        cache.update((p, json.loads(b)) for p, b in fs.cat(new, on_error="omit").items())
+    rows = read_jsonl(ledger_jsonl_url(run)) + [cache[p] for p in names if p in cache]
+    return sorted(rows, key=lambda r: (r.get("step", -1), r.get("time", 0)))
 
 
 def discard_after(run: str, kind: str, step: int) -> list[int]:

@@ -867,7 +867,7 @@ def maybe_save(tr: Trainer, state: TrainState, state_now: bool = False) -> None:
     jobs = []
     if tr.rank == 0 and want_snapshot:
         jobs.append(lambda: rundir.write_snapshot(tc.run_dir, step, ema_full, tr.cfg, meta))
-        jobs.append(lambda: rundir.prune(tc.run_dir, "snapshots", tc.keep_last, tc.milestone_every))
+        jobs.append(lambda: rundir.prune_snapshots(tr.cfg))  # keeps what the eval service has not scored yet
     if tr.rank == 0 and (jobs or want_state):
         tr.background.wait()  # one in flight: the previous save is finished before this one starts
     if want_state:

@@ -157,9 +157,11 @@ def test_newest_order_and_milestones(tmp_path, video_data):
         snapshot(run, cfg, model, step)
     assert [s for s, _ in Service(run, ["eval.order=newest"], progress=False).pending()] == [400, 300, 200, 100]
     assert [s for s, _ in Service(run, ["eval.order=milestones"], progress=False).pending()] == [200, 400]
-    # --once --limit 1 with newest first: just the final snapshot (what a short demo wants).
-    assert main(["--run", run, "--once", "--quiet", "--limit", "1", "eval.order=newest"]) == 0
-    assert [r["step"] for r in ledger(run)] == [400]
+    # Newest: the final snapshot is scored, the older unscored ones get a row saying they were skipped.
+    assert main(["--run", run, "--once", "--quiet", "eval.order=newest"]) == 0
+    assert [(r["step"], r["status"]) for r in ledger(run)] == [(100, "skipped"), (200, "skipped"),
+                                                              (300, "skipped"), (400, "ok")]
+    assert "step 400 was scored instead" in ledger(run)[0]["error"]
 
 
 def test_bad_input_is_one_line(tmp_path, video_data, capsys):
@@ -177,6 +179,95 @@ def test_bad_input_is_one_line(tmp_path, video_data, capsys):
                  f"data.shards={tmp_path}/no-shards"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: data.shards=") and "does not exist" in err[-1]
+
+
+# --------------------------------------------------------------------------------------------
+# Chunks: a snapshot's samples split among services (and the GPUs of one eval job)
+
+
+def _chunk_files(run: str, step: int) -> dict:
+    import glob
+
+    names = glob.glob(os.path.join(run, "eval", "chunks", rundir.step_name(step), "*", "*.pt"))  # not .pt.tmp-*
+    return {n: os.stat(n).st_mtime_ns for n in names}
+
+
+def _count_chunks(monkeypatch) -> list:
+    """The (start, stop) of every chunk this process samples."""
+    calls, real = [], Service._evaluate
+
+    def counted(self, step, model, dcfg, a, b):
+        calls.append((a, b))
+        return real(self, step, model, dcfg, a, b)
+
+    monkeypatch.setattr(Service, "_evaluate", counted)
+    return calls
+
+
+def test_chunks_split_among_services_and_a_kill_loses_one_chunk(tmp_path, video_data, monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    extra = ["eval.num_samples=8", "eval.chunk=2"]
+    values = {}
+    for name in ("one", "two", "killed"):
+        run, cfg, model = video_run(str(tmp_path / name), video_data, extra)
+        snapshot(run, cfg, model, 10)
+    calls = _count_chunks(monkeypatch)
+
+    # One service: 4 chunks of 2 samples, one row.
+    assert main(["--run", str(tmp_path / "one"), "--once", "--quiet"]) == 0
+    (row,) = ledger(str(tmp_path / "one"))
+    assert (row["status"], row["samples"], row["chunks"]) == ("ok", 8, 4) and sorted(calls) == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    values["one"] = row["value"]
+
+    # Two services at once: every chunk sampled once, one row, the same value to the last bit.
+    run, calls[:] = str(tmp_path / "two"), []
+    services = [Service(run, progress=False) for _ in range(2)]
+    for s in services:
+        s.reference
+    threads = [threading.Thread(target=s.run_once) for s in services]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (row,) = ledger(run)
+    assert sorted(calls) == [(0, 2), (2, 4), (4, 6), (6, 8)] and row["value"] == values["one"]
+    assert not _chunk_files(run, 10) and not os.listdir(os.path.join(run, "eval", "claims"))
+
+    # A service killed (SIGKILL) after its first chunk: the next one scores only what was not finished.
+    run, calls[:] = str(tmp_path / "killed"), []
+    proc = subprocess.Popen([sys.executable, "-m", "evals.service", "--run", run, "--once", "--quiet"],
+                            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(__file__))},
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not _chunk_files(run, 10) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    done = _chunk_files(run, 10)
+    assert 1 <= len(done) < 4 and ledger(run) == []
+    assert main(["--run", run, "--once", "--quiet"]) == 0  # takes over the dead process's chunk claim
+    assert len(calls) == 4 - len(done)
+    (row,) = ledger(run)
+    assert row["value"] == values["one"] and not os.path.exists(os.path.join(run, "eval", "chunks", "step-000000010"))
+
+
+def test_a_snapshot_deleted_while_scored_gets_no_ok_row(tmp_path, video_data, monkeypatch):
+    run, cfg, model = video_run(str(tmp_path / "run"), video_data)
+    url = snapshot(run, cfg, model, 10)
+    real = Service._evaluate
+
+    def then_deleted(self, *a):
+        out = real(self, *a)
+        shutil.rmtree(url)  # retention, while the samples were scored
+        return out
+
+    monkeypatch.setattr(Service, "_evaluate", then_deleted)
+    assert main(["--run", run, "--once", "--quiet"]) == 0  # retention is not a failure
+    (row,) = ledger(run)
+    assert row["status"] == "deleted" and row["value"] is None and "deleted while being scored" in row["error"]
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +301,7 @@ def test_fid_and_class_accuracy_for_a_class_conditional_model(tmp_path, image_da
     # Weights full of NaN sample NaNs, which as uint8 images would be black and get a FID: an error row.
     rundir.write_snapshot(run, 500, {k: torch.full_like(v, float("nan")) for k, v in model.state_dict().items()},
                           cfg, {"images_seen": 0})
-    assert main(["--run", run, "--once", "--quiet"]) == 0
+    assert main(["--run", run, "--once", "--quiet"]) == 1  # a snapshot failed: --once says so
     last = ledger(run)[-1]
     assert (last["step"], last["metric"], last["status"], last["value"]) == (500, "fid", "error", None)
 
@@ -311,18 +402,22 @@ def test_once_fails_in_one_line_when_a_snapshot_fails(tmp_path, video_data, caps
     assert ledger(run) == [] and not os.listdir(os.path.join(run, "eval", "claims"))
 
 
-def test_non_finite_samples_or_features_give_error_rows(tmp_path, video_data):
+def test_non_finite_weights_samples_or_features_give_error_rows(tmp_path, video_data, capfd):
     import math
 
     run, cfg, model = video_run(str(tmp_path / "run"), video_data)
     snapshot(run, cfg, model, 10)
     broken = {k: torch.full_like(v, math.nan) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     rundir.write_snapshot(run, 20, broken, cfg, {"images_seen": 0})
-    svc = Service(run, progress=False)
-    assert svc.run_once() == 2 and svc.failed == []
+    # --once exits non-zero after writing an error row; NaN weights are found when loaded, before sampling.
+    assert main(["--run", run, "--once", "--quiet"]) == 1
+    err = capfd.readouterr().err
+    assert "step 20: chunk" not in err and "step 10: chunk" in err
+    assert err.strip().splitlines()[-1].startswith("error: 1 snapshot(s) failed to score (2 ledger row(s) written)")
     rows = {r["step"]: r for r in ledger(run)}
-    assert rows[10]["status"] == "ok"
-    assert rows[20]["status"] == "error" and rows[20]["value"] is None and "non-finite samples" in rows[20]["error"]
+    assert rows[10]["status"] == "ok" and rows[10]["precision"] in ("bf16", "fp32")  # what the scoring ran in
+    assert rows[20]["status"] == "error" and rows[20]["value"] is None and "non-finite weights" in rows[20]["error"]
+    svc = Service(run, progress=False)
     # Finite samples, but an extractor that gives NaNs: an error row too, not a score.
     snapshot(run, cfg, model, 30)
     svc.extractor.net.forward = lambda x: torch.full((x.shape[0], 400), math.nan)
@@ -330,6 +425,79 @@ def test_non_finite_samples_or_features_give_error_rows(tmp_path, video_data):
     last = ledger(run)[-1]
     assert (last["step"], last["status"]) == (30, "error") and "non-finite features" in last["error"]
     assert Service(run, progress=False).run_once() == 0  # not retried
+
+
+def _adm_reader(path: str, name: str):
+    """What ADM's evaluator (guided-diffusion evaluations/evaluator.py) does with a sample batch:
+    open `name`.npy inside the zip, read the .npy header, then stream the rows."""
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path, "r") as z, z.open(f"{name}.npy", "r") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read(f)
+        assert not fortran and not dtype.hasobject  # ADM's streaming reader
+        return np.frombuffer(f.read(), dtype=dtype).reshape(shape)
+
+
+def test_the_scored_samples_export_as_adm_npz_equal_to_rin_sample(tmp_path, image_data):
+    import numpy as np
+
+    from evals.export import main as export_main
+    from rin_scale.sample import main as sample_main
+
+    run = str(tmp_path / "run")
+    cfg, model = make_run(run, "tiny", [
+        f"data.shards={image_data['shards']}", f"eval.inception_weights={image_data['inception']}",
+        f"eval.cache_dir={image_data['cache']}", "eval.num_samples=6", "eval.batch=2", "eval.chunk=4",
+        "eval.steps=2", "eval.sampler=ddpm", "eval.reference_samples=4", "eval.keep_samples=true"])
+    snapshot(run, cfg, model, 10)
+    assert main(["--run", run, "--once", "--quiet"]) == 0
+    scored = str(tmp_path / "scored.npz")
+    assert export_main([run, "--step", "10", "--out", scored]) == 0
+    # The same samples from rin_scale.sample: chunks, noise per sample index, labels i mod 10.
+    direct = str(tmp_path / "direct.npz")
+    assert sample_main([run, "--n", "6", "--chunk", "4", "--batch", "2", "--steps", "2", "--sampler", "ddpm",
+                        "--seed", str(cfg.train.seed), "--npz", direct, "--out", str(tmp_path / "grid.png")]) == 0
+    for path in (scored, direct):
+        x, y = _adm_reader(path, "arr_0"), _adm_reader(path, "arr_1")
+        assert x.dtype == np.uint8 and x.shape == (6, 16, 16, 3) and x.max() > x.min()
+        assert y.tolist() == [0, 1, 2, 3, 4, 5]
+        with np.load(path) as z:
+            assert z.files == ["arr_0", "arr_1"] and np.array_equal(z["arr_0"], x)
+    assert np.array_equal(_adm_reader(scored, "arr_0"), _adm_reader(direct, "arr_0"))
+
+
+def test_the_trainer_keeps_snapshots_until_the_eval_service_scores_them(tmp_path, image_data):
+    from test_train import train
+
+    run = str(tmp_path / "run")
+    cfg = ["train.global_batch=8", "train.snapshot_every=2", "train.state_every=2", "train.sample_every=0",
+           "train.keep_last=1", "eval.keep_unscored=2", f"eval.inception_weights={image_data['inception']}",
+           f"eval.cache_dir={image_data['cache']}", "eval.num_samples=2", "eval.batch=2", "eval.steps=2",
+           "eval.reference_samples=4", "data.workers=2"]
+    train(run, 1, *cfg, "train.total_steps=2", shards=image_data["shards"])
+    svc = Service(run, progress=False)  # started, but slower than the trainer: nothing scored yet
+
+    def kept():
+        return [s for s, _ in rundir.list_complete(run, "snapshots")]
+
+    # keep_last=1, yet no unscored snapshot is deleted while the budget (eval.keep_unscored=2) holds.
+    proc = train(run, 1, *cfg, "train.total_steps=6", shards=image_data["shards"])
+    assert kept() == [2, 4, 6] and "eval.keep_unscored" not in proc.stdout + proc.stderr
+    # Past the budget: the oldest unscored goes, with one warning and a ledger row saying why.
+    proc = train(run, 1, *cfg, "train.total_steps=10", shards=image_data["shards"])
+    assert kept() == [6, 8, 10]
+    warnings = [l for l in (proc.stdout + proc.stderr).splitlines() if "eval.keep_unscored=2" in l]
+    assert len(warnings) == 1 and "deleting the oldest unscored (2)" in warnings[0]  # then 4, without a 2nd
+    assert [(r["step"], r["status"]) for r in ledger(run)] == [(2, "skipped"), (4, "skipped")]
+    assert "eval.keep_unscored=2" in ledger(run)[0]["error"]
+    # Once scored, they go as keep_last says.
+    assert svc.run_once() == 3
+    train(run, 1, *cfg, "train.total_steps=12", shards=image_data["shards"])
+    assert kept() == [12]
 
 
 # --------------------------------------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_preemption_signal_requeues_until_the_cap(tmp_path):
     assert j["requeues"] == 1 and j["reasons"] == ["preempted"] and j["state"] == "STOPPED" and j["starts"] == 2
 
 
-def test_eval_service_job_runs_beside_the_trainer_as_one_task(capsys, tmp_path):
+def test_eval_service_job_runs_beside_the_trainer_one_service_per_gpu(capsys, tmp_path):
     run = str(tmp_path / "run")
     os.makedirs(run)
     # the service's job reads the run's own config (written by the trainer), overrides on top
@@ -186,9 +186,10 @@ def test_eval_service_job_runs_beside_the_trainer_as_one_task(capsys, tmp_path):
     j = launch_submit.make_job(args, c, r, service_argv)
     assert (j.entry, j.kind, j.run_dir) == ("evals.service:main", "eval", run)
     assert j.argv == ["--run", run, "--once", "eval.batch=25"]
-    # two tasks for a single-process service is a mistake, said in one line
-    assert launch_submit.main(argv + ["--gpus-per-node", "2", "--dry-run"]) == 2
-    assert "runs as one task" in capsys.readouterr().err
+    # G GPUs x N nodes: one service per GPU, sharing each snapshot's chunks
+    assert launch_submit.main(argv + ["--gpus-per-node", "4", "--nodes", "2", "--dry-run"]) == 0
+    d = sbatch_directives(split_dry_run(capsys.readouterr().out)[0])
+    assert (d["nodes"], d["ntasks-per-node"], d["gpus-per-node"]) == ("2", "4", "4")
 
 
 def test_requeue_reason_tells_the_time_limit_from_a_preemption():

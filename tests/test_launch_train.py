@@ -279,3 +279,28 @@ def test_an_unwritable_run_directory_fails_in_one_line_before_deepspeed(shards, 
         assert line.startswith("[train] stopped: ") and "point it at a folder or bucket" in line, line
         assert "accelerator" not in p.stderr + p.stdout  # DeepSpeed was never imported
         assert not os.path.exists(ok + "/lease.json") and not os.path.exists(ok + "/config.yaml")
+
+
+# --------------------------------------------------------------------------------------------
+# The eval service as a multi-task job: one service per task, sharing one snapshot's chunks
+
+from test_evals_service import snapshot, video_data, video_run  # noqa: E402,F401 (video_data: a fixture)
+
+
+def test_eval_service_as_a_2_node_slurm_job_shares_one_snapshot(video_data, slurm, tmp_path):  # noqa: F811
+    from evals.ledger import read as ledger
+
+    run, cfg, model = video_run(str(tmp_path / "run"), video_data, ["eval.num_samples=8", "eval.chunk=2"])
+    snapshot(run, cfg, model, 10)
+    folder = str(tmp_path / "submitit")
+    cli = [sys.executable, "-m", "launch.submit", "--service", "eval", f"train.run_dir={run}", "--once",
+           "--executor", "slurm", "--nodes", "2", "--tasks-per-node", "1", "--time-min", "20",
+           "--master-addr", "127.0.0.1", "--folder", folder]
+    sub = subprocess.run(cli, env=slurm, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert sub.returncode == 0, sub.stderr
+    scored = lambda: [r for r in ledger(run) if r["metric"] == "fvd"]  # noqa: E731
+    _wait_for(scored, 400, "the eval job's ledger row", os.path.join(folder, "eval"))
+    (row,) = scored()
+    assert (row["status"], row["samples"], row["chunks"]) == ("ok", 8, 4)
+    started = [r for r in launch_job.read_log(run) if r["event"] == "started"]
+    assert started[0]["world_size"] == 2 and started[0]["hosts"] == ["node1", "node2"]
