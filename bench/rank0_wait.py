@@ -5,8 +5,9 @@
 
 Trains the `tiny` preset (its widths, batch 64, data.workers=2, precision auto) with DeepSpeed ZeRO-2
 on 2 processes under torchrun, train.run_dir on a bucket of a real GCS API server (fake-gcs-server)
-and train.state_dir on local disk, a state and a snapshot every --every steps, no previews (another
-setting, made cheap apart from this change). Each rank times its own train_step and maybe_save
+and train.state_dir on local disk, a preview grid (samples and routing maps, the trainer's own
+preview settings), a state and a snapshot every --every steps, as the preset does every 250
+(--no-previews leaves the grid out). Each rank times its own train_step and maybe_save
 (bench/_rank0_wait_proc.py wraps both). The wait of rank 1, which does nothing alone, is its loop's
 wall time less what its steps cost without saves (the median step, times the steps); it covers
 the time inside a save's collectives and the next step's all-reduce, where rank 1 waits for rank
@@ -46,13 +47,13 @@ def checkout(ref: str, work: str) -> str:
     return src
 
 
-def run(repo: str, work: str, name: str, gcs: GCSServer, steps: int, every: int) -> dict:
+def run(repo: str, work: str, name: str, gcs: GCSServer, steps: int, every: int, previews: bool) -> dict:
     """One training job; returns rank 1's timings: {"step": [...], "save": [...]} in seconds."""
     out = os.path.join(work, f"{name}-times")
     run_dir = f"gs://rank0-wait/{name}"
     args = ["tiny", f"data.shards={os.path.join(work, 'digits')}", f"train.run_dir={run_dir}",
             f"train.state_dir={os.path.join(work, name + '-states')}", f"train.total_steps={steps}",
-            f"train.state_every={every}", f"train.snapshot_every={every}", "train.sample_every=0",
+            f"train.state_every={every}", f"train.snapshot_every={every}", f"train.sample_every={every if previews else 0}",
             f"train.log_every={every}", "data.workers=2", "train.warmup_steps=10"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": repo, "STORAGE_EMULATOR_HOST": gcs.url}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -103,10 +104,11 @@ def main(argv=None) -> int:
     p.add_argument("--before", default="", help="the code to compare with (default: git merge-base HEAD main)")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--every", type=int, default=20, help="a state and a snapshot every this many steps")
+    p.add_argument("--no-previews", dest="previews", action="store_false", help="no preview grids")
     args = p.parse_args(argv)
     ref = args.before or subprocess.run(["git", "merge-base", "HEAD", "main"], cwd=ROOT, capture_output=True,
                                         text=True, check=True).stdout.strip()
-    work = tempfile.mkdtemp(prefix="rin-rank0-wait-")
+    work, times = tempfile.mkdtemp(prefix="rin-rank0-wait-"), {}
     try:
         subprocess.run([sys.executable, "-m", "data_tools.shard", "--embedded", "digits", "--split", "train",
                         "--quiet", os.path.join(work, "digits")], cwd=ROOT, check=True,
@@ -114,19 +116,19 @@ def main(argv=None) -> int:
         gcs = GCSServer(os.path.join(work, "gcs"), os.path.join(work, "gcs.log"))
         gcs.start()
         gcs.fs().mkdir("rank0-wait")
-        before = wait_of(run(checkout(ref, work), work, "before", gcs, args.steps, args.every), args.every)
-        after = wait_of(run(ROOT, work, "after", gcs, args.steps, args.every), args.every)
+        for name, repo in (("before", checkout(ref, work)), ("after", ROOT)):
+            times[name] = wait_of(run(repo, work, name, gcs, args.steps, args.every, args.previews), args.every)
         crc = crc32_seconds_per_gb(work)
     finally:
         stop_everything()
         shutil.rmtree(work, ignore_errors=True)
     print(f"tiny preset, 2 ranks ZeRO-2, {args.steps} steps, a state (to gs:// on fake-gcs-server) and a snapshot "
-          f"every {args.every} (the final one left out); per 1,000 steps at the preset's cadence "
+          f"every {args.every}" + (" with a preview grid" if args.previews else "") + " (the final one left out); per 1,000 steps at the preset's cadence "
           f"(every {PRESET_EVERY})")
     print("| code | step (s) | saves | rank 1 waited (s) | per save (s) | per 1,000 steps (s) | share of wall |")
     print("|---|---|---|---|---|---|---|")
-    print(row(f"before ({ref[:10]})", before))
-    print(row("after", after))
+    print(row(f"before ({ref[:10]})", times["before"]))
+    print(row("after", times["after"]))
     print(f"\nverifying a state (CRC-32, rin_scale.checkpoint) costs {crc:.2f} s per GB on one core")
     return 0
 

@@ -48,6 +48,10 @@ def init_distributed(timeout_s: float = 0.0) -> tuple[int, int, int]:
     local_rank = int(os.environ["LOCAL_RANK"])
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
+        # NCCL's flight recorder: the last collectives of each rank, kept in a ring buffer that the
+        # hang watchdog dumps beside its stacks (RUN/hangs/*-nccl.pkl; read with torch's fr_trace).
+        # Set before the process group exists, which is when NCCL reads it.
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "2000")
         # fp32 runs multiply on the tensor cores in TF32, the precision perf.GPU_PEAK_TFLOPS' fp32
         # peaks are for (torch's default is full fp32, 8-16x slower on A100/H100)
         torch.backends.cuda.matmul.allow_tf32 = True

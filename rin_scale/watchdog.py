@@ -125,7 +125,13 @@ class Watchdog:
         return self
 
     def stop(self) -> None:
+        """Ended and its store client closed before the interpreter exits: a daemon thread left inside a
+        store call while torch's objects are torn down aborts the process ("terminate called without
+        an active exception", exit -6) after a run that finished."""
         self._stop.set()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(STORE_TIMEOUT_S + 2.0)
+        self.store = None
 
     # -- the thread
     def _beat(self) -> None:
@@ -212,13 +218,38 @@ class Watchdog:
         except OSError as e:
             print(f"[watchdog] could not write the stack dump: {e}", file=sys.stderr, flush=True)
             return False
+        files = [name] + _nccl_trace(folder, name)
         if local:
             return True
-        up = threading.Thread(target=lambda: storage.write_bytes(
-            storage.join(storage.join(self.run_dir, "hangs"), name), open(path, "rb").read()), daemon=True)
+
+        def upload():
+            for n in files:
+                with open(os.path.join(folder, n), "rb") as f:
+                    storage.write_bytes(storage.join(storage.join(self.run_dir, "hangs"), n), f.read())
+
+        up = threading.Thread(target=upload, daemon=True)
         up.start()
         up.join(30.0)
         return not up.is_alive()
+
+
+def _nccl_trace(folder: str, name: str) -> list[str]:
+    """On GPUs, NCCL's flight recorder (the collectives this rank issued last, and which completed)
+    beside the stacks: the file names written, [] where there is no NCCL or it records nothing."""
+    import torch
+    import torch.distributed as dist
+
+    if not (torch.cuda.is_available() and dist.is_initialized() and dist.get_backend() == "nccl"):
+        return []
+    try:
+        trace = torch._C._distributed_c10d._dump_nccl_trace()
+        out = name.rsplit(".", 1)[0] + "-nccl.pkl"
+        with open(os.path.join(folder, out), "wb") as f:
+            f.write(trace)
+        return [out]
+    except Exception as e:  # noqa: BLE001 - the stacks are written; the trace is a bonus
+        print(f"[watchdog] no NCCL flight recorder dump: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return []
 
 
 def _stopped_workers() -> str:
