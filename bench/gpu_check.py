@@ -351,7 +351,7 @@ def part_inception(a) -> dict:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
 
-        t = timed(update, repeat=2)
+        t = timed(update, repeat=1 if a.cpu else 3)
     return {"network": "InceptionV3 (torch-fidelity), seeded random weights made here", "image_size": size,
             "batch": n, "images_per_s": n / t}
 
