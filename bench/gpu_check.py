@@ -190,7 +190,7 @@ def _gpus() -> int:
 
 def part_resume(a) -> dict:
     from _faults_proc import Job
-    from faults import resumed_at
+    from faults import _jsonl, resumed_at  # the train log's rows, a line torn by the kill left out
 
     nproc = 2 if a.cpu else max(1, _gpus())
     steps, state = (8, 4) if a.cpu else (100, 50)
@@ -212,20 +212,20 @@ def part_resume(a) -> dict:
         while first.running():  # kill once two steps after the state are logged
             first.note_tree(every=0.5)
             if os.path.exists(os.path.join(run, "states", f"step-{state:09d}", "COMPLETE")) and \
-                    any(r["step"] >= state + 2 for r in _rows(log)):
+                    any(r["step"] >= state + 2 for r in _jsonl(log)):
                 break
             time.sleep(0.02)
         if not first.running():
             raise RuntimeError(f"the first run ended (exit {first.poll()}) before the kill: {_tail(first)}")
         first.kill()
         killed_s = time.time() - t0
-        before = {r["step"]: r["loss"] for r in _rows(log) if r["step"] > state}
+        before = {r["step"]: r["loss"] for r in _jsonl(log) if r["step"] > state}
         second = Job("resumed", cmd, env, ROOT, os.path.join(work, "resumed.log"))
         rc = second.wait(timeout=None)
         if rc != 0:
             raise RuntimeError(f"the resumed run failed (exit {rc}): {_tail(second)}")
         out = second.output()
-        after = {r["step"]: r["loss"] for r in _rows(log)}
+        after = {r["step"]: r["loss"] for r in _jsonl(log)}
         resumed = resumed_at(out, had_state=True) == state
         same = all(after.get(s) == loss for s, loss in before.items())
         res = {"ranks": nproc, "steps": steps, "state_step": state, "killed_after_s": round(killed_s, 1),
@@ -234,25 +234,13 @@ def part_resume(a) -> dict:
         res["resumed_exactly"] = resumed and same and res["reached_end"] and len(before) > 0
         if not res["resumed_exactly"]:
             raise RuntimeError("the resume was not exact: " + json.dumps(res))
-        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)  # kept when it failed: its logs say why
         return res
+    except RuntimeError as e:
+        raise RuntimeError(f"{e} (logs in {work})") from None
     finally:
         for j in [v for v in locals().values() if isinstance(v, Job)]:
             j.close()
-
-
-def _rows(path: str) -> list[dict]:
-    out = []
-    try:
-        with open(path) as f:
-            for line in f:
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a line torn by the kill
-    except FileNotFoundError:
-        pass
-    return out
 
 
 def _tail(job) -> str:
