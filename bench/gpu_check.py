@@ -97,10 +97,10 @@ def part_mfu(a) -> dict:
     fb_s, step_s = median(fb), median(step)
     mfu = Mfu(peak, source)
     step_flops = train_flops_per_example(b.cfg.model, b.cfg.diffusion.self_cond_rate) * a.batch
+    (mfu_fb, warn), (mfu_step, warn2) = mfu(3 * b.fwd / fb_s), mfu(step_flops / step_s)
     return {"preset": preset, "precision": prec.name, "batch": a.batch, "peak_tflops": peak / 1e12,
-            "peak_source": source, "fwd_bwd_s": fb_s, "step_s": step_s,
-            "mfu_fwd_bwd": mfu(3 * b.fwd / fb_s)[0], "mfu_step": mfu(step_flops / step_s)[0],
-            "images_per_s": a.batch / step_s, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
+            "peak_source": source, "fwd_bwd_s": fb_s, "step_s": step_s, "mfu_fwd_bwd": mfu_fb, "mfu_step": mfu_step,
+            "warning": warn or warn2, "images_per_s": a.batch / step_s, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"}
 
 
 SDPA_OPS = {  # aten op -> backend; the CPU's flash kernel has an op of its own
@@ -208,8 +208,10 @@ def part_resume(a) -> dict:
            f"train.state_every={state}", f"train.snapshot_every={steps}", f"train.sample_every={steps}",
            "train.log_every=1", "data.workers=2", "train.precision=auto"] + (SMALL if a.cpu else [])
     log = os.path.join(run, "train_log.jsonl")
+    jobs = []
     try:
         first = Job("first", cmd, env, ROOT, os.path.join(work, "first.log"))
+        jobs.append(first)
         t0 = time.time()
         while first.running():  # kill once two steps after the state are logged
             first.note_tree(every=0.5)
@@ -223,6 +225,7 @@ def part_resume(a) -> dict:
         killed_s = time.time() - t0
         before = {r["step"]: r["loss"] for r in _jsonl(log) if r["step"] > state}
         second = Job("resumed", cmd, env, ROOT, os.path.join(work, "resumed.log"))
+        jobs.append(second)
         rc = second.wait(timeout=None)
         if rc != 0:
             raise RuntimeError(f"the resumed run failed (exit {rc}): {_tail(second)}")
@@ -241,7 +244,7 @@ def part_resume(a) -> dict:
     except RuntimeError as e:
         raise RuntimeError(f"{e} (logs in {work})") from None
     finally:
-        for j in [v for v in locals().values() if isinstance(v, Job)]:
+        for j in jobs:
             j.close()
 
 
@@ -397,7 +400,8 @@ def summary(name: str, r: dict) -> str:
     f = {
         "mfu": lambda: (f"{r['preset']} {r['precision']} batch {r['batch']}: fwd+bwd {_pct(r['mfu_fwd_bwd'])} MFU "
                         f"({r['fwd_bwd_s']:.3f} s), step {_pct(r['mfu_step'])} MFU ({r['step_s']:.3f} s, "
-                        f"{r['images_per_s']:.1f} img/s); peak {r['peak_tflops']:.3g} TFLOP/s ({r['peak_source']})"),
+                        f"{r['images_per_s']:.1f} img/s); peak {r['peak_tflops']:.3g} TFLOP/s ({r['peak_source']})"
+                        + (f"; {r['warning']}" if r["warning"] else "")),
         "sdpa": lambda: f"{r['precision']} attention runs {r['attention_runs']}; alone: "
                         + "; ".join(f"{k} {v}" for k, v in r["alone"].items()),
         "memory": lambda: (f"{r['preset']} micro-batch 1, fwd+bwd peak: checkpointing off "
