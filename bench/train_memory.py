@@ -97,6 +97,48 @@ def zero_worker(preset: str, stage: int) -> None:
 MODES = ("off", "block", "segments")  # activation checkpointing of every block: none, whole, stage by stage
 
 
+def checkpointed_step(preset: str, overrides: list[str], dev, precision: str = "fp32"):
+    """The preset (with `overrides`) at batch 1 in a one-process engine (ZeRO-0): a namespace of
+    cfg, engine, fns (checkpointing mode -> the model's checkpoint_fn), inputs (x0, labels, cond)
+    and step(before_optimizer) -> seconds of one training step."""
+    import types
+
+    import torch
+
+    from rin_scale.config import load_config
+    from rin_scale.diffusion import training_loss
+    from rin_scale.engine import build_engine, configure_checkpointing
+    from rin_scale.model import RIN
+    from rin_scale.train import split_clip
+
+    cfg = load_config(preset, overrides + ["train.activation_checkpointing=1", "train.global_batch=1",
+                                           "train.zero_stage=0", f"train.precision={precision}"])
+    torch.manual_seed(0)
+    engine, _, _ = build_engine(RIN(cfg.model).to(dev), cfg, 1)
+    model = engine.module
+    staged = model.checkpoint_fn  # the trainer's: stage by stage (engine.by_stage)
+    configure_checkpointing(model, cfg, whole_blocks=True)
+    whole = model.checkpoint_fn
+    m = cfg.model
+    shape = (1, m.channels, m.frames, m.image_size, m.image_size) if m.is_video else \
+        (1, m.channels, m.image_size, m.image_size)
+    x0, cond = split_clip(torch.rand(shape, device=dev) * 2 - 1, m)
+    labels = torch.zeros(1, dtype=torch.long, device=dev) if m.num_classes else None
+
+    def step(before_optimizer=lambda: None):
+        t0 = time.perf_counter()
+        loss, _ = training_loss(engine, x0, cfg.diffusion, labels=labels, cond=cond)
+        engine.backward(loss)
+        before_optimizer()
+        engine.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    return types.SimpleNamespace(cfg=cfg, engine=engine, fns={"off": None, "block": whole, "segments": staged},
+                                 inputs=(x0, labels, cond), step=step)
+
+
 def scale_worker(preset: str, width: str, steps: int) -> None:
     """One process, batch 1, the preset at its full token count (narrower / shallower as `width`
     says): for each checkpointing mode, the step time and the peak memory of a step above the
@@ -117,41 +159,21 @@ def scale_worker(preset: str, width: str, steps: int) -> None:
     higher in every mode.)"""
     import torch
 
-    from rin_scale.config import load_config
     from rin_scale.diffusion import training_loss
-    from rin_scale.engine import build_engine, configure_checkpointing, init_distributed
+    from rin_scale.engine import init_distributed
     from rin_scale.flops import count
     from rin_scale.model import RIN
-    from rin_scale.train import split_clip
 
     init_distributed()
     dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    cfg = load_config(preset, WIDTHS[width] + ["train.activation_checkpointing=1", "train.global_batch=1",
-                                               "train.zero_stage=0", "train.precision=fp32"])
-    torch.manual_seed(0)
-    engine, _, _ = build_engine(RIN(cfg.model).to(dev), cfg, 1)
+    s = checkpointed_step(preset, WIDTHS[width], dev)
+    cfg, engine, fns, step = s.cfg, s.engine, s.fns, s.step
     model = engine.module
-    staged = model.checkpoint_fn  # the trainer's: stage by stage (engine.by_stage)
-    configure_checkpointing(model, cfg, whole_blocks=True)
-    whole = model.checkpoint_fn
+    x0, labels, cond = s.inputs
     m = cfg.model
-    shape = (1, m.channels, m.frames, m.image_size, m.image_size) if m.is_video else \
-        (1, m.channels, m.image_size, m.image_size)
-    x0, cond = split_clip(torch.rand(shape, device=dev) * 2 - 1, m)
-    labels = torch.zeros(1, dtype=torch.long, device=dev) if m.num_classes else None
 
     def set_mode(mode):
-        model.checkpoint_fn = {"off": None, "block": whole, "segments": staged}[mode]
-
-    def step(before_optimizer=lambda: None):
-        t0 = time.perf_counter()
-        loss, _ = training_loss(engine, x0, cfg.diffusion, labels=labels, cond=cond)
-        engine.backward(loss)
-        before_optimizer()
-        engine.step()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        model.checkpoint_fn = fns[mode]
 
     for mode in MODES:  # warm-up
         set_mode(mode)
@@ -169,7 +191,7 @@ def scale_worker(preset: str, width: str, steps: int) -> None:
     plain = RIN(cfg.model).to(dev)
     acts = {}
     for mode in MODES:
-        plain.checkpoint_fn = {"off": None, "block": whole, "segments": staged}[mode]
+        plain.checkpoint_fn = fns[mode]
         acts[mode] = _activation_peak(dev, lambda: training_loss(plain, x0, cfg.diffusion, labels=labels,
                                                                  cond=cond)[0], plain)
     c = count(m)

@@ -76,14 +76,15 @@ class Bench:
     """One precision's engine (a bf16 engine runs its forwards in bf16 whatever the caller's
     autocast: engine.ds_config); the same seed gives every precision the same weights."""
 
-    def __init__(self, batch: int, dev: torch.device, prec: Precision):
+    def __init__(self, batch: int, dev: torch.device, prec: Precision, preset: str = "cifar10",
+                 overrides: tuple[str, ...] = ()):
         self.dev, self.batch, self.prec = dev, batch, prec
-        self.cfg = cfg = load_config("cifar10", [f"train.global_batch={batch}", "train.zero_stage=0",
-                                                 "train.warmup_steps=10"])
+        self.cfg = cfg = load_config(preset, [*overrides, f"train.global_batch={batch}", "train.zero_stage=0",
+                                              "train.warmup_steps=10"])
         torch.manual_seed(0)
         self.engine, self.opt, _ = build_engine(RIN(cfg.model).to(dev), cfg, 1, precision=prec)
         self.model = self.engine.module
-        self.x0 = torch.rand(batch, 3, 32, 32, device=dev) * 2 - 1
+        self.x0 = torch.rand(batch, *cfg.model.sample_shape, device=dev) * 2 - 1
         self.labels = torch.randint(0, cfg.model.num_classes, (batch,), device=dev)
         # The graded pass's inputs, as diffusion.training_loss makes them.
         self.gamma = gamma_fn(torch.rand(batch), cfg.diffusion.schedule, cfg.diffusion).to(dev)
