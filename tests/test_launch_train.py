@@ -101,9 +101,6 @@ def test_preempted_local_zero2_job_requeues_and_finishes_from_its_last_state(sha
     assert f"step: {total} / {total}" in text and "COMPLETED" in text and "starts 2  requeues 1 [preempted]" in text
 
 
-
-
-
 def test_tiny_trains_as_a_2_node_slurm_job_running_the_dry_run_script(shards, slurm, tmp_path):
     run, total, folder = str(tmp_path / "run"), 4, str(tmp_path / "submitit")
     argv = ["tiny", f"data.shards={shards}", f"train.run_dir={run}", f"train.total_steps={total}", *TINY,
