@@ -303,16 +303,17 @@ def _finish(cfg, step: int, folder: str, ema_full: dict, trainer: dict) -> None:
     url = storage.join(run, "states", rundir.step_name(step))
     mirrored = not _same_place(root, run)
     if mirrored:  # states live elsewhere: copy the finished folder to RUN/states, then mark both
-        if storage.exists(storage.join(url, rundir.COMPLETE)):  # re-saving a step: invalidate first
-            fs, path = storage.fs_path(storage.join(url, rundir.COMPLETE))
-            fs.rm(path)
+        fs, path = storage.fs_path(storage.join(url, rundir.COMPLETE))
+        if storage.retry(lambda: fs.exists(path), f"checking {url}"):  # re-saving a step: invalidate first
+            storage.retry(lambda: fs.rm(path), f"invalidating {url}")
         if storage.is_local(run):
             shutil.copytree(folder, storage.local_path(url), dirs_exist_ok=True)
         else:
             storage.put_dir(folder, url)
         rundir.mark_complete(folder, files)
     rundir.mark_complete(url, files)
-    rundir.prune(run, "states", cfg.train.keep_last, cfg.train.milestone_every)
+    storage.retry(lambda: rundir.prune(run, "states", cfg.train.keep_last, cfg.train.milestone_every),
+                  f"pruning {storage.join(run, 'states')}")  # idempotent: an outage mid-way is retried whole
     if mirrored:
         keep = {s for s, _ in rundir.list_complete(run, "states")}
         for name in os.listdir(root):

@@ -10,8 +10,8 @@ import re
 import time
 from typing import Optional
 
-from .storage import (append_jsonl, exists, fs_path, is_local, join, read_bytes, read_json, read_jsonl, write_bytes,
-                      write_json)
+from .storage import (append_jsonl, exists, fs_path, is_local, join, read_bytes, read_json, read_jsonl, retry,
+                      write_bytes, write_json)
 
 COMPLETE = "COMPLETE"
 STEP_RE = re.compile(r"step-(\d{9})$")
@@ -175,7 +175,7 @@ def write_snapshot(run: str, step: int, ema_state: dict, cfg, meta: dict) -> str
     from .config import to_dict
 
     url = join(run, "snapshots", step_name(step))
-    if exists(join(url, COMPLETE)):
+    if retry(lambda: exists(join(url, COMPLETE)), f"checking {url}"):
         return url
     tensors = {k: v.detach().float().contiguous().cpu() for k, v in ema_state.items()}
     write_bytes(join(url, "ema.safetensors"), st_save(tensors, metadata={"step": str(step)}))

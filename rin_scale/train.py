@@ -867,7 +867,8 @@ def maybe_save(tr: Trainer, state: TrainState, state_now: bool = False) -> None:
     jobs = []
     if tr.rank == 0 and want_snapshot:
         jobs.append(lambda: rundir.write_snapshot(tc.run_dir, step, ema_full, tr.cfg, meta))
-        jobs.append(lambda: rundir.prune_snapshots(tr.cfg))  # keeps what the eval service has not scored yet
+        jobs.append(lambda: storage.retry(lambda: rundir.prune_snapshots(tr.cfg),  # keeps what is not scored yet
+                                          f"pruning {storage.join(tc.run_dir, 'snapshots')}"))
     if tr.rank == 0 and (jobs or want_state):
         tr.background.wait()  # one in flight: the previous save is finished before this one starts
     if want_state:
