@@ -158,12 +158,24 @@ class Service:
         if storage.is_local(url):
             path = storage.local_path(url)
             os.makedirs(os.path.dirname(path), exist_ok=True)
+            # Written whole beside its name, then linked: a reader never sees the claim empty (an
+            # O_EXCL create is visible before its body is written, and was taken for a torn claim).
+            tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
+            with open(tmp, "wb") as f:
+                f.write(body)
             try:
-                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                os.link(tmp, path)
             except FileExistsError:
                 return False
-            with os.fdopen(fd, "wb") as f:
-                f.write(body)
+            except OSError:  # a filesystem without hard links: exclusive create, then the body
+                try:
+                    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+                except FileExistsError:
+                    return False
+                with os.fdopen(fd, "wb") as f:
+                    f.write(body)
+            finally:
+                os.unlink(tmp)
             return True
         fs, path = storage.fs_path(url)
         try:
@@ -202,9 +214,11 @@ class Service:
             return True
         try:
             other = storage.read_json(url)
-        except (FileNotFoundError, ValueError):
-            other = {}  # released meanwhile, or torn: try once more
-        why = self._stale(other) if other else "released meanwhile, or torn"
+        except FileNotFoundError:  # released meanwhile: one more try, never a delete (it may be a new claim)
+            return self._create_exclusive(url, self._claim_body())
+        except ValueError:  # a claim left torn by a crash (claims are written whole): stale by its age
+            other = {"owner": "a crashed service (unreadable claim)", "time": storage.modified(url)}
+        why = self._stale(other)
         if not why:
             log(f"step {step}{part}: claimed by {other.get('owner')}, alive; left to it")
             return False

@@ -21,6 +21,7 @@ import os
 import random
 import re
 import time
+import uuid
 
 # gcsfs 2026.10 otherwise makes a gRPC/TLS call per bucket to learn its type, which stalls every
 # open for about 60 s against an emulator or with no route out; it must be set before the import.
@@ -219,7 +220,7 @@ def write_bytes(url: str, data: bytes) -> None:
     fs, path = fs_path(url)
     if is_local(url):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"  # unique per call: threads of one process write too
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -235,6 +236,19 @@ def read_json(url: str):
 
 def write_json(url: str, obj) -> None:
     write_bytes(url, json.dumps(obj, indent=1).encode())
+
+
+def modified(url: str) -> float:
+    """The object's last-modified time (epoch seconds); 0 when the store does not say."""
+    fs, path = fs_path(url)
+    if is_local(url):
+        return os.path.getmtime(path)
+    info = retry(lambda: fs.info(path), f"reading {url}")
+    when = info.get("updated") or info.get("mtime") or info.get("LastModified") or 0
+    if isinstance(when, str):
+        import datetime
+        when = datetime.datetime.fromisoformat(when.replace("Z", "+00:00"))
+    return when.timestamp() if hasattr(when, "timestamp") else float(when)
 
 
 def exists(url: str) -> bool:
@@ -365,8 +379,9 @@ def is_transient(exc: BaseException) -> bool:
         if isinstance(code, int) and (code == 429 or 500 <= code < 600):
             return True
         name = type(e).__name__
+        # ClientPayloadError: the connection closed mid-body (a server killed while it answered).
         if name in ("ClientConnectorError", "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError",
-                    "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
+                    "ClientPayloadError", "EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError"):
             return True
     return False
 

@@ -151,6 +151,27 @@ def test_claims_block_others_until_stale(tmp_path, video_data):
     assert [r["step"] for r in ledger(run)] == [10]
 
 
+def test_services_racing_for_one_chunk_never_both_win(tmp_path, video_data):
+    """Claims raced at the same instant, round after round: exactly one service wins each. (A claim
+    file seen between its creation and its body was once taken for a torn claim and taken over.)"""
+    run, cfg, model = video_run(str(tmp_path / "run"), video_data)
+    services = [Service(run, progress=False) for _ in range(4)]
+    start = threading.Barrier(len(services))
+    for round_ in range(60):
+        won = [False] * len(services)
+
+        def race(i):
+            start.wait()
+            won[i] = services[i].claim(10, f"-race-{round_}")
+
+        threads = [threading.Thread(target=race, args=(i,)) for i in range(len(services))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sum(won) == 1, f"round {round_}: {sum(won)} services won one claim"
+
+
 def test_newest_order_and_milestones(tmp_path, video_data):
     run, cfg, model = video_run(str(tmp_path / "run"), video_data, extra=["train.milestone_every=200"])
     for step in (100, 200, 300, 400):

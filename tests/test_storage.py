@@ -282,6 +282,44 @@ def test_http_source_that_goes_down_is_waited_out_not_counted_as_corrupt(tmp_pat
         server.stop()
 
 
+def test_answers_cut_off_mid_body_are_waited_out_not_counted_as_corrupt(tmp_path):
+    """A server that dies while it sends a shard (aiohttp: ClientPayloadError, "not enough data to
+    satisfy content length") is an outage: the read is retried and no sample is lost. Here the first
+    shard answers are cut after 100 bytes, deterministically (killing a server mid-answer is a race)."""
+    import functools
+    import http.server
+
+    from data_tools.shard import main as shard_main
+
+    assert shard_main(["--embedded", "digits", "--split", "heldout", "--shard-size", "60", "--quiet",
+                       str(tmp_path / "digits")]) == 0
+    cut = {"left": 4}
+
+    class CutOff(http.server.SimpleHTTPRequestHandler):
+        def copyfile(self, source, outputfile):
+            if self.path.endswith(".tar") and cut["left"] > 0:
+                cut["left"] -= 1
+                outputfile.write(source.read(100))
+                self.close_connection = True  # Content-Length promised the whole file
+                return
+            super().copyfile(source, outputfile)
+
+        def log_message(self, *args):
+            pass
+
+    port = free_port()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", port),
+                                             functools.partial(CutOff, directory=str(tmp_path)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg = load_config("tiny", [f"data.shards=http://127.0.0.1:{port}/digits/data-manifest.json",
+                                   "data.workers=2", "data.storage_retry_seconds=120"])
+        keys, errors = epoch(cfg)
+        assert cut["left"] == 0 and errors == 0 and len(keys) == len(set(keys)) == 360
+    finally:
+        server.shutdown()
+
+
 def test_storage_gone_for_the_whole_retry_window_stops_in_one_line(tmp_path):
     """A DataLoader worker that runs out of data.storage_retry_seconds stops the run with its own
     one-line reason (what `[train] stopped: ...` prints), not "Caught ... in DataLoader worker
