@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -79,6 +80,15 @@ def test_two_ranks_zero2_logs_snapshots_and_resumes_exactly(shards, tmp_path, pr
     loss = losses(full)
     assert sum(loss[s] for s in (6, 7, 8)) < 0.7 * sum(loss[s] for s in (1, 2, 3)), loss  # ZeRO-2 learns
     assert "samples/ema" in images and [e.step for e in acc.Images("samples/ema")] == [4, 8]
+    # Each rank samples half the grid and rank 0 gathers it: every one of the 4 tiles (16x16, in one
+    # row) holds a sample (a slice lost in the gather would be one flat colour).
+    import io
+
+    from PIL import Image
+
+    grid = np.asarray(Image.open(io.BytesIO(acc.Images("samples/ema")[-1].encoded_image_string)).convert("L"))
+    tiles = [grid[1:17, 1 + 17 * c:17 * (c + 1)] for c in range(4)]
+    assert grid.shape == (18, 69) and all(t.std() > 0 for t in tiles), [float(t.std()) for t in tiles]
     assert "routing/maps" in images and any(t.startswith("routing/read_entropy/block1/") for t in scalars), scalars
 
     # Snapshots: EMA weights load into the plain model without DeepSpeed, and it samples.
