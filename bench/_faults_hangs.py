@@ -11,7 +11,7 @@ import signal
 import threading
 import time
 
-from _faults_proc import alive, children, descendants
+from _faults_proc import alive, child_with_env, children, descendants
 
 HANG_S = 30  # train.hang_timeout_s of the drills (the default, 900 s, would make each drill 15 minutes)
 FAST = [f"train.hang_timeout_s={HANG_S}", "data.storage_retry_seconds=10", "train.collective_timeout_s=600"]
@@ -22,15 +22,11 @@ FAULTS = {"stop": "SIGSTOP of rank 1", "kill": "kill -9 of rank 1", "worker": "S
 
 def _rank(root: int, rank: int) -> int | None:
     """The task process of that rank: a child of the local controller (itself the submit process's
-    child), found by submitit's task id (DataLoader workers, forked, show the same environment)."""
+    child), found by submitit's task id."""
     for controller in children(root):
-        for pid in children(controller):
-            try:
-                env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            except OSError:
-                continue
-            if f"SUBMITIT_LOCAL_GLOBALID={rank}".encode() in env:
-                return pid
+        pid = child_with_env(controller, "SUBMITIT_LOCAL_GLOBALID", str(rank))
+        if pid is not None:
+            return pid
     return None
 
 

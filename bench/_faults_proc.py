@@ -42,6 +42,20 @@ def children(pid: int) -> list[int]:
     return sorted(set(out))
 
 
+def child_with_env(parent: int, var: str, value: str) -> int | None:
+    """The child of `parent` whose environment has var=value (a rank, found as a user would find
+    it: DataLoader workers, forked from it, show the same environment but are its children)."""
+    for pid in children(parent):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        if f"{var}={value}".encode() in env:
+            return pid
+    return None
+
+
 def descendants(pid: int) -> list[int]:
     seen, todo = [], [pid]
     while todo:

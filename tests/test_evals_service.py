@@ -232,7 +232,7 @@ def test_chunks_split_among_services_and_a_kill_loses_one_chunk(tmp_path, video_
 
     extra = ["eval.num_samples=8", "eval.chunk=2"]
     values = {}
-    for name in ("one", "two", "killed"):
+    for name in ("one", "three", "killed"):
         run, cfg, model = video_run(str(tmp_path / name), video_data, extra)
         snapshot(run, cfg, model, 10)
     calls = _count_chunks(monkeypatch)
@@ -243,9 +243,9 @@ def test_chunks_split_among_services_and_a_kill_loses_one_chunk(tmp_path, video_
     assert (row["status"], row["samples"], row["chunks"]) == ("ok", 8, 4) and sorted(calls) == [(0, 2), (2, 4), (4, 6), (6, 8)]
     values["one"] = row["value"]
 
-    # Two services at once: every chunk sampled once, one row, the same value to the last bit.
-    run, calls[:] = str(tmp_path / "two"), []
-    services = [Service(run, progress=False) for _ in range(2)]
+    # Three services at once: every chunk sampled once, one row, the same value to the last bit.
+    run, calls[:] = str(tmp_path / "three"), []
+    services = [Service(run, progress=False) for _ in range(3)]
     for s in services:
         s.reference
     threads = [threading.Thread(target=s.run_once) for s in services]

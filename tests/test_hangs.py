@@ -16,6 +16,8 @@ from launch import submit as launch_submit
 from rin_scale import rundir, storage
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "bench"))
+from _faults_proc import child_with_env  # noqa: E402 - the drills' own way to find a rank
 SMALL = ["model.latent_dim=64", "model.interface_dim=64", "model.latent_heads=4", "model.read_write_heads=4",
          "model.num_latents=16", "data.workers=2", "diffusion.sample_steps=4", "train.sample_count=4",
          "train.zero_stage=2", "train.global_batch=8", "train.warmup_steps=2", "train.sample_every=0",
@@ -54,15 +56,9 @@ def _wait_for(cond, timeout, what):
 
 def _child_with(parent: int, var: str, value: str) -> int:
     """The child process of `parent` whose environment has var=value (a rank, found as a user would)."""
-    kids = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
-    for pid in map(int, kids):
-        try:
-            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if f"{var}={value}".encode() in env:
-            return pid
-    raise AssertionError(f"no child of {parent} with {var}={value}")
+    pid = child_with_env(parent, var, value)
+    assert pid is not None, f"no child of {parent} with {var}={value}"
+    return pid
 
 
 def test_a_bad_deadline_and_any_stop_are_the_last_line_under_launch_torchrun(shards, tmp_path):

@@ -136,6 +136,30 @@ def test_tiny_trains_as_a_2_node_slurm_job_running_the_dry_run_script(shards, sl
     assert "NumNodes=2" in show() and "JobState=COMPLETED" in show(), show()
 
 
+def test_a_node_local_state_dir_stops_a_2_node_slurm_job_in_one_line(shards, slurm, tmp_path):
+    # node-local scratch, as a user would write it: one folder per node, by the node's name (the
+    # submit host has none: the default keeps launch.submit's own check of the config working)
+    run, folder = str(tmp_path / "run"), str(tmp_path / "submitit")
+    scratch = str(tmp_path / "scratch-${oc.env:SLURMD_NODENAME,submit-host}")
+    cli = [sys.executable, "-m", "launch.submit", "tiny", f"data.shards={shards}", f"train.run_dir={run}",
+           f"train.state_dir={scratch}", "train.total_steps=4", *TINY, "--executor", "slurm", "--nodes", "2",
+           "--tasks-per-node", "1", "--time-min", "20", "--master-addr", "127.0.0.1", "--folder", folder]
+    sub = subprocess.run(cli, env=slurm, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert sub.returncode == 0, sub.stderr
+    logs = os.path.join(folder, "train")
+    ended = lambda: [r for r in launch_job.read_log(run) if r["event"] in ("finished", "failed")]  # noqa: E731
+    _wait_for(ended, 400, "the job's end", logs)
+    rows = launch_job.read_log(run)
+    assert [r["event"] for r in rows] == ["submitted", "started", "failed"], rows  # a config error: no requeue
+    # the reason, in launch.jsonl (what launch.status shows) and in the job's log, names the node and its folder
+    why = rows[-1]["error"]
+    assert why.startswith("config error: train.state_dir=") and "is not shared by all ranks" in why, why
+    assert "rank 1 on node2" in why and "scratch-node2" in why and "every node mounts" in why, why
+    err = "".join(open(os.path.join(logs, f)).read() for f in os.listdir(logs) if f.endswith("_log.err"))
+    assert why in err
+    assert not os.path.exists(os.path.join(run, "train_log.jsonl"))  # stopped before the first step
+
+
 # --------------------------------------------------------------------------------------------
 # Re-running "the same command": launcher deaths, config.yaml, unwritable run directories
 
