@@ -105,12 +105,60 @@ def drill(suite, fault: str) -> None:
                  exact=exact, seconds_to_end=peers_gone, **extra)
 
 
+def node_local(suite) -> None:
+    """A node-local train.state_dir (one folder per node, by SLURMD_NODENAME) on a 2-node SLURM
+    cluster on loopback (tests/slurm/slurm_up.sh): the job must stop at start-up with one line that
+    names the node and its folder, and not requeue (a config error)."""
+    import fcntl
+    import subprocess
+    import sys
+
+    from faults import COMMON, _jsonl
+
+    run, slurm = suite.path("hangs", "node-local"), suite.path("slurm")
+    shutil.rmtree(run, ignore_errors=True)
+    fault = "train.state_dir on node-local scratch (scratch-${SLURMD_NODENAME}), 2-node SLURM job"
+    with open("/tmp/slurm.lock", "w") as lock:  # the cluster's ports are fixed: one at a time on this machine
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        up = subprocess.run(["bash", os.path.join(suite.repo, "tests", "slurm", "slurm_up.sh"), slurm, "2"],
+                            capture_output=True, text=True, timeout=600)
+        env = {**suite.env, "SLURM_CONF": os.path.join(slurm, "slurm.conf"),
+               "PATH": os.path.join(slurm, "bin") + os.pathsep + os.environ["PATH"]}
+        try:
+            if up.returncode != 0:
+                suite.record("hangs", "node-local", fault, "start-up", f"SLURM did not come up: {up.stderr[-300:]}", False)
+                return
+            t0 = time.time()
+            sub = subprocess.run([sys.executable, "-m", "launch.submit", "tiny", f"data.shards={suite.shards}",
+                                  f"train.run_dir={run}", f"train.state_dir={run}-scratch-${{oc.env:SLURMD_NODENAME,submit}}",
+                                  *COMMON, "--executor", "slurm", "--nodes", "2", "--tasks-per-node", "1",
+                                  "--time-min", "20", "--master-addr", "127.0.0.1", "--folder", os.path.join(run, "submitit")],
+                                 cwd=suite.repo, env=env, capture_output=True, text=True, timeout=300)
+            ended = []
+            while sub.returncode == 0 and not ended and time.time() < t0 + 600:
+                time.sleep(1)
+                launch = _jsonl(os.path.join(run, "launch.jsonl"))
+                ended = [r for r in launch if r.get("event") in ("finished", "failed", "requeued")]
+        finally:
+            subprocess.run(["scancel", "--user", "root"], env=env, capture_output=True, timeout=30)
+            time.sleep(2)
+            subprocess.run(["bash", os.path.join(suite.repo, "tests", "slurm", "slurm_down.sh"), slurm], timeout=60)
+    events = [r.get("event") for r in _jsonl(os.path.join(run, "launch.jsonl"))]
+    why = ended[0].get("error", "") if ended else ""
+    ok = events == ["submitted", "started", "failed"] and "is not shared by all ranks" in why and \
+        "rank 1 on node2" in why and not os.path.exists(os.path.join(run, "train_log.jsonl"))
+    outcome = (f"stopped {time.time() - t0:.0f} s after submission, before step 1; events {events}; "
+               f"the line: `{why[:160]}...`") if ended else f"no end within 10 minutes ({sub.stderr[-300:]})"
+    suite.record("hangs", "node-local", fault, "start-up", outcome, ok)
+
+
 def part(suite) -> dict:
     suite.baseline()
     outage = threading.Thread(target=suite.outage_trial, args=("stream", OUTAGE_S), daemon=True)
     outage.start()  # it mostly waits: beside the other drills
     for fault in ("stop", "kill", "worker", "preempt"):
         drill(suite, fault)
+    node_local(suite)
     outage.join()
     for t in suite.trials:  # the outage's row belongs to this part's table
         if t["part"] == "outage" and t["trial"].endswith(f"-{OUTAGE_S}s"):
@@ -118,7 +166,8 @@ def part(suite) -> dict:
     rows = [t for t in suite.trials if t["part"] == "hangs"]
     what = (f"2-task local submitit jobs (train.hang_timeout_s={HANG_S}): {'; '.join(FAULTS.values())}, each after "
             f"step 5: the job must end within the watchdog's time + 60 s (a killed rank's peer: 60 s), requeue "
-            f"itself and resume exactly; and gs:// shards unreachable for {OUTAGE_S // 60} min with the default "
+            f"itself and resume exactly; a node-local train.state_dir on a 2-node SLURM job: one line at "
+            f"start-up, no requeue; and gs:// shards unreachable for {OUTAGE_S // 60} min with the default "
             f"deadlines: waited out, no collective timeout")
     return {"what": what, "exact resumes": f"{sum(1 for t in rows if t.get('exact'))} of {len(rows)}",
             "ok": bool(rows) and all(t["ok"] for t in rows)}

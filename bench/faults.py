@@ -36,7 +36,9 @@ Parts (`--only`):
           scheduler's signal; each job must end within the watchdog's time plus a minute (60 s
           for the kill), requeue itself (launch.jsonl's reason) and resume exactly; the stack
           dump in RUN/hangs/ must name the stopped rank; a preemption may lose one step at most.
-          And gs:// shards unreachable for 8 minutes with the default deadlines: waited out.
+          A node-local train.state_dir on a 2-node SLURM cluster on loopback (tests/slurm/): one
+          line at start-up naming the node, no requeue. And gs:// shards unreachable for 8 minutes
+          with the default deadlines: waited out.
   state   train.state_dir on a real tmpfs that holds one state and not two: the second save must stop
           in one line naming the disk, keep the previous complete state and leave no partial folder;
           the same command after the tmpfs is enlarged must resume exactly. And a run to step 8 whose
