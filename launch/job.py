@@ -99,6 +99,8 @@ class LaunchJob:
         dist = TorchDistributedEnvironment()
         if self.master_addr:
             dist.master_addr = self.master_addr
+        if "MASTER_PORT" not in os.environ:  # the user's own port, where set, is kept
+            dist.master_port = master_port(env.job_id, self.requeues)
         # DeepSpeed picks the GPU by LOCAL_RANK: leave CUDA_VISIBLE_DEVICES with all of them.
         dist.export(set_cuda_visible_devices=False, overwrite=True)
         # The trainer's lease on the run names this job and attempt: a requeued attempt takes over
@@ -217,6 +219,19 @@ def TrainJob(argv: list, run_dir: str, **kw) -> LaunchJob:
 def EvalJob(argv: list, run_dir: str, **kw) -> LaunchJob:
     """`python -m evals.service --run RUN ARGV` as a job."""
     return LaunchJob("evals.service:main", ["--run", run_dir, *argv], run_dir, kind="eval", **kw)
+
+
+def master_port(job_id, attempt: int) -> int:
+    """The rendezvous port of one attempt of a job, the same on every task without talking: a
+    hash of the job id and the attempt (own requeues plus SLURM's). submitit picks from 20000-60000
+    by the job id alone, which overlaps Linux's ephemeral ports (32768-60999): a port an outgoing
+    connection happened to hold failed every attempt of the job with EADDRINUSE. Here the ports
+    stay below that range, and each requeue moves to another (a step of 7,919, coprime to the
+    range's 12,768 ports, so no two of a job's first 12,768 attempts share one)."""
+    import random
+
+    attempt += int(os.environ.get("SLURM_RESTART_COUNT", 0) or 0)
+    return 20000 + (random.Random(str(job_id)).randrange(12768) + 7919 * attempt) % 12768
 
 
 def _job_id() -> str:

@@ -168,6 +168,10 @@ def _peer_lost_line(e: BaseException) -> str:
     rank = os.environ.get("RANK", "0")
     step = _WATCHDOG.step if _WATCHDOG is not None else "?"
     first = (str(e).strip().splitlines() or [""])[0][:200]
+    if "EADDRINUSE" in first:  # the rendezvous, not a peer: another process holds MASTER_PORT
+        return (f"[train] rank {rank} (host {os.uname().nodename}): the rendezvous port "
+                f"{os.environ.get('MASTER_PORT', '?')} is in use by another process: a launch.submit job "
+                f"requeues on another port; under torchrun or with MASTER_PORT set, pick a free one")
     what = "timed out" if "timed out" in first.lower() else "failed"
     return (f"[train] rank {rank} (host {os.uname().nodename}): a collective {what} after step {step} "
             f"({type(e).__name__}: {first}): a peer crashed, stopped or lost its host; exiting so the job "

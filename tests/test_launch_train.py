@@ -67,6 +67,10 @@ def test_preempted_local_zero2_job_requeues_and_finishes_from_its_last_state(sha
     assert [r["event"] for r in rows] == ["submitted", "started", "requeued", "started", "finished"]
     assert rows[2]["reason"] == "preempted" and rows[2]["requeues"] == 1 and rows[3]["requeues"] == 1
     assert len({r["job_id"] for r in rows}) == 1
+    # each attempt meets on its own port, below Linux's ephemeral range (a port some outgoing
+    # connection held made every attempt of a job fail with EADDRINUSE)
+    ports = [int(r["master"].rsplit(":", 1)[1]) for r in rows if r["event"] == "started"]
+    assert ports[0] != ports[1] and all(20000 <= p < 32768 for p in ports), ports
 
     # the second attempt resumed from the state every rank saved at the step the signal reached
     out = open(os.path.join(logs, f"{job.job_id}_0_log.out")).read()
