@@ -27,6 +27,16 @@ def main() -> int:
 
     train.train_step = timed(train.train_step, "step")  # _train looks both up as module globals
     train.maybe_save = timed(train.maybe_save, "save")
+    # what a save is made of, on each rank (looked up at call time; absent in older code is fine)
+    from rin_scale import checkpoint, ema, tblog
+
+    for key, owner, name in (("preview", train.PreviewGrid, "grid"), ("ema_gather", ema.EMA, "full_state"),
+                             ("deepspeed_save", checkpoint, "save_state"), ("tb_flush", tblog.TBLog, "flush"),
+                             ("log_flush", train.TrainLog, "flush"), ("tb_image", tblog.TBLog, "image"),
+                             ("background_wait", checkpoint.Background, "wait")):
+        if hasattr(owner, name):
+            times[key] = []
+            setattr(owner, name, timed(getattr(owner, name), key))
     rc = train.main(argv)
     with open(f"{out}-rank{os.environ.get('RANK', '0')}.json", "w") as f:
         json.dump(times, f)

@@ -459,7 +459,7 @@ class Trainer:
     flops_per_example: float  # of one training step
     groups: str  # the optimizer's param groups (optim.make_optimizer), kept in every state
     tb: object = None  # rank 0: TensorBoard
-    preview: PreviewGrid | None = None  # when train.sample_every
+    preview: PreviewGrid | None = None  # rank 0, when train.sample_every
     loss_watch: LossWatch = field(default_factory=LossWatch)
     mfu: object = None  # perf.Mfu, made at the first log line
     background: Background = field(default_factory=Background)  # rank 0's save finishing (checkpoint.Background)
@@ -533,9 +533,7 @@ def set_up(cfg) -> tuple[Trainer, TrainState]:
                  TrainLog(tc.run_dir, rank, state.step), flops, groups)
     if rank == 0:
         tr.tb = open_tensorboard(cfg, state.step)
-    # Every rank samples a slice of the preview. The copy of the model costs no rank more memory
-    # than rank 0 already had (it held the only one). Its weight init draws random numbers: first.
-    tr.preview = PreviewGrid(cfg, dev) if tc.sample_every else None
+        tr.preview = PreviewGrid(cfg, dev) if tc.sample_every else None  # its weight init draws random numbers
     seed_or_restore_rng(tc, rank, state.step, loaded.rng if loaded else None)
     return tr, state
 
@@ -863,15 +861,13 @@ def maybe_save(tr: Trainer, state: TrainState, state_now: bool = False) -> None:
     ema_full = tr.ema.full_state()
     meta = {"images_seen": state.images_seen, "wall_time": state.wall_time,
             "precision": tr.compute.precision.name}
-    if want_samples:  # every rank samples a slice of the grid
+    if tr.rank == 0 and want_samples:
         from .routing import routing_scalars
 
-        grid = tr.preview.grid(ema_full, tr.rank, tr.world)
-        if tr.rank == 0:
-            tr.tb.image("samples/ema", grid, step)
-            records = []  # where the latents read and write, for the first preview noises
-            tr.tb.image("routing/maps", tr.preview.routing(records), step)
-            tr.tb.scalars(routing_scalars(records), step)
+        tr.tb.image("samples/ema", tr.preview.grid(ema_full), step)
+        records = []  # where the latents read and write, for the first preview noises
+        tr.tb.image("routing/maps", tr.preview.routing(records), step)
+        tr.tb.scalars(routing_scalars(records), step)
     jobs = []
     if tr.rank == 0 and want_snapshot:
         jobs.append(lambda: rundir.write_snapshot(tc.run_dir, step, ema_full, tr.cfg, meta))
@@ -913,47 +909,31 @@ class PreviewGrid:
 
             self.cond = leading_frames(cfg.data.shards, m, n)
 
-    def grid(self, ema_state: dict, rank: int = 0, world: int = 1) -> torch.Tensor | None:
-        """The sample grid on rank 0 (None on the others), from one sampling pass that also records
-        the routing of the first 2 noises (routing() returns it). Every rank samples its own slice
-        of the fixed noises and rank 0 gathers them as uint8: with 64 ranks the preview costs each
-        1/64 of one rank's pass, where rank 0 alone would hold all 64 GPUs for the whole of it.
-        train.sample_steps > 0: that many DDIM steps under bf16 autocast where the device has bf16
-        (the preset's own sampler, 1,000 fp32 DDPM steps on imagenet, would hold every GPU for tens
-        of seconds); 0: the snapshot's sampler (diffusion.sampler, sample_steps), fp32."""
-        from .media import to_uint8
+    def grid(self, ema_state: dict) -> torch.Tensor:
+        """The sample grid, from one sampling pass that also records the routing of the first 2
+        noises (routing() returns it). train.sample_steps > 0: that many DDIM steps under bf16
+        autocast where the device has bf16 (rank 0 samples while the other ranks wait at the next
+        collective: the preset's own sampler, 1,000 fp32 DDPM steps on imagenet, would hold every
+        GPU for tens of seconds); 0: the snapshot's sampler (diffusion.sampler, sample_steps), fp32."""
         from .routing import render, sample_with_routing
         from .tblog import sample_grid
 
-        n = self.noise.shape[0]
-        per = max(-(-n // world), min(2, n))  # rank 0 gets the 2 noises the routing maps show
-        a, b = min(rank * per, n), min((rank + 1) * per, n)
-        out = torch.zeros((per, *self.noise.shape[1:]), dtype=torch.uint8, device=self.dev)
-        if b > a:
-            self.model.load_state_dict(ema_state)
-            labels = self.labels[a:b].to(self.dev) if self.labels is not None else None
-            cond = self.cond[a:b].to(self.dev) if self.cond is not None else None
-            k = min(2, b - a) if rank == 0 else 1
-            steps, sampler, autocast = self.sampler()
-            with autocast:
-                x, records = sample_with_routing(self.model, self.noise[a:b].to(self.dev), self.cfg.diffusion, labels,
-                                                 cond, steps=steps, sampler=sampler,
-                                                 generator=torch.Generator().manual_seed(rank), keep=k)
-            out[:b - a] = to_uint8(x).to(self.dev)
-            if rank == 0:
-                cond_cpu = cond[:k].float().cpu() if cond is not None else None
-                arr = render(self.model.cfg, x[:k].float(), records, cond=cond_cpu, write="cond", panel=96,
-                             labels=labels[:k].cpu() if labels is not None else None)
-                self._routing = (torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0, records)
-        if world > 1:  # to rank 0 only: a 1024px grid is hundreds of MB, not for every rank
-            parts = [torch.empty_like(out) for _ in range(world)] if rank == 0 else None
-            dist.gather(out, parts, dst=0)
-            out = torch.cat(parts) if rank == 0 else None
-        if rank != 0:
-            return None
-        x = out[:n].float().cpu() / 127.5 - 1
-        if self.cond is not None:  # show the given frames before the predicted ones
-            x = torch.cat([self.cond.float(), x], dim=2)
+        self.model.load_state_dict(ema_state)
+        labels = self.labels.to(self.dev) if self.labels is not None else None
+        cond = self.cond.to(self.dev) if self.cond is not None else None
+        k = min(2, self.noise.shape[0])
+        steps, sampler, autocast = self.sampler()
+        with autocast:
+            x, records = sample_with_routing(self.model, self.noise.to(self.dev), self.cfg.diffusion, labels, cond,
+                                             steps=steps, sampler=sampler, generator=torch.Generator().manual_seed(0),
+                                             keep=k)
+        x = x.float()
+        cond_cpu = cond.float().cpu() if cond is not None else None
+        arr = render(self.model.cfg, x[:k], records, cond=cond_cpu[:k] if cond_cpu is not None else None,
+                     write="cond", panel=96, labels=labels[:k].cpu() if labels is not None else None)
+        self._routing = (torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0, records)
+        if cond_cpu is not None:  # show the given frames before the predicted ones
+            x = torch.cat([cond_cpu, x], dim=2)
         return sample_grid(x, nrow=self.cfg.model.num_classes or 0)
 
     def sampler(self):
