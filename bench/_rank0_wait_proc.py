@@ -30,11 +30,14 @@ def main() -> int:
     # what a save is made of, on each rank (looked up at call time; absent in older code is fine)
     from rin_scale import checkpoint, ema, tblog
 
-    for key, owner, name in (("preview", train.PreviewGrid, "grid"), ("ema_gather", ema.EMA, "full_state"),
-                             ("deepspeed_save", checkpoint, "save_state"), ("tb_flush", tblog.TBLog, "flush"),
-                             ("log_flush", train.TrainLog, "flush"), ("tb_image", tblog.TBLog, "image"),
-                             ("background_wait", checkpoint.Background, "wait")):
-        if hasattr(owner, name):
+    for key, owner, name in (("preview", getattr(train, "PreviewGrid", None), "grid"),
+                             ("ema_gather", getattr(ema, "EMA", None), "full_state"),
+                             ("deepspeed_save", checkpoint, "save_state"),
+                             ("tb_flush", getattr(tblog, "TBLog", None), "flush"),
+                             ("log_flush", getattr(train, "TrainLog", None), "flush"),
+                             ("tb_image", getattr(tblog, "TBLog", None), "image"),
+                             ("background_wait", getattr(checkpoint, "Background", None), "wait")):
+        if owner is not None and hasattr(owner, name):
             times[key] = []
             setattr(owner, name, timed(getattr(owner, name), key))
     rc = train.main(argv)
