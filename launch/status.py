@@ -82,9 +82,8 @@ def _live_states(found: list[dict]) -> None:
 
 def progress(run: str) -> dict:
     """Last logged step and images seen (train log, else the newest snapshot's meta)."""
-    rows = [r for r in storage.read_jsonl(storage.join(run, "train_log.jsonl")) if "step" in r]
-    if rows:
-        last = rows[-1]
+    last = storage.last_jsonl_row(storage.join(run, "train_log.jsonl"), lambda r: "step" in r)
+    if last:
         return {k: last[k] for k in ("step", "images_seen", "loss", "time") if k in last}
     snap = rundir.newest_complete(run, "snapshots")
     if snap:

@@ -221,8 +221,32 @@ def test_logs_on_a_bucket_add_objects_and_never_rewrite_history(gcs_bucket, tmp_
     acc = EventAccumulator(str(local))
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == list(range(1, 13))
+    # launch.status's progress reads the newest part only, not the run's whole history
+    reads = []
+    real = storage.read_bytes
+    storage.read_bytes = lambda u: reads.append(u) or real(u)
+    try:
+        assert status.progress(run)["step"] == 12 and len(reads) == 1 and "train_log.parts/" in reads[0]
+    finally:
+        storage.read_bytes = real
     TrainLog(run, 0, 7)  # resumed from the state of step 7: steps 8-12 were lost with the job
     assert [r["step"] for r in storage.read_jsonl(storage.join(run, "train_log.jsonl"))] == list(range(1, 8))
+
+
+def test_the_last_row_of_a_long_local_log_is_read_from_its_end(tmp_path):
+    """last_jsonl_row reads blocks from the end: right across block edges, a torn last line
+    skipped, and the whole file walked back when only an early row matches."""
+    url = str(tmp_path / "train_log.jsonl")
+    rows = [{"step": i, "loss": 1.0 / i, "pad": "x" * (i % 97)} for i in range(1, 5001)]
+    storage.append_jsonl(url, [{"event": "start"}] + rows)
+    with open(url, "a") as f:
+        f.write('{"step": 5001, "lo')  # a writer killed mid-line
+    assert os.path.getsize(url) > 4 * 65536
+    assert storage.last_jsonl_row(url, lambda r: "step" in r) == rows[-1]
+    assert storage.last_jsonl_row(url, lambda r: r.get("step") == 3) == rows[2]
+    assert storage.last_jsonl_row(url, lambda r: "event" in r) == {"event": "start"}
+    assert storage.last_jsonl_row(url, lambda r: "nothing" in r) is None
+    assert storage.last_jsonl_row(str(tmp_path / "none.jsonl")) is None
 
 
 class RestartableHTTP:
