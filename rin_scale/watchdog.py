@@ -143,8 +143,10 @@ class Watchdog:
                 self.store_error = f"{type(e).__name__}: {e}"
 
     def _watch(self) -> None:
+        # The first beat at once: a rank stopped within a second of starting (a small model reaches
+        # step 6 by then) had never beaten, and its peers' lines said "no heartbeat at all".
         next_beat = 0.0
-        while not self._stop.wait(1.0):
+        while True:
             now = time.monotonic()
             if now >= next_beat:
                 self._beat()
@@ -152,6 +154,8 @@ class Watchdog:
             idle = now - self.last
             if idle > self.limit():
                 self.fire(idle)
+            if self._stop.wait(1.0):
+                return
 
     def peers(self) -> dict[int, dict]:
         """Every other rank's last heartbeat ({} where the store does not answer)."""
@@ -167,6 +171,23 @@ class Watchdog:
                 self.store_error = f"{type(e).__name__}: {e}"
                 break
         return found
+
+    def settled_peers(self) -> dict[int, dict]:
+        """peers() once each tells alive from stopped: a heartbeat newer than at the first look (its
+        process runs: its watchdog thread beats even while its main thread waits in a collective)
+        or older than 3 beats (stopped, or its host gone). A peer stopped just before this rank
+        fired still has a recent heartbeat, and was once reported as waiting too; this waits for
+        the answer, 3 beats and a second at most."""
+        first = peers = self.peers()
+        deadline = time.time() + 3 * BEAT_S + 1.0
+        while time.time() < deadline:
+            undecided = [r for r, p in peers.items()
+                         if time.time() - p["t"] <= 3 * BEAT_S and p["t"] == first.get(r, {}).get("t")]
+            if not undecided:
+                break
+            time.sleep(1.0)
+            peers = self.peers() or peers
+        return peers
 
     def verdict(self, peers: dict[int, dict]) -> str:
         """Which peers the job waits for, in words."""
@@ -188,7 +209,7 @@ class Watchdog:
     def fire(self, idle: float) -> None:
         from . import storage
 
-        peers = self.peers()
+        peers = self.settled_peers()
         what = self.what + _stopped_workers()
         line = (f"[train] rank {self.rank} (host {self.host}, pid {self.pid}) hung: no progress for {idle:.0f} s "
                 f"after step {max(self.step, 0)} while {what}; {self.verdict(peers)}")

@@ -87,7 +87,9 @@ def _submit(run, shards, total, *extra):
 
 @pytest.mark.timeout(1200)
 def test_a_local_job_requeues_itself_after_a_hang_and_a_crash_and_saves_on_preemption(shards, tmp_path):
-    run, total = str(tmp_path / "run"), 16
+    # 32 steps: attempt 3 is signalled a few steps past its resume, and an idle machine trains the
+    # rest of 16 steps (1-2 s) before the signal reaches the ranks: the job finished unpreempted.
+    run, total = str(tmp_path / "run"), 32
     job = _submit(run, shards, total, "train.state_every=4", "train.snapshot_every=4")
     logs = os.path.join(run, "submitit", "train")
 
@@ -98,7 +100,7 @@ def test_a_local_job_requeues_itself_after_a_hang_and_a_crash_and_saves_on_preem
         return _child_with(int(job.job_id), "SUBMITIT_LOCAL_GLOBALID", str(r))
 
     try:
-        # attempt 1: rank 1 stopped after step 5 (a state at 4): the job ends and requeues ("hang")
+        # attempt 1: rank 1 stopped once 5 steps are logged (a state at 4 or later): the job ends and requeues ("hang")
         _wait_for(lambda: len(_rows(run)) >= 5 or job.done(), 600, "five steps")
         os.kill(rank(1), signal.SIGSTOP)
         stopped = time.time()
@@ -146,7 +148,9 @@ def test_a_local_job_requeues_itself_after_a_hang_and_a_crash_and_saves_on_preem
         open(os.path.join(logs, f"{job.job_id}_0_log.err")).read()
     resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", out)]
     saved = [int(s) for s in re.findall(r"saved a state at step (\d+) on the scheduler's signal", out)]
-    assert len(resumed) == 3 and resumed[0] == 4 and len(saved) == 1 and resumed[2] == saved[0]
+    # attempt 2 resumed from the newest state before the hang (every 4 steps; which one depends on
+    # how fast the machine reached the stop), attempt 4 from the preemption's own state
+    assert len(resumed) == 3 and resumed[0] >= 4 and resumed[0] % 4 == 0 and len(saved) == 1 and resumed[2] == saved[0]
     assert at_signal <= saved[0] <= at_signal + 2  # the step under way when the signal came, or the next
     # every step once, the run complete
     assert [r["step"] for r in _rows(run)] == list(range(1, total + 1))
