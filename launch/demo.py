@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     train_cfg.append(f"eval.classifier_data={data_heldout}")
     train_cfg += args.overrides
     if args.procs > 1:
-        launcher = [py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.procs}"]
+        launcher = [py, "-m", "launch.torchrun", "--standalone", f"--nproc_per_node={args.procs}"]
     else:
         launcher = [py]
     run(launcher + ["-m", "rin_scale.train"] + train_cfg, env={"OMP_NUM_THREADS": "1"}, dry=dry)

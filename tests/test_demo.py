@@ -81,6 +81,16 @@ def test_shortened_demo_leaves_every_stage_output(demo_run, tmp_path):
     sample_cli("--n", "4", "--class", "3", "--out", str(grid), "--npz", str(npz))
     assert np.load(npz)["arr_1"].tolist() == [3] * 4
 
+    # 6. a stage that fails ends with its cause (here the trainer's config check), not with torchrun's
+    # ChildFailedError traceback and report table burying it
+    p = subprocess.run([sys.executable, "-m", "launch.demo", "--out", str(tmp_path / "bad"), "--steps", "12",
+                        "train.hang_timeout_s=5"], cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                       capture_output=True, text=True, timeout=300)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and "Traceback" not in p.stdout + p.stderr, p.stderr[-3000:]
+    assert err[-2].startswith("config error: train.hang_timeout_s=5 must exceed"), err[-6:]
+    assert err[-1].startswith("demo: stage failed (exit 1)"), err[-6:]
+
 
 def test_shortened_video_demo_scores_extended_clips_against_held_out_truth(tmp_path):
     """`python -m launch.demo --video`, shortened: the one-frame model trains on 3-frame windows, and
